@@ -1,0 +1,1 @@
+"""Sample schema, box conventions, readers for real formats, the embedded EO world, collation."""

@@ -1,0 +1,127 @@
+"""Box conventions at the edges of the project, and their conversion to pixels.
+
+Inside the project a box is float64 pixels of the original image (``xyxy`` ``[K, 4]`` or rotated
+``cx, cy, w, h, angle_deg`` ``[K, 5]``, counter-clockwise). Datasets and models speak other
+conventions, converted here and only here:
+
+* ``"pixels"``   — absolute pixels of the original image (identity).
+* ``"qwen2vl"``  — integers on 0..1000 of each image side (Qwen2-VL's grounding format).
+* ``"qwen25vl"`` — absolute pixels of the *resized* model input (Qwen2.5-VL); the resized size is
+  ``qwen_vl_utils.smart_resize`` of the original with the processor's pixel budget.
+* ``"geochat"``  — GeoChat's ``{<x1><y1><x2><y2>|<θ>}``: corners of the unrotated box on 0..100
+  of each side, and θ the rotation in degrees (read as counter-clockwise).
+
+For rotated boxes the centre and side lengths are scaled per axis; under anisotropic scaling
+(width and height scaled differently) this is the usual approximation all three conventions make.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+Convention = Literal["pixels", "qwen2vl", "qwen25vl", "geochat"]
+CONVENTIONS: tuple[str, ...] = ("pixels", "qwen2vl", "qwen25vl", "geochat")
+
+# Qwen2.5-VL's patch (14) times its spatial merge (2): resized sides are multiples of this.
+QWEN_RESIZE_FACTOR = 28
+
+
+def qwen25vl_resized_size(
+    image_size: tuple[int, int], min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28
+) -> tuple[int, int]:
+    """``(width, height)`` of the model input Qwen2.5-VL's processor makes of an image."""
+    from qwen_vl_utils import smart_resize
+
+    width, height = image_size
+    h_bar, w_bar = smart_resize(
+        height, width, factor=QWEN_RESIZE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    return w_bar, h_bar
+
+
+def _scale(
+    convention: str, image_size: tuple[int, int], resized_size: tuple[int, int] | None
+) -> tuple[float, float]:
+    """Pixels of the original image per unit of ``convention``, along x and y."""
+    width, height = image_size
+    if convention == "pixels":
+        return 1.0, 1.0
+    if convention == "qwen2vl":
+        return width / 1000.0, height / 1000.0
+    if convention == "geochat":
+        return width / 100.0, height / 100.0
+    if convention == "qwen25vl":
+        rw, rh = resized_size if resized_size is not None else qwen25vl_resized_size(image_size)
+        return width / rw, height / rh
+    raise ValueError(f"unknown box convention {convention!r}; known: {CONVENTIONS}")
+
+
+def _as_boxes(boxes) -> np.ndarray:
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] not in (4, 5):
+        raise ValueError(f"boxes must be [K, 4] xyxy or [K, 5] rotated, got shape {arr.shape}")
+    return arr
+
+
+def _convert_rotated_from_corners(arr: np.ndarray) -> np.ndarray:
+    """GeoChat's rotated boxes give corners of the unrotated box plus θ: make them cx, cy, w, h, θ."""
+    x1, y1, x2, y2, theta = arr.T
+    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, np.abs(x2 - x1), np.abs(y2 - y1), theta], axis=1)
+
+
+def _convert_rotated_to_corners(arr: np.ndarray) -> np.ndarray:
+    cx, cy, w, h, theta = arr.T
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, theta], axis=1)
+
+
+def to_pixels(
+    boxes,
+    convention: Convention,
+    image_size: tuple[int, int],
+    resized_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Convert ``[K, 4]`` xyxy or ``[K, 5]`` rotated boxes from ``convention`` to original pixels.
+
+    For ``"geochat"`` a 5-column box is ``x1, y1, x2, y2, θ`` (GeoChat's layout) and comes back as
+    ``cx, cy, w, h, θ``; for the other conventions 5 columns are already ``cx, cy, w, h, θ``.
+    """
+    arr = _as_boxes(boxes).copy()
+    sx, sy = _scale(convention, image_size, resized_size)
+    if arr.shape[1] == 5 and convention == "geochat":
+        arr = _convert_rotated_from_corners(arr)
+    arr[:, [0, 2]] *= sx
+    arr[:, [1, 3]] *= sy
+    return arr
+
+
+def from_pixels(
+    boxes,
+    convention: Convention,
+    image_size: tuple[int, int],
+    resized_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Inverse of ``to_pixels``: original pixels -> ``convention`` (floats, not rounded)."""
+    arr = _as_boxes(boxes).copy()
+    sx, sy = _scale(convention, image_size, resized_size)
+    arr[:, [0, 2]] /= sx
+    arr[:, [1, 3]] /= sy
+    if arr.shape[1] == 5 and convention == "geochat":
+        arr = _convert_rotated_to_corners(arr)
+    return arr
+
+
+def render_box(box, convention: Convention) -> str:
+    """One box, already in ``convention`` units, as the text a model reads and writes.
+
+    ``[x1, y1, x2, y2]`` / ``[cx, cy, w, h, angle]`` integers for the Qwen conventions and pixels,
+    ``{<x1><y1><x2><y2>|<θ>}`` for GeoChat.
+    """
+    values = [int(round(float(v))) for v in np.asarray(box, dtype=np.float64).ravel()]
+    if convention == "geochat":
+        corners = "".join(f"<{v}>" for v in values[:4])
+        return "{" + corners + (f"|<{values[4]}>" if len(values) == 5 else "") + "}"
+    return "[" + ", ".join(str(v) for v in values) + "]"
