@@ -1,0 +1,129 @@
+"""Atomic checkpoints in HF format, plus the training state needed for exact resume.
+
+Layout of one checkpoint directory::
+
+    <stage_dir>/checkpoint-<step>/
+        config.json, model.safetensors, ...     HF ``save_pretrained`` (model + processor)
+        trainer_state.pt                        optimizer, scheduler, RNG states, step, extras
+        run_config.yaml                         the resolved RunConfig
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
+leaves either the previous checkpoint or the new one, never half of one. ``final/`` marks a
+finished stage.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geovlm.config import RunConfig, save_config
+
+STATE_FILE = "trainer_state.pt"
+FINAL = "final"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from (python, numpy, torch CPU and CUDA)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, replacing an older ``final`` without a window where none exists."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    processor: Any,
+    config: RunConfig,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a loadable HF model dir + trainer state atomically; returns ``directory``."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        unwrapped = getattr(model, "module", model)
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        state = {
+            "step": step,
+            "rng": rng_state(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "extra": extra or {},
+        }
+        torch.save(state, tmp / STATE_FILE)
+        save_config(config, tmp / "run_config.yaml")
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a geovlm checkpoint (no {STATE_FILE})")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The highest-step complete ``checkpoint-<step>`` in ``stage_dir``, or None."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return None
+    found = []
+    for path in stage_dir.glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(stage_dir: Path, keep: int = 1) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (``final`` is never touched)."""
+    found = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in Path(stage_dir).glob("checkpoint-*")
+        if p.name.split("-", 1)[1].isdigit()
+    )
+    for _, path in found[:-keep] if keep else found:
+        shutil.rmtree(path, ignore_errors=True)

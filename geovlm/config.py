@@ -1,0 +1,342 @@
+"""Typed configuration: one dataclass per concern holds every default.
+
+A run is configured by a YAML preset (``geovlm/configs/<name>.yaml`` or a path) plus ``key=value``
+overrides on the command line, applied in that order. Keys are dotted paths into ``RunConfig``;
+list items are addressed by index or, for stages, by name (``stages.sft.steps=20``). Values are
+parsed as YAML scalars and checked against the field's type; an unknown key or a wrong type is an
+error that names the key. The resolved config is saved with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "tiny-cpu"
+
+
+class ConfigError(ValueError):
+    """A config key, value or file that cannot be used; the message names it."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the embedded Qwen2.5-VL-architecture model (used when ``model.path`` is unset)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    vision_num_heads: int = 4
+    vocab_size: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to build and how to run it."""
+
+    path: str | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    liger_kernels: bool = True
+    fused_linear_loss: Literal["auto", "on", "off"] = "auto"
+    box_convention: Literal["pixels", "qwen2vl", "qwen25vl", "geochat"] = "qwen25vl"
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. ``"embedded"`` is the built-in synthetic EO world."""
+
+    train: str = "embedded"
+    val: str = "embedded"
+    test: str = "embedded"
+    image_root: str | None = None
+    format: Literal["auto", "llava", "vlmr1"] = "auto"
+    tasks: list[str] | None = None
+    n_train_scenes: int = 600
+    n_val_scenes: int = 24
+    n_test_scenes: int = 60
+    image_size: int = 112
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    """One training stage: SFT, or GRPO on a task set. Stages run in order, each from the last."""
+
+    name: str = "sft"
+    kind: Literal["sft", "grpo"] = "sft"
+    tasks: list[str] | None = None
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 0
+    save_every: int = 50
+    # GRPO only.
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_iterations: int = 1
+    beta: float = 0.04
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    loss_type: Literal[
+        "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"
+    ] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    use_bias_correction_kl: bool = False
+    reward_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation run at the end of each stage."""
+
+    batch_size: int = 32
+    max_new_tokens: int = 96
+    max_samples_per_task: int | None = None
+    use_embeddings: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    """Data parallelism and sharding under torchrun."""
+
+    strategy: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"
+    deepspeed: str | None = None
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``python -m geovlm.train`` run needs."""
+
+    name: str = "tiny-cpu"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None
+    profile: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, val_tp = get_args(tp)
+        return {
+            _coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; "
+            f"{cls.__name__} has {sorted(names)}"
+        )
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, path: list[str], value: Any, full_key: str) -> None:
+    """Set ``value`` at dotted ``path`` inside the plain-dict form of a RunConfig."""
+    node: Any = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, full_key)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown config key {full_key!r} (no {part!r} there)")
+        if last:
+            node[part] = value
+        elif node[part] is None:
+            raise ConfigError(f"{full_key}: {'.'.join(path[: i + 1])} is unset")
+        else:
+            node = node[part]
+
+
+def _list_index(items: list, part: str, full_key: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise ConfigError(f"{full_key}: index {index} out of range ({len(items)} items)")
+        return index
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(f"{full_key}: no list item named {part!r} (have {names})")
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``tiny-cpu``) or a YAML path -> the YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a YAML file nor a preset {known}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"stages.sft.steps=20"`` -> ``("stages.sft.steps", 20)``; values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build the RunConfig of a preset (default ``tiny-cpu``) with ``key=value`` overrides."""
+    path = resolve_preset(preset or DEFAULT_PRESET)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        tree = _build(RunConfig, data).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key.split("."), value, key)
+    return _build(RunConfig, tree)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a RunConfig from its saved dict (``config.yaml`` of a run or checkpoint)."""
+    return _build(RunConfig, data)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe_options() -> str:
+    """Every key with its type and default, for ``--help``."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str, default: Any) -> None:
+        hints = _hints(cls)
+        for f in fields(cls):
+            value = getattr(default, f.name)
+            key = f"{prefix}{f.name}"
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".", value)
+            elif f.name == "stages":
+                lines.append(f"  {key}.<index|name>.<field>   (one StageConfig per stage)")
+                walk(StageConfig, key + ".<i>.", StageConfig())
+            else:
+                lines.append(f"  {key} = {value!r}   [{_type_name(tp)}]")
+
+    walk(RunConfig, "", RunConfig())
+    return "\n".join(lines)
