@@ -50,7 +50,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``, replacing an older ``final`` without a window where none exists."""
+    """Move ``tmp`` to ``final``; an older ``final`` is replaced without a window of none."""
     if final.exists():
         old = final.with_name(final.name + ".old")
         if old.exists():
@@ -69,24 +69,29 @@ def save_checkpoint(
     config: RunConfig,
     *,
     step: int,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    scheduler_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a loadable HF model dir + trainer state atomically; returns ``directory``."""
+    """Write a loadable HF model dir + trainer state atomically; returns ``directory``.
+
+    ``model_state`` is the full (unsharded) state dict when the live model is sharded; by default
+    the model's own ``state_dict()``.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         unwrapped = getattr(model, "module", model)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        unwrapped.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
         state = {
             "step": step,
             "rng": rng_state(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer": optimizer_state,
+            "scheduler": scheduler_state,
             "extra": extra or {},
         }
         torch.save(state, tmp / STATE_FILE)
@@ -96,6 +101,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def load_model_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights of an HF checkpoint directory (all safetensors shards) on CPU."""
+    from safetensors.torch import load_file
+
+    shards = sorted(Path(directory).glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(shard))
+    return state
 
 
 def load_trainer_state(directory: Path) -> dict[str, Any]:

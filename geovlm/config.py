@@ -291,7 +291,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Build the RunConfig of a preset (default ``tiny-cpu``) with ``key=value`` overrides."""
     path = resolve_preset(preset or DEFAULT_PRESET)
     try:

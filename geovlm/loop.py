@@ -134,53 +134,54 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
-def resume_if_possible(
-    ctx: StageContext, model: torch.nn.Module, optimizer, scheduler
-) -> tuple[int, dict[str, Any]]:
-    """Load the newest checkpoint of this stage, if any; returns (next step, extras)."""
+def resume_if_possible(ctx: StageContext, engine) -> tuple[int, dict[str, Any]]:
+    """Load the newest checkpoint of this stage into ``engine``; returns (next step, extras).
+
+    Every rank reads the full weights and optimizer state (they load in a single process too);
+    DeepSpeed ZeRO ranks additionally reload their own optimizer shard.
+    """
     path = latest_checkpoint(ctx.stage_dir)
     if path is None:
         return 0, {}
-    from safetensors.torch import load_file
+    from geovlm.checkpoint import load_model_state
 
     state = load_trainer_state(path)
-    weights = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(shard))
-    target = getattr(model, "module", model)
-    missing, unexpected = target.load_state_dict(weights, strict=False)
-    # Tied lm_head weights are saved once; anything else missing means a wrong checkpoint.
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+    engine.load_state(load_model_state(path), state["optimizer"], state["scheduler"])
+    shard = path / "optimizer_shards" / f"rank{ctx.rank}.pt"
+    if shard.is_file():
+        engine.model.optimizer.load_state_dict(
+            torch.load(shard, map_location="cpu", weights_only=False), load_from_fp32_weights=True
         )
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
     if ctx.log is not None:
         ctx.log.truncate(ctx.stage.name, state["step"] - 1)
     return state["step"], state.get("extra", {})
 
 
-def checkpoint_stage(
-    ctx: StageContext, model, processor, optimizer, scheduler, next_step: int, extra=None
-) -> None:
-    """Save ``checkpoint-<next_step>`` (the step to run next) and drop older ones."""
-    if not ctx.is_main:
-        return
-    from geovlm.checkpoint import prune_checkpoints
+def checkpoint_stage(ctx: StageContext, engine, processor, next_step: int, extra=None) -> Path:
+    """Save ``checkpoint-<next_step>`` (the step to run next) and drop older ones.
 
-    save_checkpoint(
-        ctx.stage_dir / f"checkpoint-{next_step}",
-        model,
-        processor,
-        ctx.config,
-        step=next_step,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        extra=extra,
-    )
-    prune_checkpoints(ctx.stage_dir, keep=1)
+    Collective: every rank gathers its part of the full state; rank 0 writes the checkpoint.
+    """
+    from geovlm.checkpoint import prune_checkpoints
+    from geovlm.distributed import barrier
+
+    model_state = engine.full_model_state()
+    optimizer_state = engine.optimizer_state()
+    directory = ctx.stage_dir / f"checkpoint-{next_step}"
+    sharded = getattr(engine, "zero_stage", 0) > 0
+    if sharded:
+        shard_dir = ctx.stage_dir / f".optimizer_shards-{next_step}"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(engine.model.optimizer.state_dict(), shard_dir / f"rank{ctx.rank}.pt")
+        barrier()
+    if ctx.is_main:
+        save_checkpoint(
+            directory, engine.policy, processor, ctx.config, step=next_step,
+            model_state=model_state, optimizer_state=optimizer_state or None,
+            scheduler_state=engine.scheduler.state_dict(), extra=extra,
+        )
+        if sharded:
+            (ctx.stage_dir / f".optimizer_shards-{next_step}").rename(directory / "optimizer_shards")
+        prune_checkpoints(ctx.stage_dir, keep=1)
+    barrier()
+    return directory

@@ -68,9 +68,10 @@ def _as_boxes(boxes) -> np.ndarray:
 
 
 def _convert_rotated_from_corners(arr: np.ndarray) -> np.ndarray:
-    """GeoChat's rotated boxes give corners of the unrotated box plus θ: make them cx, cy, w, h, θ."""
+    """GeoChat's rotated boxes: corners of the unrotated box plus θ -> cx, cy, w, h, θ."""
     x1, y1, x2, y2, theta = arr.T
-    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, np.abs(x2 - x1), np.abs(y2 - y1), theta], axis=1)
+    centre_x, centre_y = (x1 + x2) / 2, (y1 + y2) / 2
+    return np.stack([centre_x, centre_y, np.abs(x2 - x1), np.abs(y2 - y1), theta], axis=1)
 
 
 def _convert_rotated_to_corners(arr: np.ndarray) -> np.ndarray:
