@@ -1,0 +1,256 @@
+"""Evaluation metrics against hand-computed values on fixture predictions and against oracles:
+pycocotools (pooled AP), shapely (rotated IoU), rouge-score and pycocoevalcap (captions)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from shapely import affinity
+from shapely.geometry import box as shapely_box
+
+from geovlm import metrics as M
+from geovlm.data.schema import Target
+from tests.fixtures_eval import load
+
+
+def _rows(name: str, task: str) -> tuple[list[str], list[Target]]:
+    rows = [r for r in load(name) if r[1] == task]
+    assert rows, f"no {task} rows in {name}"
+    return [r[2] for r in rows], [r[3] for r in rows]
+
+
+def _metrics(name: str, task: str, **kwargs) -> dict:
+    completions, targets = _rows(name, task)
+    return M.task_metrics(task, completions, targets, **kwargs)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>a</think><answer> farmland </answer>", "farmland"),
+        ("farmland", "farmland"),  # no tags at all: a plain answer
+        ("<think>farmland</think>", None),  # tags but no answer block
+        ("<think>x</think><answer>trunc", None),
+        ("<answer>a</answer><answer>b</answer>", "b"),
+        ("", ""),
+    ],
+)
+def test_answer_text(completion, expected):
+    assert M.answer_text(completion) == expected
+
+
+def test_answer_text_skips_echoed_prompt_block():
+    prompt = "Answer like <answer>forest</answer>."
+    assert M.answer_text("<answer>forest</answer>", prompt) is None
+    assert M.answer_text("<answer>forest</answer><answer>water</answer>", prompt) == "water"
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def test_classification_fixture():
+    # sc1 "Farmland" right; sc2 hedges "farmland or forest"; sc3 plain "forest" right;
+    # sc4 only thinks: 2 / 4.
+    assert _metrics("classification", "scene_cls") == {"accuracy": 0.5}
+    # cd1 yes/yes, cd2 "No." for yes, cd3 no/no: 2 / 3.
+    assert _metrics("classification", "change_det") == pytest.approx({"accuracy": 2 / 3})
+
+
+def test_multilabel_fixture():
+    # ml1 {ship, storage tank} exactly; ml2 {ship, plane, vehicle} for {ship}: P 1/3, R 1,
+    # F1 2*1/(3+1) = 1/2; ml3 empty answer for {plane, vehicle}: 0 everywhere.
+    got = _metrics("classification", "multilabel_cls")
+    assert got == pytest.approx(
+        {"precision": (1 + 1 / 3) / 3, "recall": 2 / 3, "f1": 0.5, "exact_match": 1 / 3}
+    )
+
+
+def test_counting_fixture():
+    # 3/3 right, "two"/2 right, 5/4 wrong (error 1), "none"/0 right, "1 or 2" unanswered.
+    got = _metrics("classification", "counting")
+    assert got == pytest.approx({"accuracy": 3 / 5, "mae": 1 / 4, "answered": 4 / 5})
+
+
+def test_vqa_fixture_by_question_type():
+    # presence: Yes/yes right, yes/no wrong; comparison: "ship" for "ships" right, no/no right.
+    got = _metrics("classification", "vqa")
+    assert got == pytest.approx(
+        {"accuracy": 3 / 4, "accuracy/presence": 1 / 2, "accuracy/comparison": 1.0}
+    )
+
+
+def test_vqa_open_answer_rules():
+    target = Target(task="vqa", answer="3", image_size=(112, 112), label="3")
+    assert M.vqa_correct("three", target)
+    assert not M.vqa_correct("3 or 4", target)
+    target = Target(task="vqa", answer="planes", image_size=(112, 112), label="planes")
+    assert M.vqa_correct("Planes.", target)
+    assert not M.vqa_correct("planes or ships", target)
+
+
+# --------------------------------------------------------------------------- referred detection
+
+
+def test_referred_detection_fixture():
+    # rd1 small: IoU 80/100 -> hit. rd2 large: IoU 1200/3600 -> miss. rd3 medium, 2 gt boxes,
+    # the answer repeats the first one: one-to-one TP 1 of max(2, 2) -> 0.5, but both predicted
+    # boxes hit some gt (EarthDial: 2/2). rd4 large: thinks only -> no box -> 0, no prediction.
+    got = _metrics("detection", "referred_det")
+    assert got == pytest.approx(
+        {
+            "acc@0.5": (1 + 0 + 0.5 + 0) / 4,
+            "acc@0.5/small": 1.0,
+            "acc@0.5/medium": 0.5,
+            "acc@0.5/large": 0.0,
+            "acc@0.5/single": 1 / 3,
+            "acc@0.5/multiple": 0.5,
+            "box_precision@0.5": 3 / 4,
+            "box_precision@0.5/small": 1.0,
+            "box_precision@0.5/medium": 1.0,
+            "box_precision@0.5/large": 0.0,
+            "box_precision@0.5/single": 1 / 2,
+            "box_precision@0.5/multiple": 1.0,
+        }
+    )
+
+
+def test_rotated_detection_uses_rotated_iou():
+    # rr1: the gt box written with angle 225 = 45 + 180, the same rectangle -> IoU 1.
+    # rr2: the axis-aligned hull of the 40x10 box at 45 degrees (side 50/sqrt 2): its hull IoU
+    # would be 1, the rotated IoU is 400 / 1250 = 0.32 -> miss.
+    got = _metrics("detection", "referred_det_rot")
+    assert got["acc@0.5"] == pytest.approx(0.5)
+    assert got["acc@0.5/medium"] == pytest.approx(0.5)
+    completions, targets = _rows("detection", "referred_det_rot")
+    answers = [M.answer_text(c) for c in completions]
+    pred = M.predicted_boxes(answers[1], targets[1], "qwen25vl")
+    from geovlm.rewards.geometry import iou_pairs
+
+    assert iou_pairs(pred, targets[1].boxes)[0] == pytest.approx(400 / 1250, abs=1e-3)
+
+
+def _shapely_rotated(box):
+    cx, cy, w, h, angle = box
+    return affinity.rotate(shapely_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), angle)
+
+
+def test_rotated_acc_matches_shapely_on_random_boxes():
+    rng = np.random.default_rng(7)
+    completions, targets, expected = [], [], []
+    for _ in range(23):
+        gt = np.array([rng.uniform(30, 80), rng.uniform(30, 80), rng.uniform(8, 40),
+                       rng.uniform(8, 40), rng.uniform(-90, 90)])
+        pred = gt + np.array([*rng.normal(0, 4, 2), *rng.normal(0, 4, 2), rng.normal(0, 25)])
+        pred[2:4] = np.abs(pred[2:4]) + 1
+        text = "[" + ", ".join(f"{v:.4f}" for v in pred) + "]"
+        completions.append(f"<answer>{text}</answer>")
+        targets.append(Target(task="referred_det_rot", answer="", image_size=(112, 112),
+                              boxes=gt[None], box_format="rotated"))
+        a, b = _shapely_rotated(pred), _shapely_rotated(gt)
+        expected.append(a.intersection(b).area / a.union(b).area >= 0.5)
+    got = M.task_metrics("referred_det_rot", completions, targets)
+    assert 0 < np.mean(expected) < 1
+    assert got["acc@0.5"] == pytest.approx(np.mean(expected))
+
+
+def test_size_bucket_meta_then_area():
+    def target(box, meta=None):
+        return Target(task="referred_det", answer="", image_size=(200, 100),
+                      boxes=np.array([box], float), box_format="xyxy", meta=meta or {})
+
+    # Thresholds 1.5% and 4% of 20,000 px: 300 and 800 px.
+    assert M.size_bucket(target([0, 0, 10, 29])) == "small"  # 290
+    assert M.size_bucket(target([0, 0, 10, 31])) == "medium"  # 310
+    assert M.size_bucket(target([0, 0, 10, 81])) == "large"  # 810
+    assert M.size_bucket(target([0, 0, 10, 81], {"size": "small"})) == "small"
+
+
+def test_no_gt_and_no_prediction_is_right():
+    target = Target(task="referred_det", answer="none", image_size=(112, 112),
+                    boxes=np.zeros((0, 4)), box_format="xyxy")
+    got = M.task_metrics("referred_det", ["<answer>none</answer>", "<answer>[1, 1, 9, 9]</answer>"],
+                         [target, target])
+    assert got["acc@0.5"] == 0.5
+    assert got["box_precision@0.5"] == 0.0
+
+
+# --------------------------------------------------------------------------- detection mAP
+
+
+def test_detection_fixture_map():
+    # ship: md1 2 hits, md2 IoU 0.4 (miss at 0.5, hit at 0.25); plane: md3 no box.
+    # AP@0.5 ship: ranked tp, tp, fp -> recall 1/3, 2/3, 2/3 at precision 1, 1, 2/3: the 67
+    # recall points 0..0.66 read precision 1, the rest 0 -> 67/101. AP@0.25 ship: 1.
+    # plane: no detection -> 0. f1@0.5: md1 1, md2 0, md3 0.
+    got = _metrics("detection", "multi_det")
+    assert got == pytest.approx({"mAP@0.5": 67 / 101 / 2, "mAP@0.25": 0.5, "f1@0.5": 1 / 3})
+
+
+def _coco_ap(preds, scores, gts, threshold):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, detections = [], [], []
+    for i, (pred, score, gt) in enumerate(zip(preds, scores, gts, strict=True)):
+        images.append({"id": i + 1, "width": 200, "height": 200})
+        for box in gt:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                "area": float((box[2] - box[0]) * (box[3] - box[1])),
+            })
+        for box, s in zip(pred, score, strict=True):
+            detections.append({"image_id": i + 1, "category_id": 1, "score": float(s),
+                               "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {"images": images, "annotations": annotations,
+                        "categories": [{"id": 1, "name": "x"}]}
+        coco.createIndex()
+        result = coco.loadRes(detections)
+        evaluator = COCOeval(coco, result, "bbox")
+        evaluator.params.iouThrs = np.array([threshold])
+        evaluator.params.maxDets = [1000]
+        evaluator.params.areaRng = [[0, 1e10]]
+        evaluator.params.areaRngLbl = ["all"]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"][0, :, 0, 0, 0]
+    return float(precision.mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [0.5, 0.25])
+@pytest.mark.parametrize("tied", [False, True])
+def test_pooled_ap_matches_pycocotools(seed, threshold, tied):
+    rng = np.random.default_rng(seed)
+    preds, scores, gts = [], [], []
+    for _ in range(9):
+        n_gt = int(rng.integers(0, 5))
+        gt = np.sort(rng.uniform(0, 190, (n_gt, 2, 2)), axis=1)
+        gt = np.concatenate([gt[:, 0], gt[:, 0] + rng.uniform(6, 40, (n_gt, 2))], axis=1)
+        n_pred = int(rng.integers(0, 6))
+        if n_gt:
+            base = gt[rng.integers(0, n_gt, n_pred)]
+        else:
+            base = rng.uniform(0, 150, (n_pred, 4))
+        pred = base + rng.normal(0, 6, (n_pred, 4))
+        pred[:, 2:] = np.maximum(pred[:, 2:], pred[:, :2] + 2)
+        preds.append(pred)
+        gts.append(gt)
+        scores.append(np.ones(n_pred) if tied else rng.uniform(0, 1, n_pred))
+    if sum(len(g) for g in gts) == 0:
+        pytest.skip("no gt drawn")
+    got = M.pooled_average_precision(preds, gts, threshold, None if tied else scores)
+    assert 0 < got < 1
+    assert got == pytest.approx(_coco_ap(preds, scores, gts, threshold), abs=1e-12)
+
+
+def test_pooled_ap_without_gt_is_absent():
+    assert M.pooled_average_precision([np.ones((1, 4))], [np.zeros((0, 4))], 0.5) is None
