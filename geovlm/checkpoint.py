@@ -103,17 +103,18 @@ def save_checkpoint(
     return directory
 
 
-def load_model_state(directory: Path) -> dict[str, torch.Tensor]:
-    """The weights of an HF checkpoint directory (all safetensors shards) on CPU."""
-    from safetensors.torch import load_file
+def load_model_state(directory: Path, like: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of an HF checkpoint directory as a state dict of ``like``'s class, on CPU.
 
-    shards = sorted(Path(directory).glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{directory}: no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update(load_file(shard))
-    return state
+    Loaded through ``from_pretrained`` because ``save_pretrained`` may store weights under the
+    checkpoint-format names (e.g. ``visual.*`` for ``model.visual.*``), which only transformers'
+    loader maps back.
+    """
+    dtype = next(like.parameters()).dtype
+    # FSDP2 swaps a sharded module's class for a generated subclass; load the model class.
+    cls = next(c for c in type(like).__mro__ if not c.__name__.startswith("FSDP"))
+    loaded = cls.from_pretrained(directory, dtype=dtype, device_map="cpu")
+    return loaded.state_dict()
 
 
 def load_trainer_state(directory: Path) -> dict[str, Any]:

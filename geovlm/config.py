@@ -28,17 +28,27 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyModelConfig:
-    """Sizes of the embedded Qwen2.5-VL-architecture model (used when ``model.path`` is unset)."""
+    """Sizes of the embedded Qwen2.5-VL-architecture model (used when ``model.path`` is unset).
 
+    The pixel budget suits the embedded world's 112x112 scenes (an 8x8 patch grid, 16 merged
+    image tokens) and caps larger images at 224x224.
+    """
+
+    vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 384
-    num_hidden_layers: int = 2
+    num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
     vision_depth: int = 2
     vision_hidden_size: int = 64
-    vision_num_heads: int = 4
-    vocab_size: int = 1024
+    vision_intermediate_size: int = 128
+    vision_num_heads: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224
 
 
 @dataclass
@@ -101,9 +111,9 @@ class StageConfig:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     delta: float | None = None
-    loss_type: Literal[
-        "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"
-    ] = "dapo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = (
+        "dapo"
+    )
     importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     use_bias_correction_kl: bool = False
@@ -112,8 +122,9 @@ class StageConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation run at the end of each stage."""
+    """Held-out evaluation run before training and at the end of each stage."""
 
+    enabled: bool = True
     batch_size: int = 32
     max_new_tokens: int = 96
     max_samples_per_task: int | None = None
@@ -186,9 +197,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp)
-        return {
-            _coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()
-        }
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

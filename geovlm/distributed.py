@@ -152,7 +152,8 @@ class FSDP2Engine(Engine):
         )
 
         return get_optimizer_state_dict(
-            self.model, self.optimizer,
+            self.model,
+            self.optimizer,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
 

@@ -111,7 +111,10 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (float(v) if isinstance(v, np.floating | torch.Tensor) else v) for k, v in record.items()}
+        clean = {
+            k: (float(v) if isinstance(v, np.floating | torch.Tensor) else v)
+            for k, v in record.items()
+        }
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
 
@@ -121,7 +124,7 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def truncate(self, stage: str, keep_through_step: int) -> None:
-        """Drop this stage's records after ``keep_through_step`` (they will be recomputed on resume)."""
+        """Drop this stage's records after ``keep_through_step`` (recomputed on resume)."""
         if not self.enabled or not self.path.is_file():
             return
         kept = [
@@ -146,7 +149,9 @@ def resume_if_possible(ctx: StageContext, engine) -> tuple[int, dict[str, Any]]:
     from geovlm.checkpoint import load_model_state
 
     state = load_trainer_state(path)
-    engine.load_state(load_model_state(path), state["optimizer"], state["scheduler"])
+    engine.load_state(
+        load_model_state(path, engine.policy), state["optimizer"], state["scheduler"]
+    )
     shard = path / "optimizer_shards" / f"rank{ctx.rank}.pt"
     if shard.is_file():
         engine.model.optimizer.load_state_dict(
@@ -176,12 +181,20 @@ def checkpoint_stage(ctx: StageContext, engine, processor, next_step: int, extra
         barrier()
     if ctx.is_main:
         save_checkpoint(
-            directory, engine.policy, processor, ctx.config, step=next_step,
-            model_state=model_state, optimizer_state=optimizer_state or None,
-            scheduler_state=engine.scheduler.state_dict(), extra=extra,
+            directory,
+            engine.policy,
+            processor,
+            ctx.config,
+            step=next_step,
+            model_state=model_state,
+            optimizer_state=optimizer_state or None,
+            scheduler_state=engine.scheduler.state_dict(),
+            extra=extra,
         )
         if sharded:
-            (ctx.stage_dir / f".optimizer_shards-{next_step}").rename(directory / "optimizer_shards")
+            (ctx.stage_dir / f".optimizer_shards-{next_step}").rename(
+                directory / "optimizer_shards"
+            )
         prune_checkpoints(ctx.stage_dir, keep=1)
     barrier()
     return directory

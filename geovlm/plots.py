@@ -6,11 +6,18 @@ from pathlib import Path
 
 # Panels per stage kind: (metric key, title). A panel is drawn only if some record has the key.
 PANELS = {
-    "sft": [("loss", "SFT loss (assistant tokens)"), ("val_loss", "SFT validation loss"),
-            ("lr", "learning rate")],
-    "grpo": [("reward", "GRPO reward (mean)"), ("kl", "KL to reference"),
-             ("completion_length", "completion length"), ("clip_ratio", "clip ratio"),
-             ("zero_std_frac", "groups with zero reward std")],
+    "sft": [
+        ("loss", "SFT loss (assistant tokens)"),
+        ("val_loss", "SFT validation loss"),
+        ("lr", "learning rate"),
+    ],
+    "grpo": [
+        ("reward", "GRPO reward (mean)"),
+        ("kl", "KL to reference"),
+        ("completion_length", "completion length"),
+        ("clip_ratio", "clip ratio"),
+        ("zero_std_frac", "groups with zero reward std"),
+    ],
 }
 
 
@@ -23,13 +30,17 @@ def plot_training_curves(records: list[dict], path: Path) -> Path | None:
 
     rows = []
     for kind, panels in PANELS.items():
-        present = [(k, t) for k, t in panels if any(r.get("kind") == kind and k in r for r in records)]
+        present = [
+            (k, t) for k, t in panels if any(r.get("kind") == kind and k in r for r in records)
+        ]
         if present:
             rows.append((kind, present))
     if not rows:
         return None
     ncols = max(len(p) for _, p in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(4.2 * ncols, 3.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), ncols, figsize=(4.2 * ncols, 3.2 * len(rows)), squeeze=False
+    )
     for row, (kind, panels) in enumerate(rows):
         stages = list(dict.fromkeys(r["stage"] for r in records if r.get("kind") == kind))
         for col in range(ncols):
@@ -39,10 +50,13 @@ def plot_training_curves(records: list[dict], path: Path) -> Path | None:
                 continue
             key, title = panels[col]
             for stage in stages:
-                pts = [(r["step"], r[key]) for r in records
-                       if r.get("stage") == stage and key in r and r[key] is not None]
+                pts = [
+                    (r["step"], r[key])
+                    for r in records
+                    if r.get("stage") == stage and key in r and r[key] is not None
+                ]
                 if pts:
-                    xs, ys = zip(*pts)
+                    xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=stage)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")

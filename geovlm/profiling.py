@@ -33,8 +33,15 @@ class StepProfiler:
     ``<out_dir>/trace_<stage>.json`` (open in Perfetto or chrome://tracing).
     """
 
-    def __init__(self, out_dir: Path, stage: str, enabled: bool, wait: int = 1, warmup: int = 1,
-                 active: int = 3):
+    def __init__(
+        self,
+        out_dir: Path,
+        stage: str,
+        enabled: bool,
+        wait: int = 1,
+        warmup: int = 1,
+        active: int = 3,
+    ):
         self.enabled = enabled
         self.path = Path(out_dir) / f"trace_{stage}.json"
         self._prof = None

@@ -1,0 +1,262 @@
+"""GRPO stage: rollouts -> task rewards -> group advantages -> clipped-ratio loss with KL.
+
+One step (DESIGN.md, "How data flows")::
+
+    P prompts (this rank's shard)  --generate_rollouts-->  P*G completions + sampling log-probs
+    rewards.score(tasks, texts, targets)                    [P*G] total + components (CPU, numba)
+    group_advantages(total, G, scale)                       [P*G]
+    ref log-probs (frozen copy of the stage's start model; skipped when beta == 0)
+    old log-probs (mu > 1: the policy before this batch's first update; else on-policy)
+    mu x (policy forward -> grpo loss -> backward -> clip -> AdamW step)
+
+The loss comes from ``geovlm.kernels``: on CUDA the fused linear kernel consumes the last hidden
+state and ``lm_head.weight`` (no [N, V] logits), else the logits kernel / its reference. Rewards,
+advantages and kernels are plain function calls on plain data.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from geovlm.advantages import group_advantages
+from geovlm.data.schema import Sample
+from geovlm.distributed import Engine, all_reduce_mean, prepare_engine
+from geovlm.loop import (
+    StageContext,
+    batch_indices,
+    checkpoint_stage,
+    resume_if_possible,
+    seed_everything,
+    step_seed,
+)
+from geovlm.profiling import StepProfiler, nvtx_range
+
+
+@dataclass
+class PolicyBatch:
+    """Tensors of one optimisation batch; rows are completions, groups contiguous.
+
+    Attributes:
+        inputs: model inputs of prompt + completion (input_ids/attention_mask ``[R, P+Lc]``,
+            pixel_values, image_grid_thw).
+        prompt_length: ``P``, the (left-padded) prompt length.
+        completion_ids / completion_mask: ``[R, Lc]``.
+        advantages: ``[R]`` float32.
+        old_logps / ref_logps: ``[R, Lc]`` float32 or None.
+    """
+
+    inputs: dict
+    prompt_length: int
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+
+def use_fused_linear(ctx: StageContext) -> bool:
+    setting = ctx.config.model.fused_linear_loss
+    return setting == "on" or (setting == "auto" and ctx.device.type == "cuda")
+
+
+def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device) -> PolicyBatch:
+    """Prompt + completion of every rollout row as one teacher-forced input."""
+    inputs = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in rollouts.model_inputs().items()
+    }
+    return PolicyBatch(
+        inputs=inputs,
+        prompt_length=rollouts.prompt_length,
+        completion_ids=rollouts.completion_ids.to(device),
+        completion_mask=rollouts.completion_mask.to(device),
+        advantages=advantages.to(device=device, dtype=torch.float32),
+    )
+
+
+def completion_logps(model, batch: PolicyBatch, temperature: float) -> torch.Tensor:
+    """Per-token log-probs ``[R, Lc]`` (fp32, no grad) of the completions under ``model``."""
+    from geovlm.kernels import selective_log_softmax
+    from geovlm.model import forward_logits
+
+    with torch.no_grad():
+        logits = forward_logits(model, batch.inputs)
+        start = batch.prompt_length - 1
+        logits = logits[:, start : start + batch.completion_ids.shape[1]]
+        return selective_log_softmax(logits, batch.completion_ids, temperature).float()
+
+
+def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of ``batch`` under ``model`` (with grad) and its metrics."""
+    from geovlm.model import forward_hidden, forward_logits, lm_head_weight
+
+    stage = ctx.stage
+    options = dict(
+        temperature=stage.temperature,
+        beta=stage.beta,
+        eps_low=stage.epsilon_low,
+        eps_high=stage.epsilon_high,
+        loss_type=stage.loss_type,
+        max_completion_length=stage.max_new_tokens,
+        importance_sampling_level=stage.importance_sampling_level,
+        delta=stage.delta,
+        use_bias_correction_kl=stage.use_bias_correction_kl,
+    )
+    start = batch.prompt_length - 1
+    length = batch.completion_ids.shape[1]
+    if use_fused_linear(ctx):
+        from geovlm.kernels import linear_grpo_loss
+
+        hidden = forward_hidden(model, batch.inputs)[:, start : start + length]
+        weight = lm_head_weight(model)
+        return linear_grpo_loss(
+            hidden,
+            weight,
+            batch.completion_ids,
+            batch.advantages,
+            old_logp=batch.old_logps,
+            ref_logp=batch.ref_logps,
+            completion_mask=batch.completion_mask,
+            **options,
+        )
+    from geovlm.kernels import grpo_loss
+
+    # The kernels take logits (B, L+1, V) like Liger's and drop the last position.
+    logits = forward_logits(model, batch.inputs)[:, start : start + length + 1]
+    return grpo_loss(
+        logits,
+        batch.old_logps,
+        batch.ref_logps,
+        batch.completion_ids,
+        batch.advantages,
+        batch.completion_mask,
+        inplace=False,
+        reduce=True,
+        **options,
+    )
+
+
+def reward_metrics(rewards, zero_std: torch.Tensor, rollouts) -> dict[str, float]:
+    """Per-component reward mean/std, completion length, zero-variance group fraction."""
+    metrics = {
+        "reward": float(np.mean(rewards.total)),
+        "reward_std": float(np.std(rewards.total)),
+        "zero_std_frac": float(zero_std.float().mean()),
+        "completion_length": float(rollouts.completion_mask.sum(1).float().mean()),
+    }
+    for name, values in rewards.components.items():
+        metrics[f"reward/{name}"] = float(np.mean(values))
+        metrics[f"reward/{name}_std"] = float(np.std(values))
+    return metrics
+
+
+def run_grpo(
+    model, processor, train: list[Sample], ctx: StageContext, profile: bool = False
+) -> Engine:
+    """Optimise ``model`` with GRPO for ``ctx.stage.steps`` steps (resuming if possible).
+
+    Returns the engine holding the trained (possibly wrapped or sharded) model.
+    """
+    from tqdm.auto import tqdm
+
+    from geovlm.rewards import score
+    from geovlm.rollout import generate_rollouts
+
+    stage = ctx.stage
+    if not train:
+        raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
+    if stage.batch_size % ctx.world_size:
+        raise ValueError(
+            f"stage {stage.name!r}: batch_size {stage.batch_size} (prompts per step) must be a "
+            f"multiple of the world size {ctx.world_size}"
+        )
+    reference = None
+    if stage.beta != 0.0:
+        # The frozen reference is the model this stage starts from (the SFT / previous stage),
+        # copied before any sharding so it stays a plain module.
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    engine = prepare_engine(model, ctx.config, stage, ctx)
+    start, _ = resume_if_possible(ctx, engine)
+    policy, model = engine.policy, engine.model
+    # Sharded parameters need every rank in every forward of generate().
+    synced = ctx.world_size > 1 and ctx.config.distributed.strategy != "ddp"
+    per_rank = stage.batch_size // ctx.world_size
+    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
+    bar = tqdm(
+        range(start, stage.steps),
+        initial=start,
+        total=stage.steps,
+        desc=f"[{ctx.index}] {stage.name}",
+        disable=not ctx.is_main,
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        profiler.step()
+        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
+        idx = batch_indices(len(train), stage.batch_size, step, ctx.config.seed + ctx.index)
+        prompts = [train[i] for i in idx[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]]
+
+        with nvtx_range("grpo/rollout"):
+            policy.eval()
+            rollouts = generate_rollouts(
+                policy,
+                processor,
+                prompts,
+                num_generations=stage.num_generations,
+                max_new_tokens=stage.max_new_tokens,
+                temperature=stage.temperature,
+                top_p=stage.top_p,
+                **({"synced_gpus": True} if synced else {}),
+            )
+            policy.train()
+        with nvtx_range("grpo/reward"):
+            rows = [prompts[int(i)] for i in rollouts.sample_index]
+            rewards = score(
+                [s.task for s in rows],
+                rollouts.texts,
+                [s.target for s in rows],
+                weights=stage.reward_weights or None,
+                convention=ctx.config.model.box_convention,
+            )
+        # Groups never straddle ranks (each rank owns whole prompts), so the group statistics
+        # are exact per rank.
+        total = torch.as_tensor(rewards.total, dtype=torch.float64)
+        advantages, zero_std = group_advantages(total, stage.num_generations, stage.scale_rewards)
+        batch = build_policy_batch(rollouts, advantages, ctx.device)
+        if reference is not None:
+            with nvtx_range("grpo/ref_logps"):
+                batch.ref_logps = completion_logps(reference, batch, stage.temperature)
+        if stage.num_iterations > 1:
+            with nvtx_range("grpo/old_logps"):
+                batch.old_logps = completion_logps(policy, batch, stage.temperature)
+
+        # mu iterations on the same rollouts; the schedule advances once per step.
+        lr = engine.lr
+        loss_metrics: dict[str, float] = {}
+        for iteration in range(stage.num_iterations):
+            with nvtx_range("grpo/loss"):
+                loss, metrics = policy_loss(model, batch, ctx)
+            with nvtx_range("grpo/backward"):
+                engine.backward(loss)
+            with nvtx_range("grpo/optimizer"):
+                grad_norm = engine.step(advance_schedule=iteration + 1 == stage.num_iterations)
+            loss_metrics = {"loss": float(loss), "grad_norm": grad_norm}
+            loss_metrics.update({k: float(v) for k, v in metrics.items()})
+
+        record = {"stage": stage.name, "kind": "grpo", "step": step, "lr": lr}
+        step_metrics = {**reward_metrics(rewards, zero_std, rollouts), **loss_metrics}
+        record.update(all_reduce_mean(step_metrics))
+        if "clip_ratio/region_mean" in record:
+            record["clip_ratio"] = record["clip_ratio/region_mean"]
+        if ctx.log is not None and ctx.is_main:
+            ctx.log.write(record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3f}")
+        if stage.save_every and (step + 1) % stage.save_every == 0 and step + 1 < stage.steps:
+            checkpoint_stage(ctx, engine, processor, step + 1)
+    profiler.close()
+    bar.close()
+    return engine

@@ -1,0 +1,148 @@
+"""SFT stage: next-token cross-entropy on the assistant tokens only.
+
+Per optimizer step the loss is ``sum of token NLLs / number of assistant tokens`` over the whole
+gradient-accumulation window (not a mean of per-micro-batch means, which would weight short
+samples more: the well-known gradient-accumulation bug). AdamW, warm-up + cosine schedule,
+periodic teacher-forced validation loss, atomic checkpoints with exact resume.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from geovlm.data.collate import collate_sft
+from geovlm.data.schema import Sample
+from geovlm.distributed import Engine, all_reduce_sum, prepare_engine
+from geovlm.loop import (
+    StageContext,
+    batch_indices,
+    checkpoint_stage,
+    resume_if_possible,
+    seed_everything,
+    step_seed,
+)
+from geovlm.model import forward_logits
+from geovlm.profiling import StepProfiler, nvtx_range
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def token_nll_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLLs over positions whose label is not -100, and their count."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = forward_logits(model, inputs)
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return nll, int((shift_labels != -100).sum())
+
+
+@torch.no_grad()
+def validation_loss(model, processor, samples: list[Sample], ctx: StageContext) -> float:
+    """Teacher-forced mean token NLL on ``samples`` (assistant tokens only)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    size = ctx.stage.batch_size
+    for start in range(0, len(samples), size):
+        batch = collate_sft(samples[start : start + size], processor, ctx.stage.max_length)
+        nll, n = token_nll_sum(model, _to_device(batch, ctx.device))
+        total += float(nll)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def run_sft(
+    model,
+    processor,
+    train: list[Sample],
+    val: list[Sample],
+    ctx: StageContext,
+    profile: bool = False,
+) -> Engine:
+    """Train ``model`` for ``ctx.stage.steps`` optimizer steps (resuming if possible).
+
+    Returns the engine holding the trained (possibly wrapped or sharded) model.
+    """
+    stage = ctx.stage
+    if not train:
+        raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
+    engine = prepare_engine(model, ctx.config, stage, ctx)
+    start, _ = resume_if_possible(ctx, engine)
+    model = engine.model
+    model.train()
+    micro = stage.batch_size // ctx.world_size
+    if micro < 1 or stage.batch_size % ctx.world_size:
+        raise ValueError(
+            f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of "
+            f"the world size {ctx.world_size}"
+        )
+    bar = tqdm(
+        range(start, stage.steps),
+        initial=start,
+        total=stage.steps,
+        desc=f"[{ctx.index}] {stage.name}",
+        disable=not ctx.is_main,
+        dynamic_ncols=True,
+    )
+    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
+    for step in bar:
+        profiler.step()
+        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
+        # Collate the whole accumulation window first so the loss is normalised by its
+        # total token count.
+        windows = []
+        for accum in range(stage.grad_accum):
+            global_step = step * stage.grad_accum + accum
+            idx = batch_indices(len(train), stage.batch_size, global_step, ctx.config.seed)
+            mine = idx[ctx.rank * micro : (ctx.rank + 1) * micro]
+            windows.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in windows)
+        total_tokens = (
+            ctx.extras["all_reduce_sum"](local_tokens)
+            if "all_reduce_sum" in ctx.extras
+            else local_tokens
+        )
+        loss_sum = 0.0
+        for batch in windows:
+            with nvtx_range("sft/forward"):
+                nll, _ = token_nll_sum(model, _to_device(batch, ctx.device))
+                # Scale by world size: DDP averages gradients over ranks.
+                loss = nll * ctx.world_size / max(total_tokens, 1)
+            with nvtx_range("sft/backward"):
+                engine.backward(loss)
+            loss_sum += nll.item()
+        lr = engine.lr
+        with nvtx_range("sft/optimizer"):
+            grad_norm = engine.step()
+        record = {
+            "stage": stage.name,
+            "kind": "sft",
+            "step": step,
+            "loss": all_reduce_sum(loss_sum) / max(total_tokens, 1),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": total_tokens,
+        }
+        last = step + 1 == stage.steps
+        if stage.eval_every and ((step + 1) % stage.eval_every == 0 or last) and val:
+            record["val_loss"] = validation_loss(model, processor, val, ctx)
+        if ctx.log is not None and ctx.is_main:
+            ctx.log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
+        if stage.save_every and (step + 1) % stage.save_every == 0 and not last:
+            checkpoint_stage(ctx, engine, processor, step + 1)
+    profiler.close()
+    bar.close()
+    return engine

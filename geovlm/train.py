@@ -1,0 +1,310 @@
+"""``python -m geovlm.train``: run the stages a config lists (SFT, then per-task GRPO).
+
+With no arguments it runs the embedded default (``tiny-cpu``): a tiny Qwen2.5-VL-architecture
+model on the embedded synthetic EO world, on CPU, end to end, writing ``runs/<name>/``::
+
+    config.yaml            the resolved config
+    metrics.jsonl          one line per optimizer step (and per evaluation)
+    init/                  the initial model + processor (HF format)
+    stages/<i>-<name>/     checkpoint-<step>/ while running, final/ when done, eval/ tables
+    training_curves.png    loss / reward / KL curves of every stage
+    summary.md             the held-out table after every stage
+
+Rerunning the same command resumes: finished stages are skipped, a running one continues from
+its last checkpoint with the same data order and RNG streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from geovlm.config import ConfigError, RunConfig, describe_options, load_config, save_config
+from geovlm.loop import MetricsLog, StageContext, seed_everything
+
+HELP_EPILOG = """Overrides are key=value, e.g.  stages.sft.steps=20  model.path=/models/Qwen2.5-VL
+Options (key = default [type]):
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m geovlm.train",
+        description="SFT then per-task GRPO for Qwen2.5-VL on Earth-observation data.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=HELP_EPILOG + describe_options(),
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="preset name (tiny-cpu, qwen2.5-vl-3b, "
+        "qwen2.5-vl-7b) or a YAML path; default tiny-cpu",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="write a torch.profiler trace of a few steps of every stage",
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def pick_device(config: RunConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def initial_model(config: RunConfig, corpus: list[str], device: torch.device):
+    """The stage-0 policy: a local checkpoint, or the embedded tiny model (built once, saved)."""
+    from geovlm.model import build_policy
+
+    model_cfg = config.model
+    common = dict(
+        device=device,
+        dtype=None if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
+        attn_implementation=None
+        if model_cfg.attn_implementation == "auto"
+        else model_cfg.attn_implementation,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        freeze_vision=model_cfg.freeze_vision,
+        seed=config.seed,
+    )
+    if model_cfg.path:
+        return build_policy(path=model_cfg.path, **common), Path(model_cfg.path)
+    init_dir = config.run_dir / "init"
+    if (init_dir / "config.json").is_file():
+        return build_policy(path=str(init_dir), **common), init_dir
+    from dataclasses import asdict
+
+    model, processor = build_policy(tokenizer_corpus=corpus, tiny=asdict(model_cfg.tiny), **common)
+    if _is_main():
+        from geovlm.checkpoint import save_checkpoint
+
+        save_checkpoint(init_dir, model, processor, config, step=0)
+    return (model, processor), init_dir
+
+
+def load_stage_model(config: RunConfig, path: Path, device: torch.device):
+    from geovlm.model import build_policy
+
+    model_cfg = config.model
+    return build_policy(
+        path=str(path),
+        device=device,
+        dtype=None if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
+        attn_implementation=None
+        if model_cfg.attn_implementation == "auto"
+        else model_cfg.attn_implementation,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        freeze_vision=model_cfg.freeze_vision,
+        seed=config.seed,
+    )
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def evaluate_stage(config, model, processor, samples, out_dir: Path, label: str, rank, world):
+    """The held-out evaluation (``geovlm.eval``) of one stage; prints and saves its table."""
+    from geovlm.eval import evaluate
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = evaluate(
+        model,
+        processor,
+        samples,
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        convention=config.model.box_convention,
+        use_embeddings=config.eval.use_embeddings,
+        predictions_path=out_dir / "predictions.jsonl",
+        desc=f"eval {label}",
+        rank=rank,
+        world_size=world,
+    )
+    if rank == 0:
+        report.save(out_dir / "metrics.json")
+        print(f"\n## Held-out evaluation after {label}\n\n{report.table()}\n", flush=True)
+    return report
+
+
+def run(config: RunConfig, profile: bool = False) -> dict:
+    """Run every stage of ``config``; returns {stage label: eval summary}."""
+    from geovlm.distributed import init_distributed
+    from geovlm.plots import plot_training_curves
+
+    rank, world = init_distributed(config)
+    device = pick_device(config)
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    seed_everything(config.seed)
+    run_dir = config.run_dir
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
+
+    from geovlm.data.sources import load_splits, select_tasks
+
+    started = time.time()
+    splits = load_splits(config.data, config.model.box_convention)
+    from geovlm.data.synthetic import corpus
+
+    (model, processor), previous = initial_model(config, corpus(splits["train"]), device)
+    summaries: dict[str, dict] = {}
+    eval_samples = select_tasks(splits["test"], config.data.tasks)
+    if config.eval.max_samples_per_task:
+        eval_samples = _cap_per_task(eval_samples, config.eval.max_samples_per_task)
+    init_eval_dir = run_dir / "init_eval"
+    if config.eval.enabled and not (init_eval_dir / "metrics.json").is_file():
+        report = evaluate_stage(
+            config, model, processor, eval_samples, init_eval_dir, "init", rank, world
+        )
+        summaries["init"] = report.summary()
+    elif (init_eval_dir / "metrics.json").is_file():
+        summaries["init"] = _saved_summary(init_eval_dir / "metrics.json")
+
+    for index, stage in enumerate(config.stages):
+        ctx = StageContext(config, stage, index, device, rank, world, log)
+        final = ctx.stage_dir / "final"
+        if (final / "config.json").is_file():
+            previous, model = final, None
+            if rank == 0:
+                print(f"stage {index} ({stage.name}) already finished: {final}", flush=True)
+            saved = ctx.stage_dir / "eval" / "metrics.json"
+            if saved.is_file():
+                summaries[stage.name] = _saved_summary(saved)
+            elif config.eval.enabled:
+                # Interrupted between the stage's end and the end of its evaluation.
+                model, processor = load_stage_model(config, final, device)
+                report = evaluate_stage(
+                    config,
+                    model,
+                    processor,
+                    eval_samples,
+                    ctx.stage_dir / "eval",
+                    stage.name,
+                    rank,
+                    world,
+                )
+                summaries[stage.name] = report.summary()
+                model = None
+            continue
+        if model is None:
+            model, processor = load_stage_model(config, previous, device)
+        tasks = stage.tasks or config.data.tasks
+        train = select_tasks(splits["train"], tasks)
+        if stage.kind == "sft":
+            from geovlm.sft import run_sft
+
+            val = select_tasks(splits["val"], tasks)
+            engine = run_sft(model, processor, train, val, ctx, profile=profile or config.profile)
+        else:
+            from geovlm.grpo import run_grpo
+
+            engine = run_grpo(model, processor, train, ctx, profile=profile or config.profile)
+        save_final(ctx, engine, processor, final)
+        model = engine.policy
+        if world > 1 and config.distributed.strategy != "ddp":
+            # Sharded weights: evaluate (and start the next stage) from the full checkpoint.
+            del engine, model
+            model, processor = load_stage_model(config, final, device)
+        if config.eval.enabled:
+            report = evaluate_stage(
+                config,
+                model,
+                processor,
+                eval_samples,
+                ctx.stage_dir / "eval",
+                stage.name,
+                rank,
+                world,
+            )
+            summaries[stage.name] = report.summary()
+        previous = final
+        if rank == 0:
+            plot_training_curves(log.records(), run_dir / "training_curves.png")
+
+    if rank == 0 and summaries:
+        write_summary(run_dir, summaries, time.time() - started)
+    return summaries
+
+
+def save_final(ctx: StageContext, engine, processor, final: Path) -> None:
+    """The stage's finished model as ``final/`` (collective: gathers sharded weights)."""
+    from geovlm.checkpoint import save_checkpoint
+    from geovlm.distributed import barrier
+
+    state = engine.full_model_state()
+    if ctx.is_main:
+        save_checkpoint(
+            final, engine.policy, processor, ctx.config, step=ctx.stage.steps, model_state=state
+        )
+    barrier()
+
+
+def _saved_summary(path: Path) -> dict:
+    """The summary of an evaluation saved by an earlier (interrupted) run of the same config."""
+    return {task: tuple(value) for task, value in json.loads(path.read_text())["summary"].items()}
+
+
+def _cap_per_task(samples, cap: int):
+    seen: dict[str, int] = {}
+    out = []
+    for sample in samples:
+        if seen.get(sample.task, 0) < cap:
+            out.append(sample)
+            seen[sample.task] = seen.get(sample.task, 0) + 1
+    return out
+
+
+def write_summary(run_dir: Path, summaries: dict[str, dict], seconds: float) -> None:
+    """``summary.md``/``summary.json``: the headline metric of every task after every stage."""
+    labels = list(summaries)
+    tasks = sorted({task for s in summaries.values() for task in s})
+    lines = [
+        "| task | metric | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    for task in tasks:
+        metric = next(s[task][0] for s in summaries.values() if task in s)
+        values = [
+            f"{summaries[label][task][1]:.3f}" if task in summaries[label] else "-"
+            for label in labels
+        ]
+        lines.append(f"| {task} | {metric} | " + " | ".join(values) + " |")
+    table = "\n".join(lines)
+    (run_dir / "summary.md").write_text(table + f"\n\nwall time: {seconds:.0f} s\n")
+    (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
+    print(
+        f"\n## Summary (headline metric per task, by stage)\n\n{table}\n\nwall time: "
+        f"{seconds:.0f} s; run directory: {run_dir}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(config, profile=args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
