@@ -1,0 +1,422 @@
+"""Policy and reference models: a tiny offline Qwen2.5-VL, or a Qwen2-VL / Qwen2.5-VL checkpoint.
+
+One code path serves both: ``build_policy`` either builds a ``Qwen2_5_VLForConditionalGeneration``
+from a small ``Qwen2_5_VLConfig`` (text hidden ~128, a 2-block vision tower with patch 14 and
+spatial merge 2) with a tokenizer trained on the corpus and the real Qwen2-VL image processor,
+or loads a checkpoint directory with ``AutoModelForImageTextToText`` / ``AutoProcessor``; then
+the same placement, dtype, attention backend, gradient checkpointing and freezing apply.
+
+Shapes: a batch is the dict of ``geovlm.data.collate`` (``input_ids`` ``[B, T]``, ...).
+``forward_hidden`` returns the final-norm hidden states ``[B, T, H]`` (the input of ``lm_head``,
+for the fused linear GRPO loss), ``forward_logits`` the logits ``[B, T, V]``, and
+``lm_head_weight`` the ``[V, H]`` weight they are related by.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT
+from geovlm.tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+SYSTEM_PROMPT_WEIGHT = 64
+
+# Sizes of the tiny model; ``build_policy(tiny={...})`` overrides any of them. The pixel budget
+# suits the embedded world's 112x112 scenes (an 8x8 patch grid, 16 merged image tokens) and caps
+# larger images at 224x224 (64 tokens) to keep the CPU run fast.
+TINY_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 2000,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "vision_depth": 2,
+    "vision_hidden_size": 64,
+    "vision_intermediate_size": 128,
+    "vision_num_heads": 2,
+    "min_pixels": 56 * 56,
+    "max_pixels": 224 * 224,
+}
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def default_attn_implementation(device: str | torch.device) -> str:
+    """flash-attention 2 on CUDA when ``flash_attn`` is importable, else PyTorch SDPA."""
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.bfloat16`` from ``torch.bfloat16`` or ``"bfloat16"``."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16' or 'float32'")
+    return resolved
+
+
+def _resolve(
+    device: str | torch.device, dtype: torch.dtype | str | None, attn_implementation: str | None
+) -> tuple[torch.dtype, str]:
+    dtype = as_dtype(dtype) if dtype is not None else default_dtype(device)
+    attn = attn_implementation or default_attn_implementation(device)
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attn_implementation {attn!r}; known: {ATTN_IMPLEMENTATIONS}")
+    if attn == "flash_attention_2" and torch.device(device).type != "cuda":
+        raise ValueError("flash_attention_2 needs a CUDA device")
+    return dtype, attn
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split of the rotary half-dimension into (temporal, height, width), Qwen's 1:1.5:1.5."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
+def tiny_processor(tokenizer, min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
+    """Qwen2.5-VL processor around ``tokenizer`` with the real Qwen2-VL image processor."""
+    size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    image_processor = Qwen2VLImageProcessor(
+        size=size, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        size=size, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def tiny_config(tokenizer, sizes: dict[str, Any]) -> Qwen2_5_VLConfig:
+    """``Qwen2_5_VLConfig`` of the tiny model for ``tokenizer`` (special-token ids from it)."""
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(name)
+        for name in (
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+        )
+    }
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    if hidden % heads or (hidden // heads) % 8:
+        raise ValueError(
+            f"hidden_size {hidden} / num_attention_heads {heads} must be a multiple of 8"
+        )
+    if sizes["vision_hidden_size"] % sizes["vision_num_heads"]:
+        raise ValueError("vision_hidden_size must be a multiple of vision_num_heads")
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": sizes["intermediate_size"],
+        "num_hidden_layers": sizes["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": sizes["num_key_value_heads"],
+        "max_position_embeddings": sizes["max_position_embeddings"],
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(sizes["rope_theta"]),
+            "mrope_section": _mrope_section(hidden // heads),
+        },
+        "bos_token_id": None,
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    depth = sizes["vision_depth"]
+    vision_config = {
+        "depth": depth,
+        "hidden_size": sizes["vision_hidden_size"],
+        "intermediate_size": sizes["vision_intermediate_size"],
+        "num_heads": sizes["vision_num_heads"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "out_hidden_size": hidden,
+        # Qwen2.5-VL alternates windowed and full attention; the last block attends fully.
+        "fullatt_block_indexes": [depth - 1],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=bool(sizes["tie_word_embeddings"]),
+    )
+
+
+def _build_tiny(
+    tokenizer_corpus: Iterable[str] | None,
+    tiny: dict[str, Any] | None,
+    dtype: torch.dtype,
+    attn: str,
+    seed: int,
+) -> tuple[PreTrainedModel, Qwen2_5_VLProcessor]:
+    unknown = set(tiny or {}) - set(TINY_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"unknown tiny-model settings {sorted(unknown)}; known: {sorted(TINY_DEFAULTS)}"
+        )
+    if tokenizer_corpus is None:
+        raise ValueError("building the tiny model needs tokenizer_corpus (texts to train BPE on)")
+    sizes = {**TINY_DEFAULTS, **(tiny or {})}
+    # Every prompt carries the default system prompt: weigh it like a frequent phrase.
+    corpus = itertools.chain(tokenizer_corpus, [DEFAULT_SYSTEM_PROMPT] * SYSTEM_PROMPT_WEIGHT)
+    tokenizer = build_tokenizer(corpus, vocab_size=int(sizes["vocab_size"]))
+    processor = tiny_processor(tokenizer, sizes["min_pixels"], sizes["max_pixels"])
+    config = tiny_config(tokenizer, sizes)
+    # Seed only the initialisation, without disturbing the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(
+            config, attn_implementation=attn, dtype=dtype
+        )
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model, processor
+
+
+def _load_pretrained(
+    path: str | Path, dtype: torch.dtype, attn: str
+) -> tuple[PreTrainedModel, Any]:
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={path}: no config.json there (a local HF checkpoint dir)"
+        )
+    config = AutoConfig.from_pretrained(directory)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model.path={path}: model_type {config.model_type!r} is not supported; "
+            f"known: {SUPPORTED_MODEL_TYPES}"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        directory, dtype=dtype, attn_implementation=attn
+    )
+    processor = AutoProcessor.from_pretrained(directory)
+    return model, processor
+
+
+def _set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    for sub in (processor.image_processor, getattr(processor, "video_processor", None)):
+        if sub is None:
+            continue
+        if min_pixels is not None:
+            sub.size["shortest_edge"] = int(min_pixels)
+        if max_pixels is not None:
+            sub.size["longest_edge"] = int(max_pixels)
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of every decoder and vision block.
+
+    transformers 5.x renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*``
+    (the old names warn); use whichever the installed version has.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def disable_checkpointing(model: PreTrainedModel) -> None:
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    (disable or model.gradient_checkpointing_disable)()
+
+
+def is_checkpointing(model: PreTrainedModel) -> bool:
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def build_policy(
+    path: str | Path | None = None,
+    tokenizer_corpus: Iterable[str] | None = None,
+    tiny: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    freeze_vision: bool = False,
+    seed: int = 0,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """The trainable policy and its processor.
+
+    With ``path`` None, a tiny Qwen2.5-VL is built from ``tiny`` (overrides of
+    ``TINY_DEFAULTS``) with a tokenizer trained on ``tokenizer_corpus``; otherwise the Qwen2-VL /
+    Qwen2.5-VL checkpoint in the local directory ``path`` is loaded (a saved tiny model too).
+    ``dtype`` defaults to bf16 on CUDA and fp32 on CPU, ``attn_implementation`` to flash-attention
+    2 when importable on CUDA and SDPA otherwise. ``min_pixels`` / ``max_pixels`` override the
+    processor's pixel budget. The model is returned in train mode on ``device``.
+    """
+    dtype, attn = _resolve(device, dtype, attn_implementation)
+    if path is None:
+        model, processor = _build_tiny(tokenizer_corpus, tiny, dtype, attn, seed)
+    else:
+        if tokenizer_corpus is not None or tiny is not None:
+            raise ValueError("tokenizer_corpus and tiny only apply when building (path=None)")
+        model, processor = _load_pretrained(path, dtype, attn)
+    _set_pixel_budget(processor, min_pixels, max_pixels)
+    model.to(device)
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    return model, processor
+
+
+def load_reference_model(
+    source: PreTrainedModel | str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A frozen reference model: a deep copy of a live model, or a checkpoint directory.
+
+    Frozen means eval mode, ``requires_grad=False`` everywhere and no gradient checkpointing.
+    A copy keeps the source's device and dtype unless ``device`` / ``dtype`` are given.
+    """
+    if isinstance(source, PreTrainedModel):
+        reference = copy.deepcopy(source)
+        if dtype is not None:
+            reference.to(as_dtype(dtype))
+        if device is not None:
+            reference.to(device)
+    else:
+        target = device or "cpu"
+        reference, _ = build_policy(
+            source, device=target, dtype=dtype, attn_implementation=attn_implementation
+        )
+    if is_checkpointing(reference):
+        disable_checkpointing(reference)
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def save_pretrained(model: PreTrainedModel, processor, directory: str | Path) -> Path:
+    """Write the model (safetensors) and processor in HF format, loadable by ``build_policy``.
+
+    Not atomic by itself: ``geovlm.checkpoint`` writes into a temporary directory and renames.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The ``[V, H]`` output-projection weight (tied to the embeddings when the config ties)."""
+    return model.get_output_embeddings().weight
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def forward_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]``: the policy forward up to, not including, ``lm_head``.
+
+    ``hidden @ lm_head_weight(model).T`` are the logits. Works under gradient checkpointing
+    (the decoder layers checkpoint themselves) and ignores a ``labels`` entry.
+    """
+    outputs = model.base_model(**_model_inputs(batch), use_cache=False, return_dict=True)
+    return outputs.last_hidden_state
+
+
+def forward_logits(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], logits_to_keep: int = 0
+) -> torch.Tensor:
+    """Logits ``[B, T, V]`` (``[B, logits_to_keep, V]`` for the last positions when > 0)."""
+    outputs = model(
+        **_model_inputs(batch), use_cache=False, logits_to_keep=logits_to_keep, return_dict=True
+    )
+    return outputs.logits
+
+
+def apply_kernel_patches(model: PreTrainedModel, liger: bool = True) -> bool:
+    """Swap in Liger-Kernel's fused RoPE, RMSNorm and SwiGLU for Qwen2-VL / Qwen2.5-VL.
+
+    Only on CUDA with ``liger_kernel`` installed; otherwise a logged no-op. Liger patches the
+    transformers modules process-wide, so this is done once, for GPU runs. The fused linear
+    cross-entropy is left off: the losses here call ``geovlm.kernels`` on the hidden states.
+    Returns whether kernels were applied.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    reason = None
+    if not liger:
+        reason = "disabled by the caller"
+    elif model.device.type != "cuda":
+        reason = f"model is on {model.device.type}, Liger's Triton kernels need CUDA"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        reason = "liger_kernel is not installed"
+    elif model_type not in SUPPORTED_MODEL_TYPES:
+        reason = f"no Liger patch for model_type {model_type!r}"
+    if reason is not None:
+        logger.info("Liger kernels not applied: %s", reason)
+        return False
+    from liger_kernel.transformers import (
+        apply_liger_kernel_to_qwen2_5_vl,
+        apply_liger_kernel_to_qwen2_vl,
+    )
+
+    patch = (
+        apply_liger_kernel_to_qwen2_5_vl
+        if model_type == "qwen2_5_vl"
+        else apply_liger_kernel_to_qwen2_vl
+    )
+    patch(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model,
+    )
+    logger.info("Liger kernels applied to %s (rope, rms_norm, swiglu)", model_type)
+    return True
