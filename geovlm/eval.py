@@ -1,0 +1,619 @@
+"""``python -m geovlm.eval``: the paper's evaluation protocol on a checkpoint, and its Python API.
+
+``evaluate`` runs batched greedy generation over samples (sharded by rank under torchrun and
+gathered with ``all_gather_object``), writes every prediction to a JSONL file as it goes, and
+scores the predictions per task family with ``geovlm.metrics`` plus the mean task reward of
+``geovlm.rewards.score`` (so training's reward and evaluation read completions the same way).
+The trainer calls ``evaluate`` at the end of every stage; the CLI calls the same function, so
+both print the same table.
+
+Predictions file: one JSON object per line, ``{"id", "task", "prediction", "reference"}``.
+A rerun skips every sample whose id is already there and reuses its stored prediction. Under
+torchrun each rank appends to ``<stem>.rank<r>.jsonl`` beside it while generating; rank 0 merges
+them into the predictions file at the end (a crashed multi-rank run resumes from those files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geovlm.data.schema import TASKS, Sample
+
+GenerateFn = Callable[[list[Sample]], list[str]]
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class EvalReport:
+    """Metrics of one evaluation.
+
+    Attributes:
+        metrics: task -> metric name -> value (floats; ``n`` is the sample count), JSON-ready.
+        predictions: the ``{"id", "task", "prediction", "reference"}`` records scored, in
+            sample order.
+    """
+
+    metrics: dict[str, dict[str, float]]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        """Markdown table ``| task | metric | value |``, tasks in ``TASKS`` order."""
+        lines = ["| task | metric | value |", "|---|---|---|"]
+        for task in _ordered_tasks(self.metrics):
+            for name, value in self.metrics[task].items():
+                shown = str(int(value)) if name == "n" else f"{value:.4f}"
+                lines.append(f"| {task} | {name} | {shown} |")
+        return "\n".join(lines)
+
+    def summary(self) -> dict[str, tuple[str, float]]:
+        """task -> (headline metric name, value): the paper's main number for each task."""
+        from geovlm.metrics import HEADLINE
+
+        out = {}
+        for task in _ordered_tasks(self.metrics):
+            values = self.metrics[task]
+            name = HEADLINE.get(task)
+            if name not in values:
+                name = next((k for k in values if k != "n"), "n")
+            out[task] = (name, float(values[name]))
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``{"metrics": ..., "summary": ...}`` as JSON (atomically); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"metrics": self.metrics, "summary": self.summary()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def _ordered_tasks(metrics: dict) -> list[str]:
+    order = {task: i for i, task in enumerate(TASKS)}
+    return sorted(metrics, key=lambda t: (order.get(t, len(order)), t))
+
+
+# --------------------------------------------------------------------------- predictions file
+
+
+def rank_file(path: Path, rank: int) -> Path:
+    """Where rank ``rank`` appends its predictions while a multi-rank evaluation runs."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """id -> record of a predictions JSONL file (``{}`` if absent).
+
+    A truncated last line (a run killed mid-write) is ignored: that sample is generated again.
+    Any other unreadable line is an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    out: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) or all(not rest.strip() for rest in lines[number:]):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from err
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {kind}")
+        for key, kind in (("id", str), ("task", str), ("prediction", str)):
+            if not isinstance(record.get(key), kind):
+                raise ValueError(f"{path}:{number}: field {key!r} missing or not a string")
+        out[record["id"]] = record
+    return out
+
+
+def stored_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """Every stored prediction: the merged file plus any per-rank files of an unfinished run."""
+    path = Path(path)
+    done = read_predictions(path)
+    for extra in sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}")):
+        done.update(read_predictions(extra))
+    return done
+
+
+def _append(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append records, one line each; a truncated last line (killed mid-write) is cut first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                handle.truncate(handle.read().rfind(b"\n") + 1)
+        handle.seek(0, os.SEEK_END)
+        for record in records:
+            handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _merge_files(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rank 0 after a multi-rank run: one predictions file, then drop the per-rank files."""
+    merged = read_predictions(path)
+    merged.update({r["id"]: r for r in records})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged.values()),
+                   encoding="utf-8")
+    tmp.replace(path)
+    for extra in path.parent.glob(f"{path.stem}.rank*{path.suffix}"):
+        extra.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def greedy_generator(model, processor, max_new_tokens: int) -> GenerateFn:
+    """Greedy completions of a batch of samples with the model (``geovlm.rollout``, one each)."""
+    from geovlm.rollout import generate_rollouts
+
+    def generate(samples: list[Sample]) -> list[str]:
+        rollouts = generate_rollouts(
+            model,
+            processor,
+            samples,
+            num_generations=1,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            greedy=True,
+        )
+        return list(rollouts.texts)
+
+    return generate
+
+
+def _pixel_budget(processor) -> tuple[int, int] | None:
+    """The processor's ``(min_pixels, max_pixels)``, to read Qwen2.5-VL boxes exactly."""
+    if processor is None:
+        return None
+    from geovlm.data.collate import pixel_budget
+
+    try:
+        return pixel_budget(processor)
+    except (AttributeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_predictions(
+    samples: Sequence[Sample],
+    completions: Sequence[str],
+    *,
+    convention: str = "qwen25vl",
+    use_embeddings: bool = False,
+    meteor_backend: str = "coco",
+    pixel_budget: tuple[int, int] | None = None,
+) -> dict[str, dict[str, float]]:
+    """task -> metrics: ``n``, the task family's metrics (``geovlm.metrics.task_metrics``), and
+    the mean reward of ``geovlm.rewards.score`` (``reward`` and ``reward/<component>``) under the
+    same box convention and pixel budget.
+    """
+    import numpy as np
+
+    from geovlm.metrics import task_metrics
+    from geovlm.rewards import RewardOptions, score
+
+    budget = pixel_budget or (None, None)
+    options = RewardOptions(
+        convention=convention,
+        min_pixels=budget[0],
+        max_pixels=budget[1],
+        use_embeddings=use_embeddings,
+    )
+    by_task: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_task.setdefault(sample.task, []).append(i)
+    out: dict[str, dict[str, float]] = {}
+    for task in _ordered_tasks(by_task):
+        index = by_task[task]
+        texts = [completions[i] for i in index]
+        targets = [samples[i].target for i in index]
+        prompts = [samples[i].prompt for i in index]
+        values: dict[str, float] = {"n": float(len(index))}
+        values.update(
+            task_metrics(
+                task,
+                texts,
+                targets,
+                prompts=prompts,
+                convention=convention,
+                pixel_budget=pixel_budget,
+                meteor_backend=meteor_backend,
+            )
+        )
+        rewards = score(task, texts, targets, options=options, prompts=prompts)
+        values["reward"] = float(np.mean(rewards.total))
+        for name, component in rewards.components.items():
+            values[f"reward/{name}"] = float(np.mean(component))
+        out[task] = values
+    return out
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _distributed(world_size: int):
+    """``torch.distributed`` when a process group spans ``world_size`` ranks, else ``None``."""
+    if world_size <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"world_size={world_size} needs an initialised torch.distributed process group "
+            "(launch with torchrun)"
+        )
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"world_size={world_size} but the process group has {dist.get_world_size()} ranks"
+        )
+    return dist
+
+
+def _check_ids(samples: Sequence[Sample]) -> None:
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.id in seen:
+            raise ValueError(f"sample id {sample.id!r} occurs twice ({sample.source}); ids must be "
+                             "unique to store and resume predictions")
+        seen.add(sample.id)
+
+
+def _record(sample: Sample, prediction: str) -> dict[str, Any]:
+    return {
+        "id": sample.id,
+        "task": sample.task,
+        "prediction": prediction,
+        "reference": sample.target.answer,
+    }
+
+
+def evaluate(
+    model,
+    processor,
+    samples: list[Sample],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 96,
+    convention: str = "qwen25vl",
+    use_embeddings: bool = False,
+    predictions_path: Path | None = None,
+    desc: str = "eval",
+    rank: int = 0,
+    world_size: int = 1,
+    meteor_backend: str = "coco",
+    generate_fn: GenerateFn | None = None,
+) -> EvalReport:
+    """Generate greedy answers for ``samples`` and score them per task family.
+
+    Args:
+        model, processor: the policy (any Qwen2-VL / Qwen2.5-VL model and its processor).
+        samples: the evaluation samples (unique ids); every rank passes the same list.
+        batch_size: samples per ``generate`` call on each rank.
+        max_new_tokens: generation budget per answer.
+        convention: the box convention the model writes (``geovlm.data.boxes``).
+        use_embeddings: score caption rewards with the sentence-embedding hybrid.
+        predictions_path: JSONL file of predictions, appended as batches finish; ids already
+            stored there are not generated again. ``None`` keeps predictions in memory only.
+        desc: progress-bar label; the bar shows on rank 0 only.
+        rank, world_size: this process's place under torchrun; rank ``r`` generates samples
+            ``r, r + world_size, ...`` and the predictions are gathered with
+            ``all_gather_object``. ``world_size=1`` needs no process group.
+        meteor_backend: ``"coco"`` (pycocoevalcap, Java) or ``"nltk"``.
+        generate_fn: ``list[Sample] -> list[str]`` used instead of the model's greedy decoding.
+
+    Returns:
+        The same ``EvalReport`` on every rank (metrics computed on rank 0 and broadcast).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < max(world_size, 1):
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    _check_ids(samples)
+    dist = _distributed(world_size)
+    path = Path(predictions_path) if predictions_path is not None else None
+    done = stored_predictions(path) if path is not None else {}
+    for sample in samples:
+        stored = done.get(sample.id)
+        if stored is not None and stored["task"] != sample.task:
+            raise ValueError(
+                f"{path}: stored prediction for id {sample.id!r} is for task {stored['task']!r}, "
+                f"but the sample is {sample.task!r}; use another predictions file"
+            )
+    mine = samples[rank::world_size] if world_size > 1 else list(samples)
+    todo = [s for s in mine if s.id not in done]
+    out_file = None if path is None else (rank_file(path, rank) if dist else path)
+    generate = generate_fn or greedy_generator(model, processor, max_new_tokens)
+
+    was_training = getattr(model, "training", False)
+    if model is not None and hasattr(model, "eval"):
+        model.eval()
+    new: list[dict[str, Any]] = []
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=rank != 0,
+               dynamic_ncols=True)
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            texts = generate(batch)
+            if len(texts) != len(batch):
+                raise RuntimeError(
+                    f"generator returned {len(texts)} texts for {len(batch)} samples"
+                )
+            records = [_record(s, t) for s, t in zip(batch, texts, strict=True)]
+            if out_file is not None:
+                _append(out_file, records)
+            new.extend(records)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if model is not None and hasattr(model, "train"):
+            model.train(was_training)
+
+    if dist is not None:
+        gathered: list[list[dict[str, Any]] | None] = [None] * world_size
+        dist.all_gather_object(gathered, new)
+        new = [record for part in gathered for record in (part or [])]
+    results = dict(done)
+    results.update({r["id"]: r for r in new})
+
+    report: EvalReport | None = None
+    if rank == 0:
+        if dist is not None and path is not None:
+            _merge_files(path, new)
+        records = [results[s.id] for s in samples]
+        metrics = score_predictions(
+            samples,
+            [r["prediction"] for r in records],
+            convention=convention,
+            use_embeddings=use_embeddings,
+            meteor_backend=meteor_backend,
+            pixel_budget=_pixel_budget(processor),
+        )
+        report = EvalReport(metrics, records)
+    if dist is not None:
+        box = [report]
+        dist.broadcast_object_list(box, src=0)
+        report = box[0]
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class EvalInputError(ValueError):
+    """A checkpoint, data file or option the CLI cannot use; the message names it."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m geovlm.eval",
+        description="Evaluate a checkpoint with GeoVLM-R1's protocol: greedy answers, "
+        "per-task metrics, predictions.jsonl + metrics.json, a markdown table.",
+    )
+    parser.add_argument("--checkpoint", required=True,
+                        help="HF model directory (a geovlm checkpoint or a Qwen2/2.5-VL model)")
+    parser.add_argument("--data", default="embedded",
+                        help="benchmark file (LLaVA/GeoChat JSON or VLM-R1 JSONL), or 'embedded' "
+                        "(the embedded world's test split; 'embedded:val' for another split)")
+    parser.add_argument("--image-root", default=None, help="directory of relative image paths")
+    parser.add_argument("--format", default="auto", choices=("auto", "llava", "vlmr1"),
+                        help="benchmark file format (default: detected)")
+    parser.add_argument("--tasks", default=None, help="comma-separated task families to keep")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-samples-per-task", type=int, default=None,
+                        help="keep the first N samples of each task")
+    parser.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval)")
+    parser.add_argument("--convention", default=None,
+                        choices=("pixels", "qwen2vl", "qwen25vl", "geochat"),
+                        help="box convention of the model's answers (default: the checkpoint's "
+                        "run_config.yaml model.box_convention, else qwen25vl)")
+    parser.add_argument("--meteor", default="coco", choices=("coco", "nltk"),
+                        help="METEOR implementation (pycocoevalcap needs Java)")
+    parser.add_argument("--use-embeddings", action="store_true",
+                        help="caption rewards with the sentence-embedding hybrid")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return parser.parse_args(argv)
+
+
+def read_run_config(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's ``run_config.yaml`` as plain data (``{}`` when there is none)."""
+    import yaml
+
+    path = Path(checkpoint) / "run_config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise EvalInputError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise EvalInputError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _section(run_config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = run_config.get(key) or {}
+    return value if isinstance(value, dict) else {}
+
+
+def embedded_samples(split: str, run_config: dict[str, Any], convention: str) -> list[Sample]:
+    """A split of the embedded world: its defaults, or the data settings of the checkpoint's run
+    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``)."""
+    import inspect
+
+    from geovlm.data.synthetic import embedded_splits
+
+    if split not in ("train", "val", "test"):
+        raise EvalInputError(f"--data embedded:{split}: split must be train, val or test")
+    data = _section(run_config, "data")
+    defaults = inspect.signature(embedded_splits).parameters
+    kwargs: dict[str, Any] = {"convention": convention}
+    for key in ("seed", "image_size", "tasks"):
+        if data.get(key) is not None:
+            kwargs[key] = data[key]
+    # Splits come from disjoint seed streams, so the other splits need not be generated.
+    for name in ("train", "val", "test"):
+        count = data.get(f"n_{name}_scenes")
+        if name != split:
+            kwargs[f"n_{name}"] = 0
+        elif count is not None:
+            kwargs[f"n_{name}"] = count
+        else:
+            kwargs[f"n_{name}"] = defaults[f"n_{name}"].default
+    try:
+        return embedded_splits(**kwargs)[split]
+    except TypeError as err:
+        raise EvalInputError(f"run_config.yaml data settings do not fit the embedded world: {err}"
+                             ) from err
+
+
+def load_samples(
+    data: str, image_root: str | None, fmt: str, convention: str, run_config: dict[str, Any]
+) -> list[Sample]:
+    """``--data``: ``embedded[:split]`` or a benchmark file read by ``geovlm.data.readers``."""
+    if data == "embedded" or data.startswith("embedded:"):
+        return embedded_samples(data.partition(":")[2] or "test", run_config, convention)
+    from geovlm.data.readers import read_samples
+
+    path = Path(data)
+    if not path.is_file():
+        raise EvalInputError(f"--data {data}: no such file (or use 'embedded')")
+    return read_samples(path, image_root=image_root, fmt=fmt, convention=convention)
+
+
+def select_samples(
+    samples: list[Sample], tasks: list[str] | None, max_per_task: int | None
+) -> list[Sample]:
+    """Keep the listed tasks (all when ``None``) and the first ``max_per_task`` of each."""
+    if tasks is not None:
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise EvalInputError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
+        samples = [s for s in samples if s.task in set(tasks)]
+    if max_per_task is not None:
+        if max_per_task < 1:
+            raise EvalInputError(f"--max-samples-per-task must be >= 1, got {max_per_task}")
+        seen: dict[str, int] = {}
+        kept = []
+        for sample in samples:
+            if seen.get(sample.task, 0) < max_per_task:
+                seen[sample.task] = seen.get(sample.task, 0) + 1
+                kept.append(sample)
+        samples = kept
+    return samples
+
+
+def _init_distributed(use_cuda: bool) -> tuple[int, int]:
+    """Join torchrun's process group (NCCL on CUDA, Gloo on CPU); ``(0, 1)`` without torchrun."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
+    """Checks and data loading before any model is built: (checkpoint, convention, samples, out)."""
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise EvalInputError(f"--checkpoint {checkpoint}: not a model directory (no config.json)")
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise EvalInputError(f"--{name.replace('_', '-')} must be >= 1")
+    run_config = read_run_config(checkpoint)
+    convention = (args.convention or _section(run_config, "model").get("box_convention")
+                  or "qwen25vl")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    samples = load_samples(args.data, args.image_root, args.format, convention, run_config)
+    samples = select_samples(samples, tasks, args.max_samples_per_task)
+    if not samples:
+        raise EvalInputError(f"--data {args.data}: no samples left for tasks {tasks or 'all'}")
+    out = Path(args.out) if args.out else checkpoint / "eval"
+    stored_predictions(out / "predictions.jsonl")
+    return checkpoint, convention, samples, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 for unusable input, with a one-line error)."""
+    args = parse_args(argv)
+    try:
+        checkpoint, convention, samples, out = _prepare(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from geovlm.model import build_policy
+
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    rank, world = _init_distributed(use_cuda)
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    model, processor = build_policy(path=str(checkpoint), device=device)
+    try:
+        report = evaluate(
+            model,
+            processor,
+            samples,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            convention=convention,
+            use_embeddings=args.use_embeddings,
+            predictions_path=out / "predictions.jsonl",
+            desc=f"eval {checkpoint.name}",
+            rank=rank,
+            world_size=world,
+            meteor_backend=args.meteor,
+        )
+    except (EvalInputError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        report.save(out / "metrics.json")
+        print(f"\n## Evaluation of {checkpoint} on {args.data}\n\n{report.table()}\n", flush=True)
+        print(f"predictions: {out / 'predictions.jsonl'}\nmetrics: {out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""``geovlm.eval``: resumable predictions, the report, sharded evaluation, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geovlm import eval as E
+from geovlm.metrics import task_metrics
+from geovlm.rewards import score
+from tests.fixtures_eval import HERE, samples
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class CountingGenerator:
+    """A deterministic fake model: answers from a table, counting the samples it is asked for."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+        self.calls: list[list[str]] = []
+
+    def __call__(self, batch):
+        self.calls.append([s.id for s in batch])
+        return [self.answers[s.id] for s in batch]
+
+    @property
+    def generated(self) -> list[str]:
+        return [i for call in self.calls for i in call]
+
+
+def _fixture():
+    cls, cls_pred = samples("classification")
+    det, det_pred = samples("detection")
+    return cls + det, {**cls_pred, **det_pred}
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_scores_predictions_like_metrics_and_rewards(tmp_path):
+    items, predictions = _fixture()
+    fake = CountingGenerator(predictions)
+    path = tmp_path / "predictions.jsonl"
+    report = E.evaluate(None, None, items, batch_size=4, predictions_path=path, generate_fn=fake)
+    assert sorted(fake.generated) == sorted(s.id for s in items)
+    assert all(len(call) <= 4 for call in fake.calls)
+    stored = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {r["id"]: r["prediction"] for r in stored} == predictions
+    for task in {s.task for s in items}:
+        mine = [s for s in items if s.task == task]
+        texts = [predictions[s.id] for s in mine]
+        targets = [s.target for s in mine]
+        expected = task_metrics(task, texts, targets, prompts=[s.prompt for s in mine])
+        rewards = score(task, texts, targets, prompts=[s.prompt for s in mine])
+        got = report.metrics[task]
+        assert got["n"] == len(mine)
+        assert {k: got[k] for k in expected} == pytest.approx(expected)
+        assert got["reward"] == pytest.approx(np.mean(rewards.total))
+        assert got["reward/accuracy"] == pytest.approx(np.mean(rewards.components["accuracy"]))
+        assert got["reward/format"] == pytest.approx(np.mean(rewards.components["format"]))
+    # The hand-computed fixture values come through unchanged.
+    assert report.metrics["scene_cls"]["accuracy"] == 0.5
+    assert report.metrics["referred_det"]["acc@0.5"] == pytest.approx(0.375)
+
+
+def test_resume_skips_done_items_and_reuses_their_predictions(tmp_path):
+    items, predictions = _fixture()
+    path = tmp_path / "predictions.jsonl"
+    first = items[:7]
+    E.evaluate(None, None, first, batch_size=3, predictions_path=path,
+               generate_fn=CountingGenerator(predictions))
+    # A run killed mid-write leaves a truncated line; it must not count as done.
+    with path.open("a") as handle:
+        handle.write('{"id": "' + items[7].id + '", "task": "')
+    # The stored answers win over what the model would say now.
+    changed = {k: "<answer>nonsense</answer>" for k in predictions}
+    fake = CountingGenerator(changed)
+    report = E.evaluate(None, None, items, batch_size=5, predictions_path=path, generate_fn=fake)
+    assert sorted(fake.generated) == sorted(s.id for s in items[7:])
+    assert report.metrics["scene_cls"]["accuracy"] == 0.5  # the 4 scene_cls items were done
+    records = E.read_predictions(path)
+    assert set(records) == {s.id for s in items}
+    assert all(records[s.id]["prediction"] == predictions[s.id] for s in first)
+    again = CountingGenerator(changed)
+    E.evaluate(None, None, items, predictions_path=path, generate_fn=again)
+    assert again.calls == []
+
+
+def test_predictions_file_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "task": "vqa", "prediction": "yes"}\nnot json\n'
+                    '{"id": "b", "task": "vqa", "prediction": "no"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: not a JSON object"):
+        E.read_predictions(path)
+    path.write_text('{"id": "a", "task": "vqa"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: field 'prediction'"):
+        E.read_predictions(path)
+    items, _ = _fixture()
+    path.write_text(json.dumps({"id": items[0].id, "task": "vqa", "prediction": "x"}) + "\n")
+    with pytest.raises(ValueError, match="is for task 'vqa'"):
+        E.evaluate(None, None, items, predictions_path=path, generate_fn=lambda b: [])
+
+
+def test_evaluate_input_checks():
+    items, predictions = _fixture()
+    fake = CountingGenerator(predictions)
+    with pytest.raises(ValueError, match="occurs twice"):
+        E.evaluate(None, None, items + items[:1], generate_fn=fake)
+    with pytest.raises(RuntimeError, match="process group"):
+        E.evaluate(None, None, items, rank=1, world_size=2, generate_fn=fake)
+    with pytest.raises(RuntimeError, match="returned 0 texts"):
+        E.evaluate(None, None, items, generate_fn=lambda batch: [])
+
+
+def test_report_table_summary_save(tmp_path):
+    report = E.EvalReport({
+        "vqa": {"n": 4.0, "accuracy": 0.75, "accuracy/presence": 0.5},
+        "scene_cls": {"n": 2.0, "accuracy": 0.5},
+        "multi_det": {"n": 3.0, "f1@0.5": 0.25},
+    })
+    lines = report.table().splitlines()
+    assert lines[:2] == ["| task | metric | value |", "|---|---|---|"]
+    assert lines[2:4] == ["| scene_cls | n | 2 |", "| scene_cls | accuracy | 0.5000 |"]
+    assert "| vqa | accuracy/presence | 0.5000 |" in lines
+    # Headline metrics; a missing headline (no mAP without gt) falls back to the first metric.
+    assert report.summary() == {
+        "scene_cls": ("accuracy", 0.5), "multi_det": ("f1@0.5", 0.25), "vqa": ("accuracy", 0.75)
+    }
+    saved = json.loads(report.save(tmp_path / "out" / "metrics.json").read_text())
+    assert saved["metrics"] == report.metrics
+    assert saved["summary"]["vqa"] == ["accuracy", 0.75]
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, directory: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        items, predictions = _fixture()
+        fake = CountingGenerator(predictions)
+        report = E.evaluate(None, None, items, batch_size=2, rank=rank, world_size=world,
+                            predictions_path=Path(directory) / "predictions.jsonl",
+                            generate_fn=fake)
+        out = {"generated": fake.generated, "metrics": report.metrics}
+        (Path(directory) / f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_shard_and_gather(tmp_path):
+    import torch.multiprocessing as mp
+
+    items, predictions = _fixture()
+    # Fork: the ranks inherit the imported modules and compiled kernels (spawn re-imports them).
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["generated"] == [s.id for s in items[0::2]]
+    assert results[1]["generated"] == [s.id for s in items[1::2]]
+    assert results[0]["metrics"] == results[1]["metrics"]
+    single = E.evaluate(None, None, items, generate_fn=CountingGenerator(predictions))
+    assert set(results[0]["metrics"]) == set(single.metrics)
+    for task, values in single.metrics.items():
+        assert results[0]["metrics"][task] == pytest.approx(values)
+    merged = E.read_predictions(tmp_path / "predictions.jsonl")
+    assert {k: v["prediction"] for k, v in merged.items()} == predictions
+    assert not list(tmp_path.glob("predictions.rank*.jsonl"))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _fake_checkpoint(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+def test_cli_malformed_benchmark_is_a_clean_error(tmp_path, capsys):
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt")
+    status = E.main(["--checkpoint", str(checkpoint), "--data",
+                     str(HERE / "bench_malformed.jsonl")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "bench_malformed.jsonl: record 1 (line 2), id 'b2', field 'solution'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "missing.jsonl"], "no such file"),
+        (["--data", "embedded:holdout"], "split must be train, val or test"),
+        (["--tasks", "scene_cls,dance"], "unknown task(s) ['dance']"),
+        (["--max-samples-per-task", "0"], "must be >= 1"),
+    ],
+)
+def test_cli_bad_options(tmp_path, capsys, args, message):
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt")
+    assert E.main(["--checkpoint", str(checkpoint), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_not_a_checkpoint(tmp_path, capsys):
+    assert E.main(["--checkpoint", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_embedded_data_follows_run_config(tmp_path):
+    from geovlm.data.synthetic import embedded_splits
+
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt")
+    (checkpoint / "run_config.yaml").write_text(
+        "model:\n  box_convention: qwen2vl\n"
+        "data:\n  seed: 3\n  n_test_scenes: 1\n  image_size: 84\n  tasks: [counting, vqa]\n"
+    )
+    run_config = E.read_run_config(checkpoint)
+    got = E.load_samples("embedded", None, "auto", "qwen2vl", run_config)
+    expected = embedded_splits(seed=3, n_train=0, n_val=0, n_test=1, image_size=84,
+                               tasks=["counting", "vqa"], convention="qwen2vl")["test"]
+    assert [(s.id, s.prompt, s.target.answer) for s in got] == [
+        (s.id, s.prompt, s.target.answer) for s in expected
+    ]
+    assert {s.task for s in got} == {"counting", "vqa"}
