@@ -1,0 +1,560 @@
+"""Readers for real instruction files: LLaVA / GeoChat-style JSON and VLM-R1 JSONL -> ``Sample``.
+
+Formats:
+
+* ``"llava"`` (also GeoChat): a JSON list of ``{"id", "image", "conversations": [{"from":
+  "human" | "gpt", "value"}, ...]}``; ``"<image>"`` placeholders in the human turns; GeoChat
+  boxes ``{<x1><y1><x2><y2>|<θ>}`` on 0..100 (``|<θ>`` optional) and task tags such as
+  ``[refer]``. Every human -> gpt exchange becomes one sample.
+* ``"vlmr1"``: JSON lines of ``{"image" | "images", "problem" + "solution" | "conversations",
+  "task" | "type", ...}``; ``"image"`` may be a list (several images per sample). An answer
+  wrapped in ``<answer>...</answer>`` is unwrapped, and a ``<think>...</think>`` becomes the
+  sample's think trace.
+
+``"auto"`` picks ``vlmr1`` for ``.jsonl`` files and ``llava`` otherwise; both accept both record
+shapes. Image paths are relative to ``image_root`` (default: the data file's folder). Boxes are
+converted to float64 pixels of the original image, whose size is read from the image file's
+header, and re-rendered in the model's ``convention`` in prompts and answers: GeoChat boxes
+are recognised by their syntax, bracketed ``[x1, y1, x2, y2]`` (or ``[cx, cy, w, h, angle]``)
+boxes are read in ``source_convention``. Axis-aligned tasks take the enclosing box of a rotated
+one; rotated tasks read an axis-aligned box as angle 0. Labels (classification, VQA) are lower
+case without a trailing period; captions are kept as written.
+
+The task comes from the ``task`` argument, else a ``task`` / ``type`` field of the record, else a
+GeoChat tag (``[refer]``, ``[grounding]``, ``[identify]``, ``[caption]``, ``[vqa]``).
+A malformed record raises ``ValueError`` and a missing image ``FileNotFoundError``, each naming
+the file, the record (index, line, id) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from geovlm.data.boxes import CONVENTIONS, from_pixels, qwen25vl_resized_size, render_box, to_pixels
+from geovlm.data.schema import TASKS, Sample, Target
+from geovlm.data.splits import size_bucket
+
+FORMATS: tuple[str, ...] = ("auto", "llava", "geochat", "vlmr1")
+
+# Values of a record's task/type field that name a task family under another name.
+TASK_ALIASES: dict[str, str] = {
+    "scene_classification": "scene_cls",
+    "classification": "scene_cls",
+    "cls": "scene_cls",
+    "multilabel": "multilabel_cls",
+    "multi_label_classification": "multilabel_cls",
+    "rec": "referred_det",
+    "refer": "referred_det",
+    "referring": "referred_det",
+    "referring_detection": "referred_det",
+    "rotated_rec": "referred_det_rot",
+    "detection": "multi_det",
+    "det": "multi_det",
+    "od": "multi_det",
+    "count": "counting",
+    "caption": "image_caption",
+    "captioning": "image_caption",
+    "region_captioning": "region_caption",
+    "identify": "region_caption",
+    "grounding": "grounding_desc",
+    "grounded_description": "grounding_desc",
+    "change_detection": "change_det",
+    "change_captioning": "change_caption",
+    "temporal_classification": "temporal_cls",
+}
+# GeoChat's task tags; "[refer]" becomes the rotated task when its boxes carry an angle.
+GEOCHAT_TAGS: dict[str, str] = {
+    "refer": "referred_det",
+    "grounding": "grounding_desc",
+    "identify": "region_caption",
+    "caption": "image_caption",
+    "vqa": "vqa",
+}
+
+_NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_GEOCHAT_BOX = re.compile(
+    rf"\{{\s*<({_NUM})>\s*<({_NUM})>\s*<({_NUM})>\s*<({_NUM})>\s*(?:\|\s*<({_NUM})>\s*)?\}}"
+)
+_BRACKET_BOX = re.compile(
+    rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*"
+    rf"(?:,\s*({_NUM})\s*)?\]"
+)
+_TAG = re.compile(r"^\s*\[(\w+)\]\s*")
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_NUMBER_WORDS = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_HUMAN, _ASSISTANT = {"human", "user"}, {"gpt", "assistant"}
+_BOX_TASKS = {"referred_det", "referred_det_rot", "multi_det"}
+_CAPTION_TASKS = {"region_caption", "grounding_desc", "image_caption", "change_caption"}
+
+
+class _Where:
+    """Names a record in error messages: file, record index, JSONL line and id."""
+
+    def __init__(self, path: Path, index: int, line: int | None, record_id: object = None):
+        self.path, self.index, self.line, self.record_id = path, index, line, record_id
+
+    def __str__(self) -> str:
+        text = f"{self.path}: record {self.index}"
+        if self.line is not None:
+            text += f" (line {self.line})"
+        if self.record_id is not None:
+            text += f", id {self.record_id!r}"
+        return text
+
+    def error(self, field: str, message: str) -> ValueError:
+        return ValueError(f"{self}, field {field!r}: {message}")
+
+
+def _records(path: Path, fmt: str) -> Iterator[tuple[int, int | None, object]]:
+    """``(index, line or None, record)`` of a JSON list or a JSON-lines file."""
+    text = path.read_text(encoding="utf-8")
+    if fmt == "vlmr1":
+        index = 0
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}: record {index} (line {line_no}): invalid JSON: {err.msg} "
+                    f"(column {err.colno})"
+                ) from None
+            yield index, line_no, record
+            index += 1
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for index, record in enumerate(data):
+        yield index, None, record
+
+
+def _text(value: object, where: _Where, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # VLM-R1 allows numeric solutions
+    raise where.error(field, f"expected a string, got {type(value).__name__}")
+
+
+def _exchanges(record: dict, where: _Where) -> list[tuple[str, str, str, str]]:
+    """The record's ``(human field, human text, assistant field, assistant text)`` exchanges."""
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise where.error("conversations", "expected a non-empty list of turns")
+        pairs: list[tuple[str, str, str, str]] = []
+        pending: tuple[str, str] | None = None
+        for k, turn in enumerate(turns):
+            field = f"conversations[{k}]"
+            if not isinstance(turn, dict):
+                raise where.error(field, f"expected an object, got {type(turn).__name__}")
+            role = turn.get("from", turn.get("role"))
+            if "value" not in turn and "content" not in turn:
+                raise where.error(field, "missing 'value'")
+            value = _text(turn.get("value", turn.get("content")), where, field + ".value")
+            if role == "system":
+                continue
+            if role in _HUMAN:
+                if pending is not None:
+                    raise where.error(field, "two human turns in a row")
+                pending = (field, value)
+            elif role in _ASSISTANT:
+                if pending is None:
+                    raise where.error(field, "an assistant turn without a human turn before it")
+                pairs.append((*pending, field, value))
+                pending = None
+            else:
+                raise where.error(field + ".from", f"unknown role {role!r}")
+        if pending is not None:
+            raise where.error("conversations", "the last human turn has no answer")
+        if not pairs:
+            raise where.error("conversations", "no human -> assistant exchange")
+        return pairs
+    if "problem" in record:
+        if "solution" not in record:
+            raise where.error("solution", "missing (a 'problem' needs a 'solution')")
+        problem = _text(record["problem"], where, "problem")
+        return [("problem", problem, "solution", _text(record["solution"], where, "solution"))]
+    raise where.error("conversations", "missing: a record needs 'conversations' or 'problem'")
+
+
+class _ImageSizes:
+    """Resolves image paths under the root and reads their sizes from the file headers, cached."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sizes: dict[Path, tuple[int, int]] = {}
+
+    def resolve(self, record: dict, where: _Where) -> tuple[list[Path], list[tuple[int, int]]]:
+        if "image" in record and "images" in record:
+            raise where.error("images", "both 'image' and 'images' are given")
+        field = "image" if "image" in record else "images"
+        if field not in record:
+            raise where.error("image", "missing: every sample needs at least one image")
+        value = record[field]
+        names = value if isinstance(value, list) else [value]
+        if not names:
+            raise where.error(field, "empty image list")
+        paths, sizes = [], []
+        for k, name in enumerate(names):
+            sub = f"{field}[{k}]" if isinstance(value, list) else field
+            if not isinstance(name, str) or not name.strip():
+                raise where.error(sub, f"expected a non-empty path string, got {name!r}")
+            path = Path(name) if Path(name).is_absolute() else self.root / name
+            paths.append(path)
+            sizes.append(self._size(path, where, sub))
+        return paths, sizes
+
+    def _size(self, path: Path, where: _Where, field: str) -> tuple[int, int]:
+        if path not in self.sizes:
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}, field {field!r}: image {path} not found")
+            try:
+                with Image.open(path) as image:
+                    self.sizes[path] = image.size
+            except (UnidentifiedImageError, OSError) as err:
+                raise where.error(field, f"cannot read image {path}: {err}") from None
+        return self.sizes[path]
+
+
+class _Boxes:
+    """Box conversion for one sample: source conventions -> pixels -> the model's convention."""
+
+    def __init__(self, image_size, source: str, target: str, min_pixels, max_pixels) -> None:
+        self.image_size, self.source, self.target = image_size, source, target
+        self.resized = None
+        if "qwen25vl" in (source, target):
+            budget = {
+                k: v
+                for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+                if v is not None
+            }
+            self.resized = qwen25vl_resized_size(image_size, **budget)
+
+    def find(self, text: str) -> list[tuple[tuple[int, int], np.ndarray]]:
+        """``(span, [4] xyxy or [5] rotated pixels)`` of every box in ``text``, in order."""
+        found = []
+        for pattern, convention in ((_GEOCHAT_BOX, "geochat"), (_BRACKET_BOX, self.source)):
+            for match in pattern.finditer(text):
+                values = [float(v) for v in match.groups() if v is not None]
+                pixels = to_pixels(np.array([values]), convention, self.image_size, self.resized)
+                found.append((match.span(), pixels[0]))
+        return sorted(found, key=lambda item: item[0])
+
+    def render(self, box: np.ndarray) -> str:
+        converted = from_pixels(box[None], self.target, self.image_size, self.resized)[0]
+        return render_box(converted, self.target)
+
+
+def _enclosing(box: np.ndarray) -> np.ndarray:
+    """Axis-aligned box around a ``[5]`` rotated box (or the ``[4]`` box itself)."""
+    if box.shape[0] == 4:
+        return box
+    cx, cy, w, h, angle = box
+    a = math.radians(angle)
+    half_x = (abs(w * math.cos(a)) + abs(h * math.sin(a))) / 2
+    half_y = (abs(w * math.sin(a)) + abs(h * math.cos(a))) / 2
+    return np.array([cx - half_x, cy - half_y, cx + half_x, cy + half_y])
+
+
+def _as_rotated(box: np.ndarray) -> np.ndarray:
+    if box.shape[0] == 5:
+        return box
+    x1, y1, x2, y2 = box
+    return np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, 0.0])
+
+
+def _check_box(box: np.ndarray, where: _Where, field: str) -> None:
+    if not np.all(np.isfinite(box)):
+        raise where.error(field, f"non-finite box {box.tolist()}")
+    w, h = (box[2] - box[0], box[3] - box[1]) if box.shape[0] == 4 else (box[2], box[3])
+    if w <= 0 or h <= 0:
+        raise where.error(field, f"degenerate box {box.tolist()} (width/height must be > 0)")
+
+
+def _clean(text: str) -> str:
+    """Drop GeoChat's phrase markers, collapse runs of spaces and spaces before punctuation."""
+    text = text.replace("<p>", " ").replace("</p>", " ")
+    return re.sub(r"[ \t]+([,.;:!?])", r"\1", re.sub(r"[ \t]+", " ", text)).strip()
+
+
+def _rerender(text: str, boxes: _Boxes, found, rotated: bool | None = None) -> str:
+    """``text`` with every box replaced by its rendering in the model's convention."""
+    out, last = [], 0
+    for (start, end), box in found:
+        if rotated is not None:
+            box = _as_rotated(box) if rotated else _enclosing(box)
+        out.append(text[last:start])
+        out.append(boxes.render(box))
+        last = end
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _strip_boxes(text: str, found) -> str:
+    out, last = [], 0
+    for (start, end), _ in found:
+        out.append(text[last:start])
+        last = end
+    out.append(text[last:])
+    return _clean("".join(out))
+
+
+def _label(text: str) -> str:
+    """A class / short answer: lower case, without a trailing period."""
+    return _clean(text).rstrip(".").strip().lower()
+
+
+def _task_of(record: dict, prompt: str, explicit: str | None, where: _Where) -> tuple[str, bool]:
+    """The exchange's task, and whether it came from a GeoChat tag."""
+    if explicit is not None:
+        return explicit, False
+    for field in ("task", "type"):
+        if field in record:
+            value = record[field]
+            key = (
+                value.strip().lower().replace("-", "_").replace(" ", "_")
+                if isinstance(value, str)
+                else None
+            )
+            task = key if key in TASKS else TASK_ALIASES.get(key or "")
+            if task is None:
+                raise where.error(
+                    field,
+                    f"unknown task {value!r}; known: {sorted(TASKS)} or {sorted(TASK_ALIASES)}",
+                )
+            return task, False
+    tag = _TAG.match(prompt)
+    if tag and tag.group(1).lower() in GEOCHAT_TAGS:
+        return GEOCHAT_TAGS[tag.group(1).lower()], True
+    raise where.error(
+        "task", "cannot infer the task: pass task=..., or give the record a 'task' or 'type' field"
+    )
+
+
+def _count(answer: str, where: _Where, field: str) -> int:
+    match = re.search(r"(?<![\d.])[-+]?\d+(?:\.\d+)?", answer)
+    if match:
+        value = float(match.group(0))
+        if value < 0 or value != int(value):
+            raise where.error(field, f"a count must be a non-negative integer, got {value}")
+        return int(value)
+    for word in re.findall(r"[a-z]+", answer.lower()):
+        if word in _NUMBER_WORDS:
+            return _NUMBER_WORDS[word]
+    raise where.error(field, f"no number in the answer {answer!r}")
+
+
+def _string_list(record: dict, names: tuple[str, ...], where: _Where) -> tuple[str, ...]:
+    for name in names:
+        if name in record:
+            value = record[name]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise where.error(name, "expected a list of strings")
+            return tuple(value)
+    return ()
+
+
+def _target(
+    task: str,
+    prompt: str,
+    answer_text: str,
+    record: dict,
+    image_size: tuple[int, int],
+    boxes: _Boxes,
+    where: _Where,
+    fields: tuple[str, str],
+    from_tag: bool,
+) -> tuple[Target, str]:
+    """The Target of one exchange, and its prompt with boxes re-rendered.
+
+    A GeoChat ``[refer]`` whose answer boxes carry an angle is the rotated task.
+    """
+    prompt_field, field = fields
+    found = boxes.find(answer_text)
+    for k, (_, box) in enumerate(found):
+        _check_box(box, where, f"{field} (box {k})")
+    prompt_found = boxes.find(prompt)
+    for k, (_, box) in enumerate(prompt_found):
+        _check_box(box, where, f"{prompt_field} (box {k})")
+    prompt_out = _clean(_rerender(prompt, boxes, prompt_found))
+    if from_tag and task == "referred_det" and any(box.shape[0] == 5 for _, box in found):
+        task = "referred_det_rot"
+    common = {"task": task, "image_size": image_size}
+    if task in _BOX_TASKS:
+        if not found:
+            raise where.error(field, f"no box in the answer {answer_text!r}")
+        rotated = task == "referred_det_rot"
+        arr = np.stack([_as_rotated(b) if rotated else _enclosing(b) for _, b in found])
+        n = len(found)
+        area = float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in map(_enclosing, arr)]))
+        meta = {
+            "n_objects": n,
+            "objects": "single" if n == 1 else "multiple",
+            "size": size_bucket(area, image_size),
+        }
+        answer = ", ".join(boxes.render(b) for b in arr)
+        return Target(
+            answer=answer,
+            boxes=arr,
+            box_format="rotated" if rotated else "xyxy",
+            meta=meta,
+            **common,
+        ), prompt_out
+    if task == "counting":
+        n = _count(_strip_boxes(answer_text, found), where, field)
+        return Target(answer=str(n), count=n, **common), prompt_out
+    if task == "change_det":
+        words = re.findall(r"[a-z]+", answer_text.lower())
+        label = next((w for w in words if w in ("yes", "no")), None)
+        if label is None:
+            raise where.error(field, f"a change_det answer must say yes or no, got {answer_text!r}")
+        return Target(answer=label, label=label, classes=("yes", "no"), **common), prompt_out
+    classes = _string_list(record, ("classes", "options", "choices"), where)
+    if task in ("scene_cls", "temporal_cls", "vqa"):
+        label = _label(_strip_boxes(answer_text, found))
+        if not label:
+            raise where.error(field, "empty answer")
+        meta = (
+            {"question_type": record["question_type"]}
+            if isinstance(record.get("question_type"), str)
+            else {}
+        )
+        return Target(answer=label, label=label, classes=classes, meta=meta, **common), prompt_out
+    if task == "multilabel_cls":
+        parts = re.split(r",|;|\band\b", _strip_boxes(answer_text, found))
+        labels = tuple(p for p in (_label(x) for x in parts) if p)
+        if not labels:
+            raise where.error(field, "no labels in the answer")
+        return Target(
+            answer=", ".join(labels), labels=labels, classes=classes, **common
+        ), prompt_out
+    plain = _strip_boxes(answer_text, found)
+    if not plain and task != "grounding_desc":
+        raise where.error(field, "empty answer")
+    references = _string_list(record, ("captions", "references"), where)
+    captions = (plain, *[r for r in references if r != plain])
+    if task == "grounding_desc":
+        arr = np.stack([_enclosing(b) for _, b in found]) if found else np.zeros((0, 4))
+        answer = _clean(_rerender(answer_text, boxes, found, rotated=False))
+        return Target(
+            answer=answer, boxes=arr, box_format="xyxy", captions=captions, **common
+        ), prompt_out
+    region = _enclosing(prompt_found[0][1]) if task == "region_caption" and prompt_found else None
+    return Target(answer=plain, captions=captions, region=region, **common), prompt_out
+
+
+def _split_answer(text: str) -> tuple[str, str]:
+    """``(answer, think)`` of an assistant turn: unwrap ``<answer>``, keep ``<think>``."""
+    think = _THINK.search(text)
+    answer = _ANSWER.search(text)
+    if answer:
+        return answer.group(1).strip(), think.group(1).strip() if think else ""
+    body = _THINK.sub("", text) if think else text
+    return body.strip(), think.group(1).strip() if think else ""
+
+
+def read_samples(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    fmt: str = "auto",
+    task: str | None = None,
+    convention: str = "qwen25vl",
+    source_convention: str = "pixels",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> list[Sample]:
+    """Read a LLaVA/GeoChat JSON or VLM-R1 JSONL file into samples (see the module docstring).
+
+    Args:
+        path: the data file.
+        image_root: folder the records' relative image paths are under (default: the file's).
+        fmt: ``"auto"``, ``"llava"`` (= ``"geochat"``) or ``"vlmr1"``.
+        task: the task of every record; ``None`` reads it from each record.
+        convention: the model's box convention, used to render boxes in prompts and answers.
+        source_convention: the convention of bracketed ``[...]`` boxes in the file (GeoChat
+            ``{<..>}`` boxes are always read as ``"geochat"``).
+        min_pixels, max_pixels: the processor's pixel budget, for the ``"qwen25vl"`` resize.
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
+    for name, value in (("convention", convention), ("source_convention", source_convention)):
+        if value not in CONVENTIONS:
+            raise ValueError(f"unknown {name} {value!r}; known: {CONVENTIONS}")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    if fmt == "auto":
+        fmt = "vlmr1" if path.suffix.lower() == ".jsonl" else "llava"
+    sizes = _ImageSizes(Path(image_root) if image_root is not None else path.parent)
+    samples: list[Sample] = []
+    seen: set[str] = set()
+    for index, line, record in _records(path, "vlmr1" if fmt == "vlmr1" else "llava"):
+        where = _Where(path, index, line)
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        where.record_id = record.get("id")
+        pairs = _exchanges(record, where)
+        paths, image_sizes = sizes.resolve(record, where)
+        placeholders = sum(human.count("<image>") for _, human, _, _ in pairs)
+        if placeholders and placeholders != len(paths):
+            raise where.error(
+                "conversations" if "conversations" in record else "problem",
+                f"{placeholders} <image> placeholders for {len(paths)} image(s)",
+            )
+        boxes = _Boxes(image_sizes[0], source_convention, convention, min_pixels, max_pixels)
+        base = str(record["id"]) if record.get("id") is not None else f"{path.stem}-{index}"
+        for turn, (human_field, human, field, assistant) in enumerate(pairs):
+            prompt = human.replace("<image>", "").strip()
+            sample_task, from_tag = _task_of(record, prompt, task, where)
+            answer_text, think = _split_answer(assistant)
+            target, prompt_out = _target(
+                sample_task,
+                prompt,
+                answer_text,
+                record,
+                image_sizes[0],
+                boxes,
+                where,
+                (human_field, field),
+                from_tag,
+            )
+            sample_id = base if len(pairs) == 1 else f"{base}-{turn}"
+            if sample_id in seen:
+                sample_id = f"{sample_id}@{index}"
+            seen.add(sample_id)
+            samples.append(
+                Sample(
+                    sample_id,
+                    target.task,
+                    list(paths),
+                    prompt_out,
+                    target,
+                    think,
+                    f"{path.name}:{index}",
+                )
+            )
+    return samples
