@@ -1,0 +1,293 @@
+"""G completions per prompt with HF ``generate``, and their per-token sampling log-probs.
+
+``generate_rollouts`` collates the prompts once (left-padded), repeats each prompt ``G`` times
+(groups contiguous: rows ``i*G .. i*G+G-1`` belong to sample ``i``), and samples with the KV cache
+in chunks of ``batch_size`` rows, stopping a row at its first EOS (``<|im_end|>`` or
+``<|endoftext|>``).
+
+Sampling log-probs come from generate itself, not from a second forward pass: a logits
+processor observes the logits of every decoding step *before* temperature and top-p are
+applied, keeps ``log_softmax(logits / temperature)`` in fp32 for one step, and gathers it at
+the token generate then chose. So they are the log-probs of the very distribution sampled from
+(at the sampling temperature, without the top-p truncation, as TRL's old log-probs are), at
+the cost of one ``[rows, V]`` buffer. The model's own generation defaults (repetition penalty,
+top-k, ...) are switched off for the call so they cannot shift those logits.
+
+Shapes (N = number of samples * G, P = prompt length, Lc = longest completion):
+``prompt`` dict of ``[N, P]`` tensors plus the repeated images; ``completion_ids`` ``[N, Lc]``
+right-padded with the pad id; ``completion_mask`` ``[N, Lc]`` int64, 1 up to and including the
+first EOS; ``logprobs`` ``[N, Lc]`` fp32 (0 where masked); ``sample_index`` ``[N]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT, collate_prompts, select_rows
+from geovlm.data.schema import Sample
+
+EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class Rollouts:
+    """Completions of a batch of prompts, G per prompt, groups contiguous.
+
+    Attributes:
+        prompt: the model-ready prompt batch repeated G times (``[N, P]`` sequence tensors,
+            ``pixel_values`` / ``image_grid_thw`` of every row's images), left-padded.
+        completion_ids: ``[N, Lc]`` sampled tokens, right-padded with the pad id.
+        completion_mask: ``[N, Lc]`` int64, 1 on the tokens up to and including the first EOS.
+        logprobs: ``[N, Lc]`` fp32 sampling log-probs at ``temperature``; 0 where masked.
+        texts: the N decoded completions (up to, excluding, the EOS; special tokens dropped).
+        sample_index: ``[N]`` index of each row's sample in the ``samples`` argument.
+        finished: ``[N]`` bool, whether the row ended with an EOS (False: cut at max_new_tokens).
+        num_generations: G.
+        temperature: the temperature the log-probs are taken at.
+    """
+
+    prompt: dict[str, torch.Tensor]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    texts: list[str]
+    sample_index: torch.Tensor
+    finished: torch.Tensor
+    num_generations: int
+    temperature: float
+
+    @property
+    def prompt_length(self) -> int:
+        """P: completion token ``j`` sits at position ``P + j`` of ``model_inputs()``."""
+        return self.prompt["input_ids"].shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[N]`` completion lengths (EOS included)."""
+        return self.completion_mask.sum(dim=1)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Prompt + completion as one batch for a teacher-forced forward pass.
+
+        The logits predicting completion token ``j`` are at position ``P - 1 + j``, i.e.
+        ``forward_logits(model, inputs)[:, P - 1 : -1]``. Tokens after a row's EOS are masked out
+        of the attention; ``mm_token_type_ids`` (text = 0) is extended when present.
+        """
+        inputs = dict(self.prompt)
+        completion = {
+            "input_ids": self.completion_ids,
+            "attention_mask": self.completion_mask.to(self.prompt["attention_mask"].dtype),
+        }
+        for key, value in self.prompt.items():
+            if key in ("pixel_values", "image_grid_thw"):
+                continue
+            if value.dim() == 2 and value.shape == self.prompt["input_ids"].shape:
+                extra = completion.get(key)
+                if extra is None:
+                    extra = value.new_zeros(self.completion_ids.shape)
+                inputs[key] = torch.cat([value, extra.to(value.dtype)], dim=1)
+        return inputs
+
+
+class _SamplingLogprobs(LogitsProcessor):
+    """Records ``log_softmax(logits / T)`` of each step at the token generate picks next.
+
+    HF applies user logits processors after its own (none here) and before the sampling
+    warpers (temperature, top-p), so ``scores`` are the model's raw fp32 logits. The token
+    chosen at step ``t`` is only visible at step ``t + 1`` (as ``input_ids[:, -1]``), hence one
+    step of look-behind; the last step is gathered by ``finish``.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        self.steps.append(self.pending.gather(1, tokens[:, None]).squeeze(1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self._gather(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """``[rows, steps]`` log-probs, once generate has returned its last tokens."""
+        if self.pending is not None:
+            self._gather(last_tokens)
+            self.pending = None
+        return torch.stack(self.steps, dim=1)
+
+
+def _special_ids(tokenizer) -> tuple[list[int], int]:
+    eos = {tokenizer.convert_tokens_to_ids(token) for token in EOS_TOKENS}
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    eos.discard(None)
+    eos.discard(tokenizer.unk_token_id)
+    if not eos:
+        raise ValueError("the tokenizer has none of the EOS tokens " + ", ".join(EOS_TOKENS))
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return sorted(eos), int(pad)
+
+
+def _completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 up to and including each row's first EOS, all ones for rows without one."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    length = completion_ids.shape[1]
+    first = torch.where(
+        is_eos.any(dim=1),
+        is_eos.int().argmax(dim=1),
+        torch.full_like(is_eos[:, 0], length, dtype=torch.long),
+    )
+    positions = torch.arange(length, device=completion_ids.device)
+    return (positions[None, :] <= first[:, None]).long()
+
+
+def _generation_config(
+    max_new_tokens: int, greedy: bool, temperature: float, top_p: float, eos: list[int], pad: int
+) -> GenerationConfig:
+    # Explicit neutral values: unset ones would be filled from the checkpoint's or HF's defaults
+    # (top_k=50, Qwen's repetition_penalty=1.05), which would change the sampled distribution.
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        repetition_penalty=1.0,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=None,
+        use_cache=True,
+        **sampling,
+    )
+
+
+def _check(num_generations: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def _generate_chunk(
+    model: PreTrainedModel,
+    inputs: dict[str, torch.Tensor],
+    config: GenerationConfig,
+    temperature: float,
+    eos_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(completion_ids, completion_mask, logprobs)`` of one generate call, each ``[rows, L]``."""
+    observer = _SamplingLogprobs(temperature)
+    sequences = model.generate(
+        **inputs, generation_config=config, logits_processor=LogitsProcessorList([observer])
+    )
+    completion = sequences[:, inputs["input_ids"].shape[1] :]
+    logprobs = observer.finish(completion[:, -1])
+    if logprobs.shape != completion.shape:
+        raise RuntimeError(
+            f"generate returned {completion.shape[1]} tokens but scored {logprobs.shape[1]} steps"
+        )
+    # Masks are per call: a row cut at max_new_tokens has no EOS, while the padding added when
+    # chunks of different lengths are joined is the pad token, itself an EOS (<|endoftext|>).
+    mask = _completion_mask(completion, eos_ids)
+    return completion, mask, logprobs * mask
+
+
+def _pad_right(tensors: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:
+    return torch.cat(
+        [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors], dim=0
+    )
+
+
+def generate_rollouts(
+    model: PreTrainedModel,
+    processor,
+    samples: Sequence[Sample],
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    greedy: bool = False,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+) -> Rollouts:
+    """Sample ``num_generations`` completions for each sample's prompt.
+
+    ``batch_size`` caps the rows (prompt copies) per ``generate`` call (default: all at once).
+    ``seed`` makes the sampling reproducible without touching the caller's RNG state.
+    ``greedy`` decodes the argmax (evaluation); log-probs are then still taken at
+    ``temperature``. The model is put in eval mode for the call and restored after.
+    """
+    _check(num_generations, max_new_tokens, temperature, top_p)
+    if not samples:
+        raise ValueError("generate_rollouts needs at least one sample")
+    tokenizer = processor.tokenizer
+    eos, pad = _special_ids(tokenizer)
+    image_token_id = model.config.image_token_id
+    device = model.device
+
+    prompts = collate_prompts(samples, processor, system_prompt)
+    sample_index = torch.arange(len(samples)).repeat_interleave(num_generations)
+    batch = {
+        key: value.to(device)
+        for key, value in select_rows(prompts, sample_index, image_token_id).items()
+    }
+    n_rows = sample_index.numel()
+    chunk = n_rows if batch_size is None else int(batch_size)
+    if chunk < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    config = _generation_config(max_new_tokens, greedy, temperature, top_p, eos, pad)
+    saved_config, was_training = model.generation_config, model.training
+    devices = [device] if device.type == "cuda" else []
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        model.generation_config = config
+        model.eval()
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, n_rows, chunk):
+                rows = torch.arange(start, min(start + chunk, n_rows), device=device)
+                inputs = select_rows(batch, rows, image_token_id)
+                pieces.append(_generate_chunk(model, inputs, config, temperature, eos))
+    finally:
+        model.generation_config = saved_config
+        model.train(was_training)
+
+    width = max(ids.shape[1] for ids, _, _ in pieces)
+    completion_ids = _pad_right([ids for ids, _, _ in pieces], width, pad)
+    mask = _pad_right([m for _, m, _ in pieces], width, 0)
+    logps = _pad_right([lp for _, _, lp in pieces], width, 0.0)
+    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=device)) & mask.bool()
+    finished = is_eos.any(dim=1)
+    # Drop the EOS before decoding: the texts are what the rewards read.
+    content_mask = (mask.bool() & ~is_eos).cpu()
+    texts = [
+        tokenizer.decode(row[keep], skip_special_tokens=True)
+        for row, keep in zip(completion_ids.cpu(), content_mask, strict=True)
+    ]
+    return Rollouts(
+        prompt=batch,
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        logprobs=logps,
+        texts=texts,
+        sample_index=sample_index.to(device),
+        finished=finished,
+        num_generations=num_generations,
+        temperature=float(temperature),
+    )

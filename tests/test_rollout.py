@@ -1,0 +1,224 @@
+"""geovlm.rollout: G completions per prompt with HF generate, and their sampling log-probs.
+
+Oracles: a separate teacher-forced forward pass of plain HF ``model(...)`` on prompt +
+completion (built here, not with ``Rollouts.model_inputs``), with float64 ``log_softmax`` at the
+sampling temperature; its argmax for greedy decoding; its top-p nucleus for sampling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geovlm.data.collate import collate_prompts
+from geovlm.rollout import generate_rollouts
+from tests.test_model import make_sample, tiny_policy
+
+G = 3
+EOS_BOOST = 5.0  # added to <|im_end|>'s logit so that rows end at different, early steps
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, processor = tiny_policy(seed=11)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def eos_id(policy):
+    return policy[1].tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.fixture
+def eos_prone(policy, eos_id):
+    """The policy with <|im_end|> made likely, as a trained model would emit it."""
+    model, _ = policy
+
+    def boost(module, inputs, output):
+        output = output.clone()
+        output[..., eos_id] += EOS_BOOST
+        return output
+
+    handle = model.lm_head.register_forward_hook(boost)
+    yield model
+    handle.remove()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rng = np.random.default_rng()
+    return [
+        make_sample(rng, 0),
+        make_sample(rng, 1, ((112, 112), (84, 140))),
+        make_sample(rng, 2, ((140, 112),)),
+    ]
+
+
+def _teacher_forced_logps(model, processor, samples, rollouts, temperature):
+    """float64 log_softmax(logits / T) at each completion token, from one plain forward."""
+    prompts = collate_prompts(samples, processor)
+    index = rollouts.sample_index
+    counts = torch.tensor([len(s.images) for s in samples])
+    patches = prompts["image_grid_thw"].prod(dim=1).split(counts.tolist())
+    pixels = prompts["pixel_values"].split([int(p.sum()) for p in patches])
+    grids = prompts["image_grid_thw"].split(counts.tolist())
+    inputs = {
+        "input_ids": torch.cat([prompts["input_ids"][index], rollouts.completion_ids], dim=1),
+        "attention_mask": torch.cat(
+            [prompts["attention_mask"][index], rollouts.completion_mask], dim=1
+        ),
+        "pixel_values": torch.cat([pixels[i] for i in index.tolist()]),
+        "image_grid_thw": torch.cat([grids[i] for i in index.tolist()]),
+    }
+    if "mm_token_type_ids" in prompts:
+        inputs["mm_token_type_ids"] = torch.cat(
+            [
+                prompts["mm_token_type_ids"][index],
+                torch.zeros_like(rollouts.completion_ids),
+            ],
+            dim=1,
+        )
+    prompt_length = prompts["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[:, prompt_length - 1 : -1].double()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def test_shapes_groups_and_prompt_rows(policy, samples):
+    model, processor = policy
+    rollouts = generate_rollouts(model, processor, samples, G, max_new_tokens=7, seed=0)
+    n = len(samples) * G
+    assert rollouts.sample_index.tolist() == [i for i in range(len(samples)) for _ in range(G)]
+    assert rollouts.completion_ids.shape == (n, 7) == rollouts.completion_mask.shape
+    assert rollouts.logprobs.shape == (n, 7) and rollouts.logprobs.dtype == torch.float32
+    assert len(rollouts.texts) == n and rollouts.num_generations == G
+    prompts = collate_prompts(samples, processor)
+    torch.testing.assert_close(
+        rollouts.prompt["input_ids"], prompts["input_ids"].repeat_interleave(G, dim=0)
+    )
+    assert rollouts.prompt["image_grid_thw"].shape[0] == G * prompts["image_grid_thw"].shape[0]
+    inputs = rollouts.model_inputs()
+    assert inputs["input_ids"].shape == (n, rollouts.prompt_length + 7)
+    assert model.training  # restored after generation
+
+
+def test_sampling_logprobs_equal_a_teacher_forced_forward(eos_prone, policy, samples):
+    _, processor = policy
+    temperature = 0.7
+    rollouts = generate_rollouts(
+        eos_prone, processor, samples, G, max_new_tokens=9, temperature=temperature, seed=1
+    )
+    logps = _teacher_forced_logps(eos_prone, processor, samples, rollouts, temperature)
+    expected = logps.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
+    mask = rollouts.completion_mask.bool()
+    torch.testing.assert_close(rollouts.logprobs.double()[mask], expected[mask], rtol=0, atol=1e-4)
+    assert (rollouts.logprobs[~mask] == 0).all()
+
+
+def test_masks_stop_after_the_first_eos(eos_prone, policy, samples, eos_id):
+    _, processor = policy
+    rollouts = generate_rollouts(
+        eos_prone, processor, samples, G, max_new_tokens=12, batch_size=4, seed=2
+    )
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id
+    ids, mask = rollouts.completion_ids, rollouts.completion_mask
+    lengths = []
+    for row in range(ids.shape[0]):
+        eos_at = torch.nonzero((ids[row] == eos_id) | (ids[row] == pad)).squeeze(1)
+        stop = int(eos_at[0]) + 1 if len(eos_at) else ids.shape[1]
+        lengths.append(stop)
+        assert mask[row].tolist() == [1] * stop + [0] * (ids.shape[1] - stop)
+        assert rollouts.finished[row] == bool(len(eos_at))
+        assert (ids[row, stop:] == pad).all()
+        content = ids[row, : stop - 1] if len(eos_at) else ids[row]
+        assert rollouts.texts[row] == tokenizer.decode(content, skip_special_tokens=True)
+    assert rollouts.lengths.tolist() == lengths
+    # The boost makes early stops likely: the test must see both finished and varied lengths.
+    assert rollouts.finished.any() and len(set(lengths)) > 1
+
+
+def test_top_p_samples_stay_inside_the_nucleus(policy, samples):
+    model, processor = policy
+    temperature, top_p = 1.3, 0.2
+    rollouts = generate_rollouts(
+        model, processor, samples, G, max_new_tokens=6, temperature=temperature, top_p=top_p, seed=3
+    )
+    logps = _teacher_forced_logps(model, processor, samples, rollouts, temperature)
+    probs = logps.exp()
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Nucleus: the most likely tokens until their mass reaches top_p (the one crossing included).
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    in_nucleus = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p - 1e-9)
+    chosen = in_nucleus.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
+    assert chosen[rollouts.completion_mask.bool()].all()
+    # Not vacuous: the nucleus is a small part of the vocabulary.
+    assert in_nucleus.sum(-1).float().mean() < probs.shape[-1] / 4
+
+
+def test_greedy_is_deterministic_and_the_argmax(policy, samples):
+    model, processor = policy
+    first = generate_rollouts(model, processor, samples, 2, max_new_tokens=6, greedy=True)
+    second = generate_rollouts(
+        model, processor, samples, 2, max_new_tokens=6, greedy=True, batch_size=5
+    )
+    assert torch.equal(first.completion_ids, second.completion_ids)
+    assert first.texts == second.texts
+    logps = _teacher_forced_logps(model, processor, samples, first, temperature=1.0)
+    mask = first.completion_mask.bool()
+    assert torch.equal(logps.argmax(-1)[mask], first.completion_ids[mask])
+    expected = logps.gather(-1, first.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(first.logprobs.double()[mask], expected[mask], rtol=0, atol=1e-4)
+
+
+def test_seed_reproduces_and_keeps_the_callers_rng(policy, samples):
+    model, processor = policy
+    state = torch.random.get_rng_state()
+    first = generate_rollouts(model, processor, samples[:2], G, max_new_tokens=5, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = generate_rollouts(model, processor, samples[:2], G, max_new_tokens=5, seed=7)
+    other = generate_rollouts(model, processor, samples[:2], G, max_new_tokens=5, seed=8)
+    assert torch.equal(first.completion_ids, second.completion_ids)
+    assert torch.equal(first.logprobs, second.logprobs)
+    assert not torch.equal(first.completion_ids, other.completion_ids)
+
+
+def test_checkpoint_generation_defaults_do_not_leak(policy, samples):
+    """A checkpoint's generation_config (Qwen ships top_k=1, repetition_penalty=1.05) is ignored."""
+    model, processor = policy
+    saved = model.generation_config
+    model.generation_config = type(saved)(
+        **{**saved.to_dict(), "top_k": 1, "repetition_penalty": 1.5}
+    )
+    try:
+        rollouts = generate_rollouts(
+            model, processor, samples[:1], 4, max_new_tokens=6, temperature=1.0, seed=4
+        )
+        assert model.generation_config.top_k == 1
+    finally:
+        model.generation_config = saved
+    logps = _teacher_forced_logps(model, processor, samples[:1], rollouts, 1.0)
+    expected = logps.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(rollouts.logprobs.double(), expected, rtol=0, atol=1e-4)
+    # top_k=1 would make all 4 completions identical.
+    assert len({tuple(row) for row in rollouts.completion_ids.tolist()}) > 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_generations": 0}, "num_generations"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(policy, samples, kwargs, message):
+    model, processor = policy
+    arguments = {"num_generations": 2, "max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate_rollouts(model, processor, samples[:1], **arguments)
+    with pytest.raises(ValueError, match="at least one sample"):
+        generate_rollouts(model, processor, [], 2, 3)
