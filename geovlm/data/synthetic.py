@@ -5,7 +5,9 @@
 short regular prompts (a few templates per task), a templated ``<think>`` trace derived from
 the scene, and a ``Target`` whose ``answer`` follows the project's answer contract (boxes in the
 model's ``convention``, rendered by ``geovlm.data.boxes.render_box``). Box-bearing answers list
-boxes in reading order (by box centre: top to bottom, then left to right).
+boxes in reading order (by box centre: top to bottom, then left to right); ``Target.boxes`` and
+``Target.region`` are the pixel boxes those rounded answers state (the scene keeps the exact
+geometry).
 
 ``embedded_splits`` gives disjoint train / val / test sets (scenes from disjoint seed streams);
 ``corpus`` collects their texts for tokenizer training.
@@ -22,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from geovlm.data.boxes import CONVENTIONS, QWEN_RESIZE_FACTOR, from_pixels, render_box
+from geovlm.data.boxes import CONVENTIONS, QWEN_RESIZE_FACTOR, from_pixels, render_box, to_pixels
 from geovlm.data.scenes import (
     CHANGE_KINDS,
     LAND_COVERS,
@@ -259,9 +261,16 @@ class _Context:
                 self._resized = qwen25vl_resized_size(self.size)
         return self._resized
 
-    def render(self, boxes: np.ndarray) -> list[str]:
+    def render(self, boxes: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Box texts in the model's convention, and the pixel boxes those texts say.
+
+        Targets hold the latter: like a real annotation, the truth is what the answer states,
+        so the SFT answer itself scores a perfect IoU.
+        """
         converted = from_pixels(boxes, self.convention, self.size, self.resized())
-        return [render_box(box, self.convention) for box in converted]
+        # render_box rounds half to even, as np.round does.
+        snapped = to_pixels(np.round(converted), self.convention, self.size, self.resized())
+        return [render_box(box, self.convention) for box in converted], snapped
 
     def target(self, task: str, answer: str, **fields) -> Target:
         meta = {"scene_id": self.scene.id, "land_cover": self.cover, **fields.pop("meta", {})}
@@ -338,10 +347,11 @@ def _referred(ctx: _Context, task: str) -> tuple[str, str, Target]:
         "category": referents[0].category,
         "expression": kind,
     }
+    texts, snapped = ctx.render(boxes)
     target = ctx.target(
         task,
-        ", ".join(ctx.render(boxes)),
-        boxes=boxes,
+        ", ".join(texts),
+        boxes=snapped,
         box_format="rotated" if rotated else "xyxy",
         meta=meta,
     )
@@ -362,9 +372,8 @@ def _multi_det(ctx: _Context) -> tuple[str, str, Target]:
     boxes = np.array([o.xyxy for o in found], dtype=np.float64)
     think = f"I find {_inventory(found)}."
     meta = {**_detection_meta(found, ctx.size), "categories": tuple(picked)}
-    target = ctx.target(
-        "multi_det", ", ".join(ctx.render(boxes)), boxes=boxes, box_format="xyxy", meta=meta
-    )
+    texts, snapped = ctx.render(boxes)
+    target = ctx.target("multi_det", ", ".join(texts), boxes=snapped, box_format="xyxy", meta=meta)
     return prompt, think, target
 
 
@@ -421,7 +430,7 @@ def _vqa(ctx: _Context) -> tuple[str, str, Target]:
 
 def _region_caption(ctx: _Context) -> tuple[str, str, Target]:
     obj = ctx.choice(ctx.objects)
-    region = np.array(obj.xyxy, dtype=np.float64)
+    (text,), (region,) = ctx.render(np.array([obj.xyxy], dtype=np.float64))
     where = _REGION_PHRASE[_region(obj, ctx.size)]
     size = size_bucket(obj.area, ctx.size)
     captions = (
@@ -433,7 +442,7 @@ def _region_caption(ctx: _Context) -> tuple[str, str, Target]:
     think = f"The box is {where}. Inside it I see a {obj.color} {obj.category}."
     meta = {**_detection_meta([obj], ctx.size), "category": obj.category}
     target = ctx.target("region_caption", captions[0], captions=captions, region=region, meta=meta)
-    return ctx.prompt("region_caption", box=ctx.render(region)[0]), think, target
+    return ctx.prompt("region_caption", box=text), think, target
 
 
 def _caption_references(ctx: _Context) -> tuple[str, ...]:
@@ -450,7 +459,7 @@ def _caption_references(ctx: _Context) -> tuple[str, ...]:
 def _grounding_desc(ctx: _Context) -> tuple[str, str, Target]:
     ordered = _reading_order(ctx.objects)
     boxes = np.array([o.xyxy for o in ordered], dtype=np.float64)
-    rendered = ctx.render(boxes)
+    rendered, snapped = ctx.render(boxes)
     phrases = [f"a {o.color} {o.category}" for o in ordered]
     answer = f"{_COVER_NP[ctx.cover]} with " + _join(
         [f"{p} {b}" for p, b in zip(phrases, rendered, strict=True)]
@@ -460,7 +469,7 @@ def _grounding_desc(ctx: _Context) -> tuple[str, str, Target]:
     target = ctx.target(
         "grounding_desc",
         answer,
-        boxes=boxes,
+        boxes=snapped,
         box_format="xyxy",
         captions=(plain, *_caption_references(ctx)[:2]),
         meta=_detection_meta(ordered, ctx.size),
