@@ -31,6 +31,7 @@ import numpy as np
 
 from geovlm.data.boxes import CONVENTIONS, qwen25vl_resized_size, to_pixels
 from geovlm.data.schema import Target
+from geovlm.rewards.geometry import rotated_to_xyxy, xyxy_to_rotated
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -365,20 +366,6 @@ def _scan_boxes(answer: str, max_boxes: int) -> list[tuple[int, str, list[float]
     return out
 
 
-def _enclosing_xyxy(rot: np.ndarray) -> np.ndarray:
-    """Axis-aligned box enclosing each rotated ``cx, cy, w, h, angle_deg`` box."""
-    cx, cy, w, h, angle = rot.T
-    c, s = np.abs(np.cos(np.deg2rad(angle))), np.abs(np.sin(np.deg2rad(angle)))
-    ex, ey = (w * c + h * s) / 2, (w * s + h * c) / 2
-    return np.stack([cx - ex, cy - ey, cx + ex, cy + ey], axis=1)
-
-
-def _xyxy_to_rotated(xyxy: np.ndarray) -> np.ndarray:
-    x1, y1, x2, y2 = xyxy.T
-    zeros = np.zeros_like(x1)
-    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, np.abs(x2 - x1), np.abs(y2 - y1), zeros], 1)
-
-
 def _clip(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     width, height = float(image_size[0]), float(image_size[1])
     if boxes.shape[1] == 4:
@@ -427,9 +414,9 @@ def _convert(
                 rows, "geochat" if kind == "geochat" else convention, image_size, resized_size
             )
             if n == 5 and not rotated:
-                arr = _enclosing_xyxy(arr)
+                arr = rotated_to_xyxy(arr)
             elif n == 4 and rotated:
-                arr = _xyxy_to_rotated(arr)
+                arr = xyxy_to_rotated(arr)
             out[index] = arr
     keep = np.isfinite(out).all(axis=1)
     return _clip(out[keep], image_size), keep
