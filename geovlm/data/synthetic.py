@@ -24,7 +24,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from geovlm.data.boxes import CONVENTIONS, QWEN_RESIZE_FACTOR, from_pixels, render_box, to_pixels
+from geovlm.data.boxes import (
+    CONVENTIONS,
+    QWEN_RESIZE_FACTOR,
+    from_pixels,
+    qwen25vl_resized_size,
+    render_box,
+    to_pixels,
+)
 from geovlm.data.scenes import (
     CHANGE_KINDS,
     LAND_COVERS,
@@ -48,8 +55,8 @@ __all__ = [
     "samples_from_scene",
 ]
 
-# Qwen2.5-VL's default pixel budget (qwen_vl_utils): within it, smart_resize keeps a size whose
-# sides are multiples of 28 unchanged, which spares importing qwen_vl_utils (and torch) here.
+# Qwen2.5-VL's default pixel budget (qwen_vl_utils). Within a budget, smart_resize keeps a size
+# whose sides are multiples of 28 unchanged, which spares importing qwen_vl_utils (and torch).
 _QWEN_MIN_PIXELS, _QWEN_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
 
 PROMPTS: dict[str, tuple[str, ...]] = {
@@ -232,9 +239,13 @@ def _reading_order(objects: Iterable[SceneObject]) -> list[SceneObject]:
 class _Context:
     """What every task builder needs: the scene, its RNG stream and the box convention."""
 
-    def __init__(self, scene: Scene, task: str, convention: str) -> None:
+    def __init__(
+        self, scene: Scene, task: str, convention: str, budget: tuple[int | None, int | None]
+    ) -> None:
         self.scene = scene
         self.convention = convention
+        self.min_pixels = _QWEN_MIN_PIXELS if budget[0] is None else budget[0]
+        self.max_pixels = _QWEN_MAX_PIXELS if budget[1] is None else budget[1]
         self.size = scene.image_size
         self.rng = np.random.default_rng([0x7A5C, *scene.seed, list(TASKS).index(task)])
         self.cover = scene.before.land_cover
@@ -253,12 +264,10 @@ class _Context:
         if self._resized is None:
             width, height = self.size
             exact = width % QWEN_RESIZE_FACTOR == 0 and height % QWEN_RESIZE_FACTOR == 0
-            if exact and _QWEN_MIN_PIXELS <= width * height <= _QWEN_MAX_PIXELS:
+            if exact and self.min_pixels <= width * height <= self.max_pixels:
                 self._resized = self.size
             else:
-                from geovlm.data.boxes import qwen25vl_resized_size
-
-                self._resized = qwen25vl_resized_size(self.size)
+                self._resized = qwen25vl_resized_size(self.size, self.min_pixels, self.max_pixels)
         return self._resized
 
     def render(self, boxes: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -570,18 +579,24 @@ def _check_tasks(tasks: Iterable[str] | None) -> list[str]:
 
 
 def samples_from_scene(
-    scene: Scene, tasks: Iterable[str] | None = None, convention: str = "qwen25vl"
+    scene: Scene,
+    tasks: Iterable[str] | None = None,
+    convention: str = "qwen25vl",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> list[Sample]:
     """One ``Sample`` per task of ``tasks`` (default: every task family), in that order.
 
     A task's sample does not depend on which other tasks are asked for. Single-image tasks show
-    the scene's "before" image; bi-temporal ones show ``[before, after]``.
+    the scene's "before" image; bi-temporal ones show ``[before, after]``. ``min_pixels`` /
+    ``max_pixels`` are the processor's pixel budget for the ``"qwen25vl"`` resize (default:
+    qwen_vl_utils'), which leaves the default 112x112 images unchanged.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown box convention {convention!r}; known: {CONVENTIONS}")
     out = []
     for task in _check_tasks(tasks):
-        ctx = _Context(scene, task, convention)
+        ctx = _Context(scene, task, convention, (min_pixels, max_pixels))
         prompt, think, target = _BUILDERS[task](ctx)
         images = [scene.before.image]
         if task in BITEMPORAL_TASKS:
@@ -598,11 +613,14 @@ def embedded_splits(
     image_size: int | tuple[int, int] = 112,
     tasks: Iterable[str] | None = None,
     convention: str = "qwen25vl",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, list[Sample]]:
     """Train / val / test samples from ``n_train`` / ``n_val`` / ``n_test`` scenes each.
 
-    Every scene gives one sample per task. Split ``k`` (0 train, 1 val, 2 test) draws its scenes
-    from the stream ``3 * seed + k``, so no two splits of any seeds share a scene.
+    Every scene gives one sample per task (``samples_from_scene``). Split ``k`` (0 train, 1 val,
+    2 test) draws its scenes from the stream ``3 * seed + k``, so no two splits of any seeds share
+    a scene.
     """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -610,7 +628,11 @@ def embedded_splits(
     out: dict[str, list[Sample]] = {}
     for k, (name, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         scenes = generate_scenes(3 * int(seed) + k, n, image_size)
-        out[name] = [s for scene in scenes for s in samples_from_scene(scene, chosen, convention)]
+        out[name] = [
+            sample
+            for scene in scenes
+            for sample in samples_from_scene(scene, chosen, convention, min_pixels, max_pixels)
+        ]
     return out
 
 

@@ -345,11 +345,19 @@ def test_non_square_and_odd_image_sizes():
     assert scene.before.image.size == (168, 112) and scene.after.image.size == (168, 112)
     for obj in scene.before.objects:
         assert obj.xyxy[2] <= 168 and obj.xyxy[3] <= 112
-    # 100 px is not a multiple of 28: the Qwen2.5-VL input is 112 px, answers are scaled.
+    # 100 px is not a multiple of 28: the Qwen2.5-VL input is 112 px, answers are scaled;
+    # the targets are the boxes the answers state, within half a step of the exact geometry.
     (odd,) = generate_scenes(2, 1, image_size=100)
     (sample,) = samples_from_scene(odd, ["multi_det"])
     parsed = _boxes(sample.target.answer)
-    np.testing.assert_allclose(parsed * 100 / 112, sample.target.boxes, atol=0.5 * 100 / 112 + 1e-9)
+    np.testing.assert_allclose(parsed * 100 / 112, sample.target.boxes, rtol=0, atol=1e-9)
+    assert len(_referents(sample.target, odd.before.objects, 0.5 * 100 / 112 + 1e-9)) == len(parsed)
+    # A processor budget of 56x56 pixels halves a 112x112 image: the answer is in half pixels.
+    square = generate_scene(2, 0)
+    (halved,) = samples_from_scene(square, ["multi_det"], max_pixels=56 * 56)
+    parsed = _boxes(halved.target.answer)
+    np.testing.assert_allclose(parsed * 2, halved.target.boxes, rtol=0, atol=1e-9)
+    assert len(_referents(halved.target, square.before.objects, 1.0 + 1e-9)) == len(parsed)
 
 
 def test_splits_are_disjoint():
