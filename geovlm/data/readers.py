@@ -267,6 +267,8 @@ class _Boxes:
         return render_box(converted, self.target)
 
 
+# geovlm.rewards.geometry has batched twins of these two (rotated_to_xyxy, xyxy_to_rotated);
+# importing it would load the numba reward stack into data loading, so they live here too.
 def _enclosing(box: np.ndarray) -> np.ndarray:
     """Axis-aligned box around a ``[5]`` rotated box (or the ``[4]`` box itself)."""
     if box.shape[0] == 4:
