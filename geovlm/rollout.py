@@ -187,11 +187,15 @@ def _generate_chunk(
     config: GenerationConfig,
     temperature: float,
     eos_ids: list[int],
+    synced_gpus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(completion_ids, completion_mask, logprobs)`` of one generate call, each ``[rows, L]``."""
     observer = _SamplingLogprobs(temperature)
     sequences = model.generate(
-        **inputs, generation_config=config, logits_processor=LogitsProcessorList([observer])
+        **inputs,
+        generation_config=config,
+        logits_processor=LogitsProcessorList([observer]),
+        synced_gpus=synced_gpus,
     )
     completion = sequences[:, inputs["input_ids"].shape[1] :]
     logprobs = observer.finish(completion[:, -1])
@@ -223,13 +227,16 @@ def generate_rollouts(
     seed: int | None = None,
     greedy: bool = False,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    synced_gpus: bool = False,
 ) -> Rollouts:
     """Sample ``num_generations`` completions for each sample's prompt.
 
     ``batch_size`` caps the rows (prompt copies) per ``generate`` call (default: all at once).
     ``seed`` makes the sampling reproducible without touching the caller's RNG state.
     ``greedy`` decodes the argmax (evaluation); log-probs are then still taken at
-    ``temperature``. The model is put in eval mode for the call and restored after.
+    ``temperature``. ``synced_gpus`` keeps sharded (FSDP / ZeRO-3) ranks stepping together until
+    every rank is done; a rank stops scoring once its own rows are. The model is put in eval mode
+    for the call and restored after.
     """
     _check(num_generations, max_new_tokens, temperature, top_p)
     if not samples:
@@ -263,7 +270,7 @@ def generate_rollouts(
             for start in range(0, n_rows, chunk):
                 rows = torch.arange(start, min(start + chunk, n_rows), device=device)
                 inputs = select_rows(batch, rows, image_token_id)
-                pieces.append(_generate_chunk(model, inputs, config, temperature, eos))
+                pieces.append(_generate_chunk(model, inputs, config, temperature, eos, synced_gpus))
     finally:
         model.generation_config = saved_config
         model.train(was_training)

@@ -23,7 +23,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from geovlm.data.collate import collate_sft
+from geovlm.data.collate import collate_sft, pixel_budget
 from geovlm.data.schema import Sample, Target
 from geovlm.model import (
     TINY_DEFAULTS,
@@ -276,6 +276,12 @@ def test_dtype_and_attention_defaults(monkeypatch):
     )
     assert default_attn_implementation("cuda") == "flash_attention_2"
     assert default_attn_implementation("cpu") == "sdpa"
+
+
+def test_pixel_budget_override():
+    _, processor = tiny_policy(min_pixels=28 * 28, max_pixels=112 * 112)
+    assert pixel_budget(processor) == (28 * 28, 112 * 112)
+    assert processor.video_processor.size["longest_edge"] == 112 * 112
 
 
 def test_explicit_dtype():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from geovlm.data.collate import collate_prompts
+from geovlm.model import forward_logits
 from geovlm.rollout import generate_rollouts
 from tests.test_model import make_sample, tiny_policy
 
@@ -114,6 +115,12 @@ def test_sampling_logprobs_equal_a_teacher_forced_forward(eos_prone, policy, sam
     mask = rollouts.completion_mask.bool()
     torch.testing.assert_close(rollouts.logprobs.double()[mask], expected[mask], rtol=0, atol=1e-4)
     assert (rollouts.logprobs[~mask] == 0).all()
+    # The trainer's path: forward_logits on model_inputs(), sliced at P - 1.
+    p = rollouts.prompt_length
+    with torch.no_grad():
+        logits = forward_logits(eos_prone, rollouts.model_inputs())[:, p - 1 : -1].double()
+    via_inputs = torch.log_softmax(logits / temperature, dim=-1)
+    torch.testing.assert_close(via_inputs[mask], logps[mask], rtol=0, atol=1e-6)
 
 
 def test_masks_stop_after_the_first_eos(eos_prone, policy, samples, eos_id):
