@@ -23,27 +23,92 @@ import numba
 import numpy as np
 
 from geovlm.rewards._geometry_match import greedy_pairs, hungarian
-from geovlm.rewards._geometry_shapes import new_work, pair_value
+from geovlm.rewards._geometry_shapes import (
+    KIND_IOU,
+    KIND_POLYGON,
+    PREP_COLS,
+    iou_xyxy,
+    new_work,
+    polygon_iou,
+    prepare_row,
+    xyxy_metric,
+)
+
+# The kind is branched on outside the pair loops: a loop body with one known metric compiles to
+# tight code (about 5x faster for xyxy IoU than a per-pair dispatch).
 
 
 @numba.njit(cache=True)
-def pairs_kernel(a: np.ndarray, b: np.ndarray, kind: int) -> np.ndarray:
+def _one_pair(a: np.ndarray, i: int, b: np.ndarray, j: int, kind: int, work: np.ndarray) -> float:
+    if kind == KIND_POLYGON:
+        return polygon_iou(a, i, b, j, work)
+    if kind == KIND_IOU:
+        return iou_xyxy(a, i, b, j)
+    return xyxy_metric(a, i, b, j, kind)
+
+
+@numba.njit(cache=True)
+def xyxy_pairs_kernel(a: np.ndarray, b: np.ndarray, kind: int) -> np.ndarray:
+    """Elementwise IoU / rescaled GIoU / DIoU / CIoU of raw xyxy rows."""
+    n = a.shape[0]
+    out = np.empty(n)
+    if kind == KIND_IOU:
+        for i in range(n):
+            out[i] = iou_xyxy(a, i, b, i)
+    else:
+        for i in range(n):
+            out[i] = xyxy_metric(a, i, b, i, kind)
+    return out
+
+
+@numba.njit(cache=True)
+def polygon_pairs_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise IoU of raw rotated / quadrilateral rows: each box is used once, so it is
+    prepared on the fly into a two-row scratch rather than into a full prepared array."""
     n = a.shape[0]
     out = np.empty(n)
     work = new_work()
+    scratch = np.empty((4, 8))
+    prepared = np.empty((2, PREP_COLS))
     for i in range(n):
-        out[i] = pair_value(a, i, b, i, kind, work)
+        prepare_row(a[i], prepared[0], scratch)
+        prepare_row(b[i], prepared[1], scratch)
+        out[i] = polygon_iou(prepared, 0, prepared, 1, work)
     return out
+
+
+@numba.njit(cache=True)
+def _fill_block(
+    a: np.ndarray,
+    rows: np.ndarray,
+    n: int,
+    b: np.ndarray,
+    b0: int,
+    m: int,
+    kind: int,
+    out: np.ndarray,
+    work: np.ndarray,
+) -> None:
+    """``out[r, j] = metric(a[rows[r]], b[b0 + j])`` for ``r < n``, ``j < m``."""
+    if kind == KIND_POLYGON:
+        for r in range(n):
+            for j in range(m):
+                out[r, j] = polygon_iou(a, rows[r], b, b0 + j, work)
+    elif kind == KIND_IOU:
+        for r in range(n):
+            for j in range(m):
+                out[r, j] = iou_xyxy(a, rows[r], b, b0 + j)
+    else:
+        for r in range(n):
+            for j in range(m):
+                out[r, j] = xyxy_metric(a, rows[r], b, b0 + j, kind)
 
 
 @numba.njit(cache=True)
 def matrix_kernel(a: np.ndarray, b: np.ndarray, kind: int) -> np.ndarray:
     n, m = a.shape[0], b.shape[0]
     out = np.empty((n, m))
-    work = new_work()
-    for i in range(n):
-        for j in range(m):
-            out[i, j] = pair_value(a, i, b, j, kind, work)
+    _fill_block(a, np.arange(n), n, b, 0, m, kind, out, new_work())
     return out
 
 
@@ -64,23 +129,6 @@ def _block_sizes(
 
 
 @numba.njit(cache=True)
-def _fill_block(
-    pred: np.ndarray,
-    p0: int,
-    n: int,
-    gt: np.ndarray,
-    g0: int,
-    m: int,
-    kind: int,
-    out: np.ndarray,
-    work: np.ndarray,
-) -> None:
-    for i in range(n):
-        for j in range(m):
-            out[i, j] = pair_value(pred, p0 + i, gt, g0 + j, kind, work)
-
-
-@numba.njit(cache=True)
 def first_box_kernel(
     pred: np.ndarray,
     pred_offsets: np.ndarray,
@@ -95,7 +143,7 @@ def first_box_kernel(
     for c in range(n_cand):
         g = gt_index[c]
         if pred_offsets[c + 1] > pred_offsets[c] and gt_offsets[g + 1] > gt_offsets[g]:
-            out[c] = pair_value(pred, pred_offsets[c], gt, gt_offsets[g], kind, work)
+            out[c] = _one_pair(pred, pred_offsets[c], gt, gt_offsets[g], kind, work)
     return out
 
 
@@ -116,6 +164,7 @@ def multibox_kernel(
     short, long = min(max_n, max_m), max(max_n, max_m)
     iou = np.empty((max_n, max_m))
     cost = np.empty((short, long))
+    rows = np.empty(max_n, dtype=np.int64)
     keep_rows = np.empty(max_n, dtype=np.int64)
     keep_cols = np.empty(max_m, dtype=np.int64)
     row_to_col = np.empty(short, dtype=np.int64)
@@ -138,7 +187,9 @@ def multibox_kernel(
         if n_total == 0 or m == 0:
             continue
         n = min(n_total, max_pred)
-        _fill_block(pred, p0, n, gt, g0, m, kind, iou, work)
+        for i in range(n):
+            rows[i] = p0 + i
+        _fill_block(pred, rows, n, gt, g0, m, kind, iou, work)
         r = 0
         for i in range(n):
             for j in range(m):
@@ -194,8 +245,9 @@ def prf_kernel(
     max_n, max_m = _block_sizes(pred_offsets, gt_offsets, gt_index, max_pred)
     iou = np.empty((max_n, max_m))
     short = min(max_n, max_m)
-    rows = np.empty(short, dtype=np.int64)
-    cols = np.empty(short, dtype=np.int64)
+    rows = np.empty(max_n, dtype=np.int64)
+    match_rows = np.empty(short, dtype=np.int64)
+    match_cols = np.empty(short, dtype=np.int64)
     row_taken = np.empty(max_n, dtype=np.bool_)
     col_taken = np.empty(max_m, dtype=np.bool_)
     work = new_work()
@@ -213,8 +265,10 @@ def prf_kernel(
         if n_total == 0 or m == 0:
             continue
         n = min(n_total, max_pred)
-        _fill_block(pred, p0, n, gt, g0, m, kind, iou, work)
-        tp = greedy_pairs(iou, n, m, threshold, rows, cols, row_taken, col_taken)
+        for i in range(n):
+            rows[i] = p0 + i
+        _fill_block(pred, rows, n, gt, g0, m, kind, iou, work)
+        tp = greedy_pairs(iou, n, m, threshold, match_rows, match_cols, row_taken, col_taken)
         out[c, 0] = tp / n_total
         out[c, 1] = tp / m
         out[c, 2] = 2.0 * tp / (n_total + m)
@@ -254,8 +308,10 @@ def ap_kernel(
             continue
         if n_total == 0 or m == 0:
             continue
-        order = np.argsort(-scores[p0 : p0 + n_total], kind="mergesort")
         nd = min(n_total, max_dets)
+        rows = np.argsort(-scores[p0 : p0 + n_total], kind="mergesort")[:nd] + p0
+        iou = np.empty((nd, m))
+        _fill_block(pred, rows, nd, gt, g0, m, kind, iou, work)
         gt_taken = np.zeros(m, dtype=np.bool_)
         tp_cum = np.empty(nd)
         fp_cum = np.empty(nd)
@@ -267,7 +323,7 @@ def ap_kernel(
             for j in range(m):
                 if gt_taken[j]:
                     continue
-                value = pair_value(pred, p0 + order[d], gt, g0 + j, kind, work)
+                value = iou[d, j]
                 if value < best:
                     continue
                 best = value

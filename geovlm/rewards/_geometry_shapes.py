@@ -52,15 +52,33 @@ def _clamp01(x: float) -> float:
     return 0.0  # also NaN
 
 
+@numba.njit(cache=True, inline="always")
+def iou_xyxy(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
+    """IoU of ``a[i]`` and ``b[j]`` (kept branch-light: it is the hot loop of most rewards)."""
+    aw, ah = a[i, 2] - a[i, 0], a[i, 3] - a[i, 1]
+    bw, bh = b[j, 2] - b[j, 0], b[j, 3] - b[j, 1]
+    area_a, area_b = aw * ah, bw * bh
+    # The `not (x > 0)` form also rejects NaN; finite areas rule out inf coordinates.
+    if not (aw > 0.0 and ah > 0.0 and bw > 0.0 and bh > 0.0):
+        return 0.0
+    if not (math.isfinite(area_a) and math.isfinite(area_b)):
+        return 0.0
+    iw = min(a[i, 2], b[j, 2]) - max(a[i, 0], b[j, 0])
+    ih = min(a[i, 3], b[j, 3]) - max(a[i, 1], b[j, 1])
+    if not (iw > 0.0 and ih > 0.0):
+        return 0.0
+    inter = iw * ih
+    return _clamp01(inter / (area_a + area_b - inter))
+
+
 @numba.njit(cache=True)
 def xyxy_metric(a: np.ndarray, i: int, b: np.ndarray, j: int, kind: int) -> float:
-    """IoU (``kind == KIND_IOU``) or rescaled GIoU / DIoU / CIoU of ``a[i]`` and ``b[j]``."""
+    """Rescaled GIoU / DIoU / CIoU (``kind``) of ``a[i]`` and ``b[j]``."""
     ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
     bx1, by1, bx2, by2 = b[j, 0], b[j, 1], b[j, 2], b[j, 3]
     aw, ah = ax2 - ax1, ay2 - ay1
     bw, bh = bx2 - bx1, by2 - by1
     area_a, area_b = aw * ah, bw * bh
-    # The `not (x > 0)` form also rejects NaN; finite areas rule out inf coordinates.
     if not (aw > 0.0 and ah > 0.0 and bw > 0.0 and bh > 0.0):
         return 0.0
     if not (math.isfinite(area_a) and math.isfinite(area_b)):
@@ -70,8 +88,6 @@ def xyxy_metric(a: np.ndarray, i: int, b: np.ndarray, j: int, kind: int) -> floa
     inter = iw * ih if (iw > 0.0 and ih > 0.0) else 0.0
     union = area_a + area_b - inter
     iou = _clamp01(inter / union)
-    if kind == KIND_IOU:
-        return iou
     cw = max(ax2, bx2) - min(ax1, bx1)
     ch = max(ay2, by2) - min(ay1, by1)
     if kind == KIND_GIOU:
@@ -210,17 +226,25 @@ def _prepare_quad(box: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None
 
 
 @numba.njit(cache=True)
+def prepare_row(box: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """One ``[5]`` rotated or ``[8]`` quadrilateral row into ``out`` ``[PREP_COLS]``;
+    ``scratch`` is ``[4, 8]``."""
+    for k in range(PREP_COLS):
+        out[k] = 0.0
+    if box.shape[0] == 5:
+        _prepare_rotated(box, out)
+    else:
+        _prepare_quad(box, out, scratch)
+
+
+@numba.njit(cache=True)
 def prepare_polygons(boxes: np.ndarray) -> np.ndarray:
     """``[N, 5]`` rotated or ``[N, 8]`` quadrilateral rows -> ``[N, PREP_COLS]`` prepared rows."""
     n = boxes.shape[0]
-    out = np.zeros((n, PREP_COLS))
-    rotated = boxes.shape[1] == 5
+    out = np.empty((n, PREP_COLS))
     scratch = np.empty((4, 8))
     for i in range(n):
-        if rotated:
-            _prepare_rotated(boxes[i], out[i])
-        else:
-            _prepare_quad(boxes[i], out[i], scratch)
+        prepare_row(boxes[i], out[i], scratch)
     return out
 
 
@@ -285,11 +309,3 @@ def polygon_iou(p: np.ndarray, i: int, q: np.ndarray, j: int, work: np.ndarray) 
 def new_work() -> np.ndarray:
     """Scratch buffer for ``polygon_iou``."""
     return np.empty((3, 2 * CLIP_CAPACITY))
-
-
-@numba.njit(cache=True)
-def pair_value(a: np.ndarray, i: int, b: np.ndarray, j: int, kind: int, work: np.ndarray) -> float:
-    """Dispatch on ``kind``: raw xyxy rows for IoU/GIoU/DIoU/CIoU, prepared rows for polygons."""
-    if kind == KIND_POLYGON:
-        return polygon_iou(a, i, b, j, work)
-    return xyxy_metric(a, i, b, j, kind)

@@ -87,8 +87,11 @@ def _promote(boxes: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def _common_layout(a: np.ndarray, b: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Promote to one layout; prepare polygons. Returns the kernel operands and kind code."""
+def _common_layout(
+    a: np.ndarray, b: np.ndarray, kind: str, prepare: bool = True
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Promote both operands to one layout. Returns the kernel operands (polygons prepared
+    unless ``prepare`` is False) and the kind code."""
     if kind not in _KINDS:
         raise ValueError(f"unknown kind {kind!r}; known: {sorted(_KINDS)}")
     width = max(a.shape[1], b.shape[1])
@@ -99,6 +102,8 @@ def _common_layout(a: np.ndarray, b: np.ndarray, kind: str) -> tuple[np.ndarray,
     a, b = _promote(a, width), _promote(b, width)
     if width == 4:
         return a, b, _KINDS[kind]
+    if not prepare:
+        return a, b, _shapes.KIND_POLYGON
     return _shapes.prepare_polygons(a), _shapes.prepare_polygons(b), _shapes.KIND_POLYGON
 
 
@@ -162,8 +167,10 @@ def iou_pairs(a, b, kind: MetricKind = "iou") -> np.ndarray:
         raise ValueError(
             f"iou_pairs needs as many boxes in a ({a_arr.shape[0]}) as in b ({b_arr.shape[0]})"
         )
-    x, y, code = _common_layout(a_arr, b_arr, kind)
-    return _batch.pairs_kernel(x, y, code)
+    x, y, code = _common_layout(a_arr, b_arr, kind, prepare=False)
+    if code == _shapes.KIND_POLYGON:
+        return _batch.polygon_pairs_kernel(x, y)
+    return _batch.xyxy_pairs_kernel(x, y, code)
 
 
 def iou_matrix(a, b, kind: MetricKind = "iou") -> np.ndarray:

@@ -593,6 +593,17 @@ def test_average_precision_matches_pycocotools(threshold, max_dets):
     assert compared > 20
 
 
+def test_average_precision_breaks_iou_ties_like_pycocotools():
+    # The first detection overlaps both targets equally (IoU 1/3); COCO gives it the later one,
+    # which leaves the first target for the second detection: AP 1 instead of 0.5.
+    gt = np.array([[0, 0, 2, 2], [2, 0, 4, 2]], float)
+    pred = np.array([[1, 0, 3, 2], [0, 0, 2, 2]], float)
+    scores = np.array([0.9, 0.8])
+    got = geo.average_precision(pred, scores, np.array([0, 2]), gt, np.array([0, 2]), 0.3)
+    assert got[0] == pytest.approx(_coco_ap(pred, scores, gt, 0.3, 100), abs=1e-12)
+    assert got[0] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_average_precision_without_scores_uses_given_order():
     rng = np.random.default_rng(29)
     pred, pred_off, preds, gt, gt_off, gts = _random_detection_batch(rng, 20, False, 8, 5)
