@@ -22,6 +22,7 @@ the loss or its gradient.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,16 @@ def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
     return keep.max() if largest else keep.min()
 
 
+class GRPOTerms(NamedTuple):
+    """The unreduced GRPO objective; every tensor ``[B, L]`` except the 0-dim metrics."""
+
+    per_token_loss: torch.Tensor  # includes beta * kl; not yet multiplied by the mask
+    per_token_kl: torch.Tensor | None  # None when beta == 0
+    is_clipped: torch.Tensor  # 1.0 where the ratio was clipped (0 for sapo / vespo)
+    mask: torch.Tensor  # the completion mask in the compute dtype
+    metrics: dict[str, torch.Tensor]  # TRL's logged names, detached
+
+
 def grpo_per_token_loss(
     per_token_logps: torch.Tensor,
     old_per_token_logps: torch.Tensor | None,
@@ -178,14 +189,12 @@ def grpo_per_token_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
-    """The unreduced GRPO objective, before the ``loss_type`` normalisation.
+) -> GRPOTerms:
+    """The unreduced GRPO objective, before the ``loss_type`` normalisation (see ``GRPOTerms``).
 
-    Returns ``(per_token_loss [B, L], per_token_kl [B, L] or None, mask [B, L], metrics)``;
-    ``per_token_loss`` includes ``beta * kl`` and is not yet multiplied by the mask. ``metrics``
-    holds TRL's names: ``kl`` (when ``beta != 0``); ``clip_ratio/low_mean``, ``high_mean``,
-    ``region_mean``, ``low_min``, ``high_max`` for the PPO-clipped types; ``cispo_clip_ratio``;
-    ``vespo/phi_seq_mean``. All metrics are detached 0-dim tensors.
+    ``metrics`` holds TRL's names: ``kl`` (when ``beta != 0``); ``clip_ratio/low_mean``,
+    ``high_mean``, ``region_mean``, ``low_min``, ``high_max`` for the PPO-clipped types;
+    ``cispo_clip_ratio``; ``vespo/phi_seq_mean``.
     """
     _check_option("loss_type", loss_type, LOSS_TYPES)
     _check_option(
@@ -252,7 +261,7 @@ def grpo_per_token_loss(
         # TRL measures clipping on the delta-clamped coef_1.
         low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
         high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype)
-        region = torch.maximum(low, high)
+        region = clipped = torch.maximum(low, high)
         metrics["clip_ratio/low_mean"] = _global_masked_mean(low, mask)
         metrics["clip_ratio/high_mean"] = _global_masked_mean(high, mask)
         metrics["clip_ratio/region_mean"] = _global_masked_mean(region, mask)
@@ -261,11 +270,13 @@ def grpo_per_token_loss(
     elif loss_type == "sapo":
         temps = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(dtype)
         per_token_loss = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
+        clipped = torch.zeros_like(per_token_loss)
     else:
         phi = gamma_weights(adv, log_ratio, mask, ratio, vespo_k_pos, vespo_lambda_pos,
                             vespo_k_neg, vespo_lambda_neg)
         per_token_loss = -phi * adv * logps
         metrics["vespo/phi_seq_mean"] = _global_masked_mean(phi, mask)
+        clipped = torch.zeros_like(per_token_loss)
 
     # VESPO folds the vLLM ratio into phi instead.
     if ratio is not None and loss_type != "vespo":
@@ -273,8 +284,13 @@ def grpo_per_token_loss(
     if per_token_kl is not None:
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = _global_masked_mean(per_token_kl, mask)
-    per_token_loss = per_token_loss.expand(b, seq)
-    return per_token_loss, per_token_kl, mask, {k: v.detach() for k, v in metrics.items()}
+    return GRPOTerms(
+        per_token_loss.expand(b, seq),
+        per_token_kl,
+        clipped.detach().expand(b, seq),
+        mask,
+        {k: v.detach() for k, v in metrics.items()},
+    )
 
 
 def reduce_grpo_loss(
@@ -328,7 +344,7 @@ def grpo_loss_from_logps(
     ``old_per_token_logps=None`` means on-policy (the ratio is ``exp(logp - logp.detach())``).
     ``eps_high`` is the raw upper bound of the ratio for ``cispo``. See the module docstring.
     """
-    per_token_loss, _, mask, metrics = grpo_per_token_loss(
+    terms = grpo_per_token_loss(
         per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask,
         beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, delta=delta,
@@ -338,6 +354,6 @@ def grpo_loss_from_logps(
         vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
     )
     loss = reduce_grpo_loss(
-        per_token_loss, mask, loss_type, max_completion_length, num_items_in_batch
+        terms.per_token_loss, terms.mask, loss_type, max_completion_length, num_items_in_batch
     )
-    return loss, metrics
+    return loss, terms.metrics
