@@ -415,7 +415,10 @@ def _scene_categories(rng: np.random.Generator, land_cover: str) -> list[str]:
 
 
 def _after_state(
-    rng: np.random.Generator, land_cover: str, objects: tuple[SceneObject, ...], size
+    rng: np.random.Generator,
+    land_cover: str,
+    objects: tuple[SceneObject, ...],
+    size: tuple[int, int],
 ) -> tuple[str, str, tuple[SceneObject, ...]]:
     """Pick a change kind and apply it; returns ``(kind, land cover after, objects after)``."""
     kinds = list(CHANGE_KINDS)
@@ -443,7 +446,12 @@ def _after_state(
 
 
 def _as_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if isinstance(image_size, (int, np.integer)):
+        size = (image_size, image_size)
+    elif isinstance(image_size, (tuple, list)):
+        size = tuple(image_size)
+    else:
+        raise ValueError(f"image_size must be an int or (width, height), got {image_size!r}")
     if len(size) != 2 or not all(isinstance(v, (int, np.integer)) for v in size):
         raise ValueError(f"image_size must be an int or (width, height), got {image_size!r}")
     if min(size) < _MIN_SIDE:

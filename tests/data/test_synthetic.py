@@ -392,6 +392,9 @@ def test_bad_arguments_are_clear_errors(scenes):
         generate_scenes(0, 1, image_size=40)
     with pytest.raises(ValueError, match="image_size"):
         generate_scenes(0, 1, image_size=(112, 112, 3))
+    with pytest.raises(ValueError, match="image_size"):
+        generate_scenes(0, 1, image_size="112")
+    assert generate_scenes(0, 1, image_size=np.int64(84))[0].image_size == (84, 84)
     with pytest.raises(ValueError, match="n must be"):
         generate_scenes(0, -1)
     with pytest.raises(ValueError, match="unknown or no tasks"):
