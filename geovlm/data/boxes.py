@@ -17,6 +17,7 @@ For rotated boxes the centre and side lengths are scaled per axis; under anisotr
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -28,16 +29,39 @@ CONVENTIONS: tuple[str, ...] = ("pixels", "qwen2vl", "qwen25vl", "geochat")
 QWEN_RESIZE_FACTOR = 28
 
 
+def smart_resize(
+    height: int, width: int, factor: int = QWEN_RESIZE_FACTOR, min_pixels: int = 4 * 28 * 28,
+    max_pixels: int = 16384 * 28 * 28,
+) -> tuple[int, int]:
+    """``(height, width)`` Qwen2-VL / Qwen2.5-VL's processors resize an image to.
+
+    Both sides become multiples of ``factor`` (rounded), then the area is scaled into
+    ``[min_pixels, max_pixels]`` keeping the aspect ratio. Same rule as ``qwen_vl_utils``, in plain
+    Python so that parsing boxes never imports torch (tests check the two agree).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio of {width}x{height} exceeds 200")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def qwen25vl_resized_size(
     image_size: tuple[int, int], min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28
 ) -> tuple[int, int]:
     """``(width, height)`` of the model input Qwen2.5-VL's processor makes of an image."""
-    from qwen_vl_utils import smart_resize
-
     width, height = image_size
-    h_bar, w_bar = smart_resize(
-        height, width, factor=QWEN_RESIZE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels
-    )
+    h_bar, w_bar = smart_resize(height, width, QWEN_RESIZE_FACTOR, min_pixels, max_pixels)
     return w_bar, h_bar
 
 
@@ -60,6 +84,8 @@ def _scale(
 
 def _as_boxes(boxes) -> np.ndarray:
     arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return arr.reshape(0, 4)
     if arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim != 2 or arr.shape[1] not in (4, 5):
@@ -119,9 +145,12 @@ def render_box(box, convention: Convention) -> str:
     """One box, already in ``convention`` units, as the text a model reads and writes.
 
     ``[x1, y1, x2, y2]`` / ``[cx, cy, w, h, angle]`` integers for the Qwen conventions and pixels,
-    ``{<x1><y1><x2><y2>|<θ>}`` for GeoChat.
+    ``{<x1><y1><x2><y2>|<θ>}`` for GeoChat. Values are rounded half to even (Python's ``round``).
     """
-    values = [int(round(float(v))) for v in np.asarray(box, dtype=np.float64).ravel()]
+    raw = np.asarray(box, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(raw)):
+        raise ValueError(f"cannot render a box with non-finite values: {raw.tolist()}")
+    values = [int(round(float(v))) for v in raw]
     if convention == "geochat":
         corners = "".join(f"<{v}>" for v in values[:4])
         return "{" + corners + (f"|<{values[4]}>" if len(values) == 5 else "") + "}"

@@ -105,3 +105,30 @@ def test_render_box():
     assert render_box([10, 20, 30, 40], "geochat") == "{<10><20><30><40>}"
     assert render_box([10.2, 20, 30, 40, -90], "geochat") == "{<10><20><30><40>|<-90>}"
     assert render_box([[999.6, 0, 1, 2]], "qwen2vl") == "[1000, 0, 1, 2]"
+
+
+def test_smart_resize_matches_qwen_vl_utils():
+    from qwen_vl_utils import smart_resize as reference
+
+    from geovlm.data.boxes import smart_resize
+
+    rng = np.random.default_rng(7)
+    sizes = [(112, 112), (1, 28), (27, 300), (4000, 3000), (500, 333), (28, 5000)]
+    sizes += [tuple(int(v) for v in rng.integers(14, 3000, size=2)) for _ in range(200)]
+    for height, width in sizes:
+        for budget in ((4 * 784, 16384 * 784), (56 * 56, 224 * 224), (256 * 784, 1280 * 784)):
+            want = reference(height, width, factor=28, min_pixels=budget[0], max_pixels=budget[1])
+            assert smart_resize(height, width, 28, *budget) == tuple(want), (height, width, budget)
+
+
+def test_render_box_rejects_non_finite_values():
+    from geovlm.data.boxes import render_box
+
+    with pytest.raises(ValueError, match="non-finite"):
+        render_box([1.0, float("nan"), 3.0, 4.0], "qwen25vl")
+
+
+def test_empty_box_list_converts_to_empty_array():
+    from geovlm.data.boxes import to_pixels
+
+    assert to_pixels([], "qwen2vl", (100, 50)).shape == (0, 4)
