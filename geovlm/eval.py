@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from geovlm.data.schema import TASKS, Sample
 
@@ -231,7 +231,7 @@ def score_predictions(
         texts = [completions[i] for i in index]
         targets = [samples[i].target for i in index]
         prompts = [samples[i].prompt for i in index]
-        values: dict[str, float] = {"n": float(len(index))}
+        values: dict[str, float] = {"n": len(index)}
         values.update(
             task_metrics(
                 task,
@@ -347,6 +347,8 @@ def evaluate(
     mine = samples[rank::world_size] if world_size > 1 else list(samples)
     todo = [s for s in mine if s.id not in done]
     out_file = None if path is None else (rank_file(path, rank) if dist else path)
+    # A DDP-wrapped policy generates through its module (every rank holds full weights).
+    model = getattr(model, "module", model)
     generate = generate_fn or greedy_generator(model, processor, max_new_tokens)
 
     was_training = getattr(model, "training", False)
@@ -380,25 +382,35 @@ def evaluate(
     results = dict(done)
     results.update({r["id"]: r for r in new})
 
-    report: EvalReport | None = None
+    outcome: EvalReport | BaseException | None = None
     if rank == 0:
-        if dist is not None and path is not None:
-            _merge_files(path, new)
-        records = [results[s.id] for s in samples]
-        metrics = score_predictions(
-            samples,
-            [r["prediction"] for r in records],
-            convention=convention,
-            use_embeddings=use_embeddings,
-            meteor_backend=meteor_backend,
-            pixel_budget=_pixel_budget(processor),
-        )
-        report = EvalReport(metrics, records)
+        try:
+            if dist is not None and path is not None:
+                _merge_files(path, new)
+            records = [results[s.id] for s in samples]
+            metrics = score_predictions(
+                samples,
+                [r["prediction"] for r in records],
+                convention=convention,
+                use_embeddings=use_embeddings,
+                meteor_backend=meteor_backend,
+                pixel_budget=_pixel_budget(processor),
+            )
+            outcome = EvalReport(metrics, records)
+        except Exception as err:
+            # The other ranks wait in the broadcast below: tell them, then fail everywhere.
+            if dist is None:
+                raise
+            outcome = err
     if dist is not None:
-        box = [report]
+        box = [outcome if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
-        report = box[0]
-    return report
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if isinstance(box[0], BaseException):
+            raise RuntimeError(f"evaluation failed on rank 0: {box[0]!r}")
+        outcome = box[0]
+    return cast(EvalReport, outcome)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -420,8 +432,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="benchmark file (LLaVA/GeoChat JSON or VLM-R1 JSONL), or 'embedded' "
                         "(the embedded world's test split; 'embedded:val' for another split)")
     parser.add_argument("--image-root", default=None, help="directory of relative image paths")
-    parser.add_argument("--format", default="auto", choices=("auto", "llava", "vlmr1"),
+    parser.add_argument("--format", default="auto", choices=("auto", "llava", "geochat", "vlmr1"),
                         help="benchmark file format (default: detected)")
+    parser.add_argument("--source-convention", default="pixels",
+                        choices=("pixels", "qwen2vl", "qwen25vl", "geochat"),
+                        help="convention of bracketed [x1, y1, x2, y2] boxes in the benchmark "
+                        "file (GeoChat {<..>} boxes are always read as geochat)")
     parser.add_argument("--tasks", default=None, help="comma-separated task families to keep")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -492,10 +508,46 @@ def embedded_samples(split: str, run_config: dict[str, Any], convention: str) ->
                              ) from err
 
 
+def checkpoint_pixel_budget(checkpoint: Path) -> tuple[int | None, int | None]:
+    """``(min_pixels, max_pixels)`` saved with a checkpoint's image processor (``None`` if absent).
+
+    transformers 5 saves ``processor_config.json`` with an ``image_processor`` section, older
+    checkpoints ``preprocessor_config.json``; the budget is ``size.shortest_edge`` /
+    ``size.longest_edge`` or the legacy ``min_pixels`` / ``max_pixels``.
+    """
+    for name, section in (("processor_config.json", "image_processor"),
+                          ("preprocessor_config.json", None)):
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise EvalInputError(f"{path}: not valid JSON ({err.msg})") from err
+        config = config.get(section, {}) if section else config
+        if not isinstance(config, dict):
+            continue
+        size = config.get("size") if isinstance(config.get("size"), dict) else {}
+        low = size.get("shortest_edge", config.get("min_pixels"))
+        high = size.get("longest_edge", config.get("max_pixels"))
+        if low is not None or high is not None:
+            return low, high
+    return None, None
+
+
 def load_samples(
-    data: str, image_root: str | None, fmt: str, convention: str, run_config: dict[str, Any]
+    data: str,
+    image_root: str | None,
+    fmt: str,
+    convention: str,
+    run_config: dict[str, Any],
+    *,
+    source_convention: str = "pixels",
+    pixel_budget: tuple[int | None, int | None] = (None, None),
 ) -> list[Sample]:
-    """``--data``: ``embedded[:split]`` or a benchmark file read by ``geovlm.data.readers``."""
+    """``--data``: ``embedded[:split]`` or a benchmark file read by ``geovlm.data.readers``
+    (its bracketed boxes in ``source_convention``; prompts and answers rendered in the model's
+    ``convention`` with the processor's ``pixel_budget``)."""
     if data == "embedded" or data.startswith("embedded:"):
         return embedded_samples(data.partition(":")[2] or "test", run_config, convention)
     from geovlm.data.readers import read_samples
@@ -503,7 +555,15 @@ def load_samples(
     path = Path(data)
     if not path.is_file():
         raise EvalInputError(f"--data {data}: no such file (or use 'embedded')")
-    return read_samples(path, image_root=image_root, fmt=fmt, convention=convention)
+    return read_samples(
+        path,
+        image_root=image_root,
+        fmt=fmt,
+        convention=convention,
+        source_convention=source_convention,
+        min_pixels=pixel_budget[0],
+        max_pixels=pixel_budget[1],
+    )
 
 
 def select_samples(
@@ -556,7 +616,15 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
     convention = (args.convention or _section(run_config, "model").get("box_convention")
                   or "qwen25vl")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    samples = load_samples(args.data, args.image_root, args.format, convention, run_config)
+    samples = load_samples(
+        args.data,
+        args.image_root,
+        args.format,
+        convention,
+        run_config,
+        source_convention=args.source_convention,
+        pixel_budget=checkpoint_pixel_budget(checkpoint),
+    )
     samples = select_samples(samples, tasks, args.max_samples_per_task)
     if not samples:
         raise EvalInputError(f"--data {args.data}: no samples left for tasks {tasks or 'all'}")
