@@ -43,7 +43,7 @@ CLIP_CAPACITY = 64
 _FOUR_OVER_PI_SQ = 4.0 / (math.pi * math.pi)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
 def _clamp01(x: float) -> float:
     if x > 1.0:
         return 1.0
@@ -52,7 +52,7 @@ def _clamp01(x: float) -> float:
     return 0.0  # also NaN
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
 def iou_xyxy(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     """IoU of ``a[i]`` and ``b[j]`` (kept branch-light: it is the hot loop of most rewards)."""
     aw, ah = a[i, 2] - a[i, 0], a[i, 3] - a[i, 1]
@@ -158,7 +158,7 @@ def _prepare_rotated(box: np.ndarray, out: np.ndarray) -> None:
     out[4] = math.sqrt(hw * hw + hh * hh)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
 def _cross(ox: float, oy: float, ax: float, ay: float, bx: float, by: float) -> float:
     return (ax - ox) * (by - oy) - (ay - oy) * (bx - ox)
 
