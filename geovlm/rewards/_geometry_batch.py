@@ -1,7 +1,8 @@
 """Batched Numba kernels over CSR box sets: pairwise values, dense matrices, and the detection
 rewards of many candidates against per-sample ground truth in one call.
 
-Inputs (already validated and, for polygons, prepared by ``_geometry_shapes.prepare_polygons``):
+Inputs are validated by the caller; polygons arrive prepared (``prepare_polygons``), except in
+``polygon_pairs_kernel``, which takes raw rotated / quadrilateral rows.
 * ``pred`` ``[P, D]`` flat boxes of all candidates, ``pred_offsets`` ``[C + 1]`` int64: candidate
   ``c`` owns rows ``pred_offsets[c]:pred_offsets[c + 1]``.
 * ``gt`` ``[G, D]`` flat ground-truth boxes, ``gt_offsets`` ``[S + 1]`` int64, and ``gt_index``
