@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read inside the kernels: jit code may only see globals wrapped as constexpr.
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
 
 
 def _configs() -> list[triton.Config]:
@@ -93,6 +95,7 @@ def _scaled_logits(
     stride_hn, stride_hk, stride_wv, stride_wk, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] fp32 tile of z; columns at or past v_end are -inf."""
     row_ok = rm < N
@@ -112,7 +115,13 @@ def _scaled_logits(
             w = tl.load(w_ptrs, mask=col_ok[None, :] & (rk[:, None] < k_left), other=0.0)
         # The weight may be stored wider than the activations (fp32 master lm_head with bf16
         # hidden states): compute in the activations' dtype, as autocast would.
-        acc = tl.dot(h, w.to(h.dtype), acc, input_precision=DOT_PRECISION)
+        w = w.to(h.dtype)
+        if UPCAST_DOT:
+            # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; bf16 x bf16
+            # products are exact in fp32, so upcasting gives the GPU's fp32-accumulated result.
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_K * stride_hk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -145,7 +154,7 @@ def _forward_chunk_kernel(
     z = _scaled_logits(
         h_ptr, w_ptr, b_ptr, rm, rn, N, v_end, H,
         stride_hn, stride_hk, stride_wv, stride_wk, inv_temp,
-        HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+        HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, _UPCAST_DOT,
     )
     row_ok = rm < N
     m = tl.max(z, axis=1)
@@ -189,7 +198,7 @@ def _grad_logits_chunk_kernel(
     z = _scaled_logits(
         h_ptr, w_ptr, b_ptr, rm, rn, N, v_end, H,
         stride_hn, stride_hk, stride_wv, stride_wk, inv_temp,
-        HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+        HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, _UPCAST_DOT,
     )
     row_ok = rm < N
     live = row_ok[:, None] & (rn[None, :] < v_end)
