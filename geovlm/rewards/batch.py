@@ -1,0 +1,162 @@
+"""``score``: the rewards of a batch of completions of mixed tasks, as one ``RewardBatch``.
+
+``score(tasks, completions [C], targets [C]) -> RewardBatch`` with ``components["format"] [C]``,
+``components["accuracy"] [C]`` (float64, each in [0, 1]) and
+``total [C] = w_format[task] * format + w_accuracy[task] * accuracy``. Each completion is parsed
+once (``parse.extract_answer`` then ``parse.parse_for_task``); the parse feeds both components.
+Completions are grouped by task and each group is scored by one call of its accuracy function, so
+the geometry and text kernels see whole batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from geovlm.data.schema import TASKS, Target
+from geovlm.rewards.format import format_reward
+from geovlm.rewards.parse import extract_answer, parse_for_task, resized_size_for
+from geovlm.rewards.tasks import REGISTRY, RewardOptions, TaskSpec
+
+COMPONENTS: tuple[str, ...] = ("format", "accuracy")
+
+
+@dataclass
+class RewardBatch:
+    """Rewards of ``C`` completions.
+
+    Attributes:
+        total: ``[C]`` float64, the weighted sum of the components (what GRPO normalises).
+        components: name -> ``[C]`` float64 in [0, 1] (``"format"``, ``"accuracy"``).
+    """
+
+    total: np.ndarray
+    components: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.total)
+
+
+def _task_list(tasks: Sequence[str] | str, targets: Sequence[Target]) -> list[str]:
+    names = [tasks] * len(targets) if isinstance(tasks, str) else list(tasks)
+    if len(names) != len(targets):
+        raise ValueError(f"{len(names)} tasks for {len(targets)} targets")
+    for i, (name, target) in enumerate(zip(names, targets, strict=True)):
+        if name not in TASKS:
+            raise ValueError(f"completion {i}: unknown task {name!r}; known: {sorted(TASKS)}")
+        if target.task != name:
+            raise ValueError(f"completion {i}: task {name!r} but its target is {target.task!r}")
+    return names
+
+
+def resolve_weights(
+    weights: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None,
+    registry: Mapping[str, TaskSpec],
+) -> dict[str, TaskSpec]:
+    """The registry with ``weights`` applied.
+
+    ``weights`` is either component -> weight for every task (``{"format": 0.5}``) or
+    task -> {component -> weight} (``{"counting": {"accuracy": 2.0}}``); weights are finite, >= 0.
+    """
+    out = dict(registry)
+    if not weights:
+        return out
+    if set(weights) <= set(COMPONENTS):
+        per_task = {task: weights for task in out}
+    elif set(weights) <= set(TASKS):
+        per_task = weights
+    else:
+        raise ValueError(
+            f"weights keys must all be components {COMPONENTS} or all be tasks, "
+            f"got {sorted(weights)}"
+        )
+    for task, comp in per_task.items():
+        if not isinstance(comp, Mapping) or not set(comp) <= set(COMPONENTS):
+            raise ValueError(f"weights for {task!r} must map {COMPONENTS} to numbers, got {comp!r}")
+        for name, value in comp.items():
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"weight {task}.{name} must be finite and >= 0, got {value!r}")
+        out[task] = replace(
+            out[task],
+            format_weight=float(comp.get("format", out[task].format_weight)),
+            accuracy_weight=float(comp.get("accuracy", out[task].accuracy_weight)),
+        )
+    return out
+
+
+def _bounded(values: np.ndarray) -> np.ndarray:
+    """The [0, 1] guarantee of every component, whatever a custom accuracy function returns."""
+    return np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0), 0.0, 1.0)
+
+
+def score(
+    tasks: Sequence[str] | str,
+    completions: Sequence[str],
+    targets: Sequence[Target],
+    weights: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    options: RewardOptions | None = None,
+    prompts: Sequence[str | None] | None = None,
+    registry: Mapping[str, TaskSpec] | None = None,
+) -> RewardBatch:
+    """Format and accuracy rewards of ``completions`` against ``targets``, routed by task.
+
+    Args:
+        tasks: one task name for the whole batch, or one per completion (must equal
+            ``targets[i].task``).
+        completions: the generated texts (non-strings score 0).
+        targets: the ground truth of each completion; the G completions of one prompt may share
+            one ``Target`` object (its boxes are then matched once).
+        weights: component weights, for every task or per task (``resolve_weights``).
+        options: the accuracy rewards' choices (``RewardOptions``; defaults follow the paper).
+        prompts: the prompt of each completion; answer blocks echoed from it are ignored.
+        registry: task -> ``TaskSpec`` (default ``tasks.REGISTRY``).
+    """
+    options = options or RewardOptions()
+    specs = resolve_weights(weights, REGISTRY if registry is None else registry)
+    names = _task_list(tasks, targets)
+    if len(completions) != len(targets):
+        raise ValueError(f"{len(completions)} completions but {len(targets)} targets")
+    if prompts is not None and len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+
+    parsed: list[object | None] = []
+    for i, (completion, target) in enumerate(zip(completions, targets, strict=True)):
+        answer = extract_answer(completion, prompts[i] if prompts is not None else None)
+        resized = None
+        if options.convention == "qwen25vl":
+            resized = resized_size_for(
+                tuple(target.image_size), options.min_pixels, options.max_pixels
+            )
+        parsed.append(
+            parse_for_task(
+                answer,
+                target,
+                convention=options.convention,
+                resized_size=resized,
+                synonyms=options.synonyms,
+            )
+        )
+    fmt = format_reward(completions, targets, parsed=parsed)
+
+    accuracy = np.zeros(len(completions))
+    w_format = np.zeros(len(completions))
+    w_accuracy = np.zeros(len(completions))
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    for name, index in groups.items():
+        if name not in specs:
+            raise ValueError(f"no reward registered for task {name!r}")
+        spec = specs[name]
+        values = spec.accuracy([parsed[i] for i in index], [targets[i] for i in index], options)
+        accuracy[index] = _bounded(values)
+        w_format[index] = spec.format_weight
+        w_accuracy[index] = spec.accuracy_weight
+    fmt = _bounded(fmt)
+    return RewardBatch(
+        total=w_format * fmt + w_accuracy * accuracy,
+        components={"format": fmt, "accuracy": accuracy},
+    )
