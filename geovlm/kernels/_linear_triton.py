@@ -113,9 +113,6 @@ def _scaled_logits(
             k_left = H - k * BLOCK_K
             h = tl.load(h_ptrs, mask=row_ok[:, None] & (rk[None, :] < k_left), other=0.0)
             w = tl.load(w_ptrs, mask=col_ok[None, :] & (rk[:, None] < k_left), other=0.0)
-        # The weight may be stored wider than the activations (fp32 master lm_head with bf16
-        # hidden states): compute in the activations' dtype, as autocast would.
-        w = w.to(h.dtype)
         if UPCAST_DOT:
             # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; bf16 x bf16
             # products are exact in fp32, so upcasting gives the GPU's fp32-accumulated result.
@@ -230,6 +227,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _compute_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in the activations' dtype (tl.dot takes one dtype).
+
+    A wider weight (fp32 master lm_head with bf16 hidden states) is rounded once on the host,
+    as autocast would round it for `F.linear`, rather than per tile in the kernels.
+    """
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
 def _grid(n: int, vc: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(vc, meta["BLOCK_N"]),)
 
@@ -256,6 +262,7 @@ def forward(
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
+    weight = _compute_weight(weight, hidden.dtype)
     f32 = dict(device=dev, dtype=torch.float32)
     run_max = torch.full((n,), float("-inf"), **f32)
     run_sum = torch.zeros(n, **f32)
@@ -322,6 +329,7 @@ def backward(
     grad_hidden = torch.zeros(n, h, device=dev, dtype=torch.float32) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty_like(bias) if need_bias else None
+    weight = _compute_weight(weight, cdtype)
     width = min(vocab_chunk, v)
     g = torch.empty(n, width, device=dev, dtype=cdtype)
     gbias = torch.empty(triton.cdiv(n, _MIN_BLOCK_M) if need_bias else 1, width,
@@ -346,7 +354,7 @@ def backward(
             )
             w_chunk = weight[v0 : v0 + vc]
             if need_hidden:
-                grad_hidden += _mm_fp32(gc, w_chunk.to(cdtype))
+                grad_hidden += _mm_fp32(gc, w_chunk)
             if need_weight:
                 grad_weight[v0 : v0 + vc] = _mm_fp32(gc.t(), hidden)
             if need_bias:
