@@ -107,11 +107,6 @@ class TaskSpec:
 # --------------------------------------------------------------------------- helpers
 
 
-def _given(parsed: Sequence[object]) -> np.ndarray:
-    """Indices of the answers that parsed."""
-    return np.array([i for i, p in enumerate(parsed) if p is not None], dtype=np.int64)
-
-
 def _scatter(n: int, index: np.ndarray, values) -> np.ndarray:
     out = np.zeros(n)
     if len(index):
@@ -133,18 +128,16 @@ def _text_scores(
     metric: Callable[[list[str], list[list[str]]], np.ndarray],
 ) -> np.ndarray:
     """``metric`` on the answers that parsed and have references; 0 elsewhere."""
-    index = np.array(
-        [
-            i
-            for i, (p, t) in enumerate(zip(parsed_text, targets, strict=True))
-            if p and references(t)
-        ],
-        dtype=np.int64,
-    )
-    if not len(index):
+    index, candidates, refs = [], [], []
+    for i, (answer, target) in enumerate(zip(parsed_text, targets, strict=True)):
+        target_refs = references(target)
+        if answer and target_refs:
+            index.append(i)
+            candidates.append(answer)
+            refs.append(target_refs)
+    if not index:
         return np.zeros(len(parsed_text))
-    values = metric([parsed_text[i] for i in index], [references(targets[i]) for i in index])
-    return _scatter(len(parsed_text), index, values)
+    return _scatter(len(parsed_text), np.array(index, dtype=np.int64), metric(candidates, refs))
 
 
 def _box_csr(boxes: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +184,7 @@ def _box_reward(
     kind: Literal["multibox", "first_box"],
     width: int,
 ) -> np.ndarray:
-    """Box reward of every candidate (``None`` -> no boxes, which only an empty truth rewards)."""
+    """Box reward of every candidate; an answer without usable boxes (``None``) scores 0."""
     boxes = [np.zeros((0, width)) if p is None else _pred_width(p, width) for p in pred]
     flat, offsets = _box_csr(boxes, width)
     gt, gt_offsets, sample_index = _gt_csr(targets, width)
