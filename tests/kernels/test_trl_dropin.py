@@ -1,0 +1,108 @@
+"""TRL drop-in: a tiny Qwen2 causal LM trained for a few GRPO steps with TRL's own loss and with the
+fused loss (``FusedGRPOTrainer``) logs the same losses and ends with the same weights.
+
+The model and tokenizer are built offline from a config; generation, rewards and advantages are
+TRL's in both runs, so any difference comes from the loss. On CPU the fused run uses the Triton
+kernels through the interpreter when it is active, else the chunked torch path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import INTERPRETED
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+from geovlm.kernels import trl as fused_trl  # noqa: E402
+
+WORDS = ["field", "river", "ship", "tank", "road", "farm", "city", "forest", "yes", "no"]
+
+
+def _tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    vocab.update({w: i + 3 for i, w in enumerate(WORDS)})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def _model_dir(tmp_path, tokenizer):
+    """A freshly initialised tiny Qwen2 saved to disk (TRL builds the KL reference model from
+    the policy's path)."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
+    )
+    path = tmp_path / "tiny-qwen2"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _reward(completions, **kwargs):
+    """Deterministic and varied across a group: the share of ship/tank words."""
+    return [sum(w in ("ship", "tank") for w in c.split()) / max(len(c.split()), 1)
+            for c in completions]
+
+
+def _train(tmp_path, fused: bool, **options):
+    tokenizer = _tokenizer()
+    prompts = ["field river ship", "tank road farm", "city forest yes", "no ship tank"]
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / ("fused" if fused else "trl")), per_device_train_batch_size=4,
+        num_generations=4, gradient_accumulation_steps=2, max_completion_length=6,
+        max_steps=3, learning_rate=0.5, optim="sgd", logging_steps=1, report_to=[], use_cpu=True,
+        seed=7, save_strategy="no", temperature=0.9, disable_tqdm=True, bf16=False, **options,
+    )
+    cls = fused_trl.FusedGRPOTrainer if fused else trl.GRPOTrainer
+    kwargs = {"backend": "triton" if INTERPRETED else "torch"} if fused else {}
+    trainer = cls(model=_model_dir(tmp_path, tokenizer), reward_funcs=_reward, args=args,
+                  train_dataset=datasets.Dataset.from_dict({"prompt": prompts * 4}),
+                  processing_class=tokenizer, **kwargs)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, trainer.model.state_dict()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type="dapo", beta=0.04, epsilon_high=0.28, steps_per_generation=4),
+        dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2,
+             use_bias_correction_kl=True, beta=0.02),
+    ],
+    ids=["dapo-kl-off-policy", "grpo-sequence-multi-iteration"],
+)
+def test_fused_trainer_matches_trl(tmp_path, monkeypatch, options):
+    calls = []
+    original = fused_trl.fused_log_probs
+    monkeypatch.setattr(fused_trl, "fused_log_probs",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    trl_logs, trl_weights = _train(tmp_path, False, **options)
+    fused_logs, fused_weights = _train(tmp_path, True, **options)
+    assert len(calls) == 3 * 2  # 3 optimiser steps x 2 accumulation micro-batches
+    assert len(trl_logs) == len(fused_logs) == 3
+    for ours, theirs in zip(fused_logs, trl_logs, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6)
+        for key in ("kl", "entropy", "clip_ratio/region_mean", "reward"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    assert any(abs(h["loss"]) > 1e-6 for h in trl_logs)
+    for name, value in trl_weights.items():
+        torch.testing.assert_close(fused_weights[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="entropy_coef"):
+        _train(tmp_path, True, entropy_coef=0.01)
