@@ -213,7 +213,7 @@ def linear_grpo_loss(
     ref_logp: torch.Tensor | None = None,
     completion_mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float = 0.9,
     beta: float = 0.04,
     eps_low: float = 0.2,
     eps_high: float = 0.4,
@@ -237,8 +237,9 @@ def linear_grpo_loss(
 
     hidden ``[B, L, H]`` aligned with ``completion_ids [B, L]`` (``[B, L + 1, H]`` and
     ``[B * L, H]`` are accepted too), weight ``[V, H]``, advantages ``[B]``; ``old_logp``,
-    ``ref_logp``, ``completion_mask`` ``[B, L]``. The GRPO options and their defaults are those of
-    ``reference.grpo_loss_from_logps`` (Liger ``triton_grpo_loss`` names). Ids at masked
+    ``ref_logp``, ``completion_mask`` ``[B, L]``. The GRPO options are those of
+    ``reference.grpo_loss_from_logps``, with the names and defaults of the logits kernel
+    ``grpo_loss`` (Liger's ``triton_grpo_loss``, temperature 0.9 included). Ids at masked
     positions are never read (padding may hold any value). Returns ``(loss, metrics)``.
     """
     if completion_ids.dim() != 2:

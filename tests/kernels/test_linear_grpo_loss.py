@@ -368,7 +368,8 @@ def test_frozen_lm_head_and_bias(backend):
     w = x["weight"].clone()
     b = x["bias"].clone()
     loss, _ = linear_grpo_loss(h, w, x["ids"], x["adv"], old_logp=x["old"],
-                               completion_mask=x["mask"], bias=b, beta=0.0, backend=backend)
+                               completion_mask=x["mask"], bias=b, beta=0.0, temperature=1.0,
+                               backend=backend)
     loss.backward()
     assert w.grad is None and b.grad is None
     _, oracle = _loss_pair(x, backend, dict(beta=0.0, temperature=1.0))
