@@ -1,5 +1,6 @@
 """TRL drop-in: a tiny Qwen2 causal LM trained for a few GRPO steps with TRL's own loss and with the
-fused loss (``FusedGRPOTrainer``) logs the same losses and ends with the same weights.
+fused loss (``FusedGRPOTrainer``, or ``enable_fused_loss`` on a built trainer) logs the same losses
+and ends with the same weights (fp32 and plain SGD, so the weights follow the gradients linearly).
 
 The model and tokenizer are built offline from a config; generation, rewards and advantages are
 TRL's in both runs, so any difference comes from the loss. On CPU the fused run uses the Triton
@@ -56,41 +57,44 @@ def _reward(completions, **kwargs):
             for c in completions]
 
 
-def _train(tmp_path, fused: bool, **options):
+def _train(tmp_path, fused: str | None, **options):
     tokenizer = _tokenizer()
     prompts = ["field river ship", "tank road farm", "city forest yes", "no ship tank"]
     args = trl.GRPOConfig(
-        output_dir=str(tmp_path / ("fused" if fused else "trl")), per_device_train_batch_size=4,
+        output_dir=str(tmp_path / (fused or "trl")), per_device_train_batch_size=4,
         num_generations=4, gradient_accumulation_steps=2, max_completion_length=6,
         max_steps=3, learning_rate=0.5, optim="sgd", logging_steps=1, report_to=[], use_cpu=True,
         seed=7, save_strategy="no", temperature=0.9, disable_tqdm=True, bf16=False, **options,
     )
-    cls = fused_trl.FusedGRPOTrainer if fused else trl.GRPOTrainer
-    kwargs = {"backend": "triton" if INTERPRETED else "torch"} if fused else {}
+    backend = "triton" if INTERPRETED else "torch"
+    cls = fused_trl.FusedGRPOTrainer if fused == "subclass" else trl.GRPOTrainer
+    kwargs = {"backend": backend} if fused == "subclass" else {}
     trainer = cls(model=_model_dir(tmp_path, tokenizer), reward_funcs=_reward, args=args,
                   train_dataset=datasets.Dataset.from_dict({"prompt": prompts * 4}),
                   processing_class=tokenizer, **kwargs)
+    if fused == "enable":
+        fused_trl.enable_fused_loss(trainer, backend=backend)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, trainer.model.state_dict()
 
 
 @pytest.mark.parametrize(
-    "options",
+    "fused,options",
     [
-        dict(loss_type="dapo", beta=0.04, epsilon_high=0.28, steps_per_generation=4),
-        dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2,
-             use_bias_correction_kl=True, beta=0.02),
+        ("subclass", dict(loss_type="dapo", beta=0.04, epsilon_high=0.28, steps_per_generation=4)),
+        ("enable", dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2,
+                        use_bias_correction_kl=True, beta=0.02)),
     ],
     ids=["dapo-kl-off-policy", "grpo-sequence-multi-iteration"],
 )
-def test_fused_trainer_matches_trl(tmp_path, monkeypatch, options):
+def test_fused_trainer_matches_trl(tmp_path, monkeypatch, fused, options):
     calls = []
     original = fused_trl.fused_log_probs
     monkeypatch.setattr(fused_trl, "fused_log_probs",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    trl_logs, trl_weights = _train(tmp_path, False, **options)
-    fused_logs, fused_weights = _train(tmp_path, True, **options)
+    trl_logs, trl_weights = _train(tmp_path, None, **options)
+    fused_logs, fused_weights = _train(tmp_path, fused, **options)
     assert len(calls) == 3 * 2  # 3 optimiser steps x 2 accumulation micro-batches
     assert len(trl_logs) == len(fused_logs) == 3
     for ours, theirs in zip(fused_logs, trl_logs, strict=True):
@@ -105,4 +109,4 @@ def test_fused_trainer_matches_trl(tmp_path, monkeypatch, options):
 
 def test_unsupported_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="entropy_coef"):
-        _train(tmp_path, True, entropy_coef=0.01)
+        _train(tmp_path, "subclass", entropy_coef=0.01)
