@@ -160,7 +160,7 @@ def bench_shape(h: int, b: int, seq: int, v: int, device: str) -> list[dict]:
         call = step(run)
         try:
             call()  # compile / autotune outside the timing
-            ms = time_ms(call, cuda, repeats=5)
+            ms = time_ms(call, cuda, repeats=21)
             mem = peak_mib(call) if cuda else float("nan")
         except torch.OutOfMemoryError:
             ms, mem = float("nan"), float("nan")
@@ -173,7 +173,7 @@ def bench_shape(h: int, b: int, seq: int, v: int, device: str) -> list[dict]:
     with torch.no_grad():
         h2d = x.hidden.detach().reshape(n, h)
         w = x.weight.detach()
-        gemm_ms = time_ms(lambda: torch.mm(h2d, w.t()), cuda, repeats=5)
+        gemm_ms = time_ms(lambda: torch.mm(h2d, w.t()), cuda, repeats=21)
     rate = 2 * n * h * v / (gemm_ms * 1e-3)
     floor_ms = 6 * n * h * v / rate * 1e3
     rows.append(dict(shape=f"H={h} N={n} V={v}", method="matmul_floor", ms=floor_ms,
