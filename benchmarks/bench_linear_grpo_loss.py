@@ -198,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     else:
         shapes = [CPU_SHAPE]
-        print("device: cpu (smoke shape; the torch paths, not the Triton kernels)")
+        # One thread: intra-op threads fighting other processes for shared cores swamp the
+        # differences at this size.
+        torch.set_num_threads(1)
+        print("device: cpu, 1 thread (smoke shape; the torch paths, not the Triton kernels)")
     rows = []
     for h, b, seq, v in shapes:
         print(f"H={h} B={b} L={seq} V={v}", flush=True)
