@@ -12,7 +12,7 @@ import pytest
 
 from geovlm import eval as E
 from geovlm.metrics import task_metrics
-from geovlm.rewards import score
+from geovlm.rewards import RewardOptions, score
 from tests.fixtures_eval import HERE, samples
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -57,7 +57,8 @@ def test_evaluate_scores_predictions_like_metrics_and_rewards(tmp_path):
         texts = [predictions[s.id] for s in mine]
         targets = [s.target for s in mine]
         expected = task_metrics(task, texts, targets, prompts=[s.prompt for s in mine])
-        rewards = score(task, texts, targets, prompts=[s.prompt for s in mine])
+        options = RewardOptions(convention="qwen25vl", use_embeddings=False)
+        rewards = score(task, texts, targets, options=options, prompts=[s.prompt for s in mine])
         got = report.metrics[task]
         assert got["n"] == len(mine)
         assert {k: got[k] for k in expected} == pytest.approx(expected)
@@ -146,11 +147,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, directory: str) -> None:
+def _worker(rank: int, world: int, port: int, directory: str, fail: bool = False) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if fail:
+        def broken(*args, **kwargs):
+            raise ValueError("metrics broke")
+
+        E.score_predictions = broken
     try:
         items, predictions = _fixture()
         fake = CountingGenerator(predictions)
@@ -158,15 +164,18 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
                             predictions_path=Path(directory) / "predictions.jsonl",
                             generate_fn=fake)
         out = {"generated": fake.generated, "metrics": report.metrics}
-        (Path(directory) / f"rank{rank}.json").write_text(json.dumps(out))
+    except Exception as err:
+        out = {"error": f"{type(err).__name__}: {err}"}
     finally:
         dist.destroy_process_group()
+    (Path(directory) / f"rank{rank}.json").write_text(json.dumps(out))
 
 
 def test_two_ranks_shard_and_gather(tmp_path):
     import torch.multiprocessing as mp
 
     items, predictions = _fixture()
+    single = E.evaluate(None, None, items, generate_fn=CountingGenerator(predictions))
     # Fork: the ranks inherit the imported modules and compiled kernels (spawn re-imports them).
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
@@ -174,13 +183,24 @@ def test_two_ranks_shard_and_gather(tmp_path):
     assert results[0]["generated"] == [s.id for s in items[0::2]]
     assert results[1]["generated"] == [s.id for s in items[1::2]]
     assert results[0]["metrics"] == results[1]["metrics"]
-    single = E.evaluate(None, None, items, generate_fn=CountingGenerator(predictions))
     assert set(results[0]["metrics"]) == set(single.metrics)
     for task, values in single.metrics.items():
         assert results[0]["metrics"][task] == pytest.approx(values)
     merged = E.read_predictions(tmp_path / "predictions.jsonl")
     assert {k: v["prediction"] for k, v in merged.items()} == predictions
     assert not list(tmp_path.glob("predictions.rank*.jsonl"))
+
+
+def test_a_failure_on_rank_0_reaches_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    _fixture()
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), True), nprocs=2,
+                       join=True, start_method="fork")
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    assert errors[0] == "ValueError: metrics broke"
+    assert errors[1].startswith("RuntimeError: evaluation failed on rank 0")
+    assert "metrics broke" in errors[1]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -238,3 +258,62 @@ def test_embedded_data_follows_run_config(tmp_path):
         (s.id, s.prompt, s.target.answer) for s in expected
     ]
     assert {s.task for s in got} == {"counting", "vqa"}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A freshly built (untrained) tiny Qwen2.5-VL saved in HF format, as training saves one."""
+    from geovlm.data.synthetic import corpus, embedded_splits
+    from geovlm.model import build_policy, save_pretrained
+
+    directory = tmp_path_factory.mktemp("tiny")
+    texts = corpus(embedded_splits(seed=0, n_train=2, n_val=0, n_test=0)["train"])
+    model, processor = build_policy(
+        tokenizer_corpus=texts,
+        tiny={"vocab_size": 600, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 1},
+    )
+    save_pretrained(model, processor, directory)
+    return directory
+
+
+def test_cli_end_to_end_on_embedded_test_split(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from geovlm.data.schema import TASKS
+
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(tiny_checkpoint), "--max-samples-per-task", "1",
+            "--max-new-tokens", "6", "--batch-size", "5", "--out", str(out)]
+    assert E.main(args) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "metrics.json").read_text())
+    assert list(saved["metrics"]) == list(TASKS)
+    assert all(values["n"] == 1 for values in saved["metrics"].values())
+    assert set(saved["summary"]) == set(TASKS)
+    assert "| task | metric | value |" in printed and "| vqa | accuracy |" in printed
+    records = E.read_predictions(out / "predictions.jsonl")
+    assert sorted(r["task"] for r in records.values()) == sorted(TASKS)
+    assert all(isinstance(r["prediction"], str) for r in records.values())
+
+    # A rerun finds every prediction stored: the model generates nothing, the numbers repeat.
+    def no_generation(*args, **kwargs):
+        def fail(batch):
+            raise AssertionError(f"generated {len(batch)} samples on a finished evaluation")
+        return fail
+
+    monkeypatch.setattr(E, "greedy_generator", no_generation)
+    assert E.main(args) == 0
+    assert json.loads((out / "metrics.json").read_text()) == saved
+
+
+def test_cli_on_a_benchmark_file(tiny_checkpoint, tmp_path, capsys):
+    assert E.checkpoint_pixel_budget(tiny_checkpoint) == (56 * 56, 224 * 224)
+    out = tmp_path / "bench"
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", str(HERE / "bench.jsonl"),
+            "--tasks", "vqa,referred_det", "--max-new-tokens", "4", "--out", str(out)]
+    assert E.main(args) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert list(saved["metrics"]) == ["referred_det", "vqa"]
+    assert set(E.read_predictions(out / "predictions.jsonl")) == {"b1", "b3"}

@@ -15,6 +15,8 @@ from geovlm import metrics as M
 from geovlm.data.schema import Target
 from tests.fixtures_eval import load
 
+METEOR = "coco"  # pycocoevalcap's Java METEOR, the evaluation default
+
 
 def _rows(name: str, task: str) -> tuple[list[str], list[Target]]:
     rows = [r for r in load(name) if r[1] == task]
@@ -254,3 +256,103 @@ def test_pooled_ap_matches_pycocotools(seed, threshold, tied):
 
 def test_pooled_ap_without_gt_is_absent():
     assert M.pooled_average_precision([np.ones((1, 4))], [np.zeros((0, 4))], 0.5) is None
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def test_region_caption_fixture_rouge_by_hand():
+    # rc1 "a ship in water" vs "a red ship": 2 shared unigrams, P 2/4, R 2/3 -> F 4/7; the LCS
+    # "a ship" gives the same ROUGE-L. rc2 has no answer: the empty sentence scores 0.
+    got = _metrics("captions", "region_caption", meteor_backend=METEOR)
+    assert set(got) == {"rouge_1", "rouge_l", "meteor"}
+    assert got["rouge_1"] == pytest.approx(2 / 7)
+    assert got["rouge_l"] == pytest.approx(2 / 7)
+    # METEOR is the corpus score of exactly these sentences (rewards.meteor is tested against
+    # pycocoevalcap's jar; starting a second Java process here would only repeat that).
+    from geovlm.rewards.meteor import corpus_meteor
+
+    expected = corpus_meteor(["a ship in water", ""], [["a red ship"], ["a white plane"]])
+    assert 0 < got["meteor"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_grounding_fixture_boxes_and_text_by_hand():
+    # gd1: both boxes exact; its text "a red ship near a tank" is a subsequence of the 7 stemmed
+    # tokens of "a red ship near a storage tank": P 1, R 6/7 -> F 12/13 (ROUGE-1 and -L).
+    # gd2: its box misses; "a ship" vs "a white plane": P 1/2, R 1/3 -> F 2/5.
+    got = _metrics("captions", "grounding_desc", meteor_backend=METEOR)
+    assert got["acc@0.5"] == got["acc@0.25"] == pytest.approx(0.5)
+    assert got["box_precision@0.5"] == got["box_precision@0.25"] == pytest.approx(2 / 3)
+    assert got["rouge_1"] == pytest.approx((12 / 13 + 2 / 5) / 2)
+    assert got["rouge_l"] == pytest.approx((12 / 13 + 2 / 5) / 2)
+    from geovlm.rewards.meteor import corpus_meteor
+
+    expected = corpus_meteor(["a red ship near a tank", "a ship"],
+                             [["a red ship near a storage tank"], ["a white plane"]])
+    assert got["meteor"] == pytest.approx(expected, abs=1e-12)
+
+
+def _rsicd(n_groups: int = 12, refs_per_group: int = 3):
+    """Real captions: per RSICD scene category, one caption as the candidate and the next
+    ``refs_per_group`` of the same category as its references."""
+    import json
+    from pathlib import Path
+
+    pairs = json.loads(Path("/work/shared/data/rsicd_test_captions.json").read_text())["pairs"]
+    by_category: dict[str, list[str]] = {}
+    for pair in pairs:
+        name = pair["image_filename"]
+        if "_" in name:
+            by_category.setdefault(name.rsplit("_", 1)[0], []).append(pair["caption"])
+    groups = [v for _, v in sorted(by_category.items()) if len(v) > refs_per_group][:n_groups]
+    candidates = [g[0] for g in groups]
+    references = [g[1 : 1 + refs_per_group] for g in groups]
+    return candidates, references
+
+
+@pytest.fixture(scope="module")
+def coco_tokenized():
+    """The RSICD captions through pycocoevalcap's own Java PTBTokenizer (started once)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    candidates, references = _rsicd()
+    gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
+    res = {i: [{"caption": c}] for i, c in enumerate(candidates)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        tokenizer = PTBTokenizer()
+        return tokenizer.tokenize(gts), tokenizer.tokenize(res)
+
+
+def test_image_caption_metrics_match_pycocoevalcap_and_rouge_score(coco_tokenized):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from rouge_score import rouge_scorer
+
+    candidates, references = _rsicd()
+    targets = [Target(task="image_caption", answer=r[0], image_size=(224, 224), captions=tuple(r))
+               for r in references]
+    got = M.task_metrics("image_caption", [f"<answer>{c}</answer>" for c in candidates],
+                         targets, meteor_backend=METEOR)
+    gts, res = coco_tokenized
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        cider, _ = Cider().compute_score(gts, res)
+
+    for n in range(4):
+        assert got[f"bleu_{n + 1}"] == pytest.approx(bleu[n], rel=1e-9, abs=1e-12)
+    assert got["cider"] == pytest.approx(cider, rel=1e-9)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    per_sample = [[scorer.score(r, c) for r in refs] for c, refs in zip(candidates, references,
+                                                                         strict=True)]
+    for key, name in (("rouge1", "rouge_1"), ("rougeL", "rouge_l")):
+        expected = np.mean([np.mean([s[key].fmeasure for s in row]) for row in per_sample])
+        assert got[name] == pytest.approx(expected, rel=1e-12)
+    assert 0 < got["bleu_4"] < got["bleu_1"] < 1
+    assert got["cider"] > 0
+
+
+def test_change_caption_fixture_has_the_full_set():
+    got = _metrics("captions", "change_caption", meteor_backend=METEOR)
+    assert set(got) == {"rouge_1", "rouge_l", "meteor", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
+                        "cider"}
+    assert all(0 <= v <= 1 for k, v in got.items() if k != "cider")
