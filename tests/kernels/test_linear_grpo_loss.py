@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from geovlm.kernels import reference as ref
 from geovlm.kernels.linear_grpo_loss import linear_grpo_loss, linear_selective_log_softmax
-from tests.kernels.conftest import INTERPRETED, needs_cuda, needs_interpreter
+
+from .conftest import INTERPRETED, needs_cuda, needs_interpreter
 
 TRITON = pytest.param("triton", marks=needs_interpreter)
 BACKENDS = [TRITON, "torch"]
