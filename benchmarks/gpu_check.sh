@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One-call GPU check for the kernels (see ../shared/device/README.md), run from the repo root on
+# the lent GPU machine:  bash benchmarks/gpu_check.sh   (with `carry: [".whl"]`, timeout_s ~420).
+#
+# 1. installs the carried wheels (../shared/device/fetch-wheels.sh: liger-kernel, ...) into /tmp/site;
+# 2. runs the CUDA-marked tests (compiled kernels vs the float64 reference);
+# 3. runs the kernel benchmarks (bench_grpo_loss.py, and bench_linear_grpo_loss.py when present);
+# 4. prints a short summary with the benchmark tables last.
+# Full logs and CSVs go to $OUT (at most 8 files come back): env.txt, cuda_tests.log,
+# bench_grpo_loss.{log,csv}, bench_linear_grpo_loss.{log,csv}.
+set -uo pipefail
+
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+# The CUDA tests must compile the real kernels, never the interpreter.
+unset TRITON_INTERPRET
+
+{
+  date -u
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+    --format=csv 2>&1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import liger_kernel, importlib.metadata as m; print('liger', m.version('liger-kernel'))" 2>&1
+} > "$OUT/env.txt" 2>&1
+
+timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/kernels > "$OUT/cuda_tests.log" 2>&1
+tests_rc=$?
+
+bench() {  # bench NAME: run benchmarks/NAME.py, log and CSV under $OUT
+  if [ -f "benchmarks/$1.py" ]; then
+    timeout 300 python3 "benchmarks/$1.py" --csv "$OUT/$1.csv" > "$OUT/$1.log" 2>&1
+    echo "$1 exit code: $?" >> "$OUT/$1.log"
+  fi
+}
+bench bench_grpo_loss
+bench bench_linear_grpo_loss
+
+echo "== environment"
+cat "$OUT/env.txt"
+echo "== CUDA tests (exit code $tests_rc): $(tail -n 1 "$OUT/cuda_tests.log")"
+if [ "$tests_rc" -ne 0 ]; then
+  grep -E "^(FAILED|ERROR)" "$OUT/cuda_tests.log" | head -20
+fi
+for name in bench_grpo_loss bench_linear_grpo_loss; do
+  if [ -f "$OUT/$name.log" ]; then
+    echo "== $name"
+    tail -n 30 "$OUT/$name.log"
+  fi
+done
