@@ -99,18 +99,19 @@ def _canonical(label: str, classes: tuple[str, ...]) -> str:
 def label_correct(answer: str | None, target: Target) -> bool:
     """Whether a single-label answer names the target's label.
 
-    yes/no labels compare as yes/no (``parse_yes_no``: "Yes, it changed." is yes); with a class
-    vocabulary the answer must name exactly one class and it must be the label (``parse_label``:
-    case, plurals and synonyms folded, "A or B" is wrong); without one, normalised exact match.
+    yes/no labels compare as yes/no (``parse_yes_no``: "Yes, it changed." is yes). Otherwise the
+    answer must name exactly one class of ``Target.classes`` and it must be the label
+    (``parse_label``: case, plurals and synonyms folded, "A or B" is wrong); without a
+    vocabulary the label is the only class, so "It is a forest." names "forest" (the reward's
+    rule too).
     """
     if answer is None or target.label is None:
         return False
     gold = target.label
     if normalize_text(gold) in ("yes", "no"):
         return parse_yes_no(answer) == (normalize_text(gold) == "yes")
-    if target.classes:
-        return parse_label(answer, target.classes) == _canonical(gold, target.classes)
-    return normalize_text(answer) == normalize_text(gold)
+    classes = tuple(target.classes) or (gold,)
+    return parse_label(answer, classes) == _canonical(gold, classes)
 
 
 def classification_metrics(answers: Sequence[str | None], targets: Sequence[Target]) -> dict:
@@ -125,8 +126,8 @@ def classification_metrics(answers: Sequence[str | None], targets: Sequence[Targ
 def multilabel_metrics(answers: Sequence[str | None], targets: Sequence[Target]) -> dict:
     """multilabel_cls: per-sample set comparison of the named classes with ``Target.labels``.
 
-    With P the predicted set (``parse_labels`` over ``Target.classes``, or the normalised
-    comma-separated items when there is no vocabulary) and G the gold set:
+    With P the predicted set (``parse_labels`` over ``Target.classes``; without a vocabulary
+    the comma-separated items, each folded onto a gold label it spells) and G the gold set:
     ``precision`` = |P∩G|/|P|, ``recall`` = |P∩G|/|G| (EarthDial's "accuracy" for multi-label
     sets), ``f1`` = 2|P∩G|/(|P|+|G|), ``exact_match`` = [P == G]; an empty set on both sides
     scores 1, an empty set on one side 0. Means over samples. The headline is ``f1``: recall
@@ -138,8 +139,12 @@ def multilabel_metrics(answers: Sequence[str | None], targets: Sequence[Target])
             gold = {_canonical(label, target.classes) for label in target.labels}
             pred = set(parse_labels(answer, target.classes)) if answer else set()
         else:
-            gold = {normalize_text(label) for label in target.labels} - {""}
-            pred = set(split_items(answer)) if answer else set()
+            # No vocabulary: each listed item is a gold label (up to plurals / synonyms) or an
+            # extra class of its own, so extra items still cost precision.
+            matcher = label_matcher(tuple(target.labels))
+            gold = {_canonical(label, tuple(target.labels)) for label in target.labels}
+            items = split_items(answer) if answer else []
+            pred = {matcher.exact(item) or item for item in items}
         hit = len(pred & gold)
         if not pred and not gold:
             rows.append((1.0, 1.0, 1.0, 1.0))

@@ -356,3 +356,29 @@ def test_change_caption_fixture_has_the_full_set():
     assert set(got) == {"rouge_1", "rouge_l", "meteor", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
                         "cider"}
     assert all(0 <= v <= 1 for k, v in got.items() if k != "cider")
+
+
+def test_meteor_backend_is_routed():
+    from geovlm.rewards.meteor import corpus_meteor
+
+    got = _metrics("captions", "region_caption", meteor_backend="nltk")
+    expected = corpus_meteor(["a ship in water", ""], [["a red ship"], ["a white plane"]],
+                             backend="nltk")
+    assert got["meteor"] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="backend"):
+        _metrics("captions", "region_caption", meteor_backend="bleu")
+
+
+def test_label_without_vocabulary():
+    target = Target(task="scene_cls", answer="Forest", image_size=(112, 112), label="Forest")
+    assert M.label_correct("It is a forest.", target)
+    assert M.label_correct("forests", target)
+    assert not M.label_correct("farmland", target)
+
+
+def test_multilabel_without_vocabulary():
+    target = Target(task="multilabel_cls", answer="", image_size=(112, 112),
+                    labels=("ship", "storage tank"))
+    # "ships" and "storage tanks" are the two labels, "trees" an extra class: P 2/3, R 1.
+    got = M.multilabel_metrics(["ships, storage tanks and trees"], [target])
+    assert got == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "exact_match": 0})
