@@ -84,6 +84,21 @@ class DataConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Choices of the task rewards (``geovlm.rewards.RewardOptions``); defaults follow the paper."""
+
+    rotated_iou: Literal["hbb", "rotated"] = "hbb"
+    referred_reward: Literal["multibox", "first_box"] = "multibox"
+    counting: Literal["exact", "smooth"] = "exact"
+    vqa: Literal["jaccard", "exact"] = "jaccard"
+    caption_metric: Literal["levenshtein", "cider_d"] = "levenshtein"
+    use_embeddings: bool = True
+    semantic_weight: float = 0.5
+    lexical: str = "rouge_l_f1"
+    grounding_text_weight: float = 0.5
+
+
+@dataclass
 class StageConfig:
     """One training stage: SFT, or GRPO on a task set. Stages run in order, each from the last."""
 
@@ -118,6 +133,7 @@ class StageConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     use_bias_correction_kl: bool = False
     reward_weights: dict[str, float] = field(default_factory=dict)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
 
 
 @dataclass

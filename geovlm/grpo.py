@@ -91,52 +91,63 @@ def completion_logps(model, batch: PolicyBatch, temperature: float) -> torch.Ten
 
 
 def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Tensor, dict]:
-    """The GRPO loss of ``batch`` under ``model`` (with grad) and its metrics."""
+    """The GRPO loss of ``batch`` under ``model`` (with grad) and TRL's metrics.
+
+    Per-token log-probs come from a fused kernel (the linear one on the last hidden state and
+    ``lm_head.weight``, or the logits one), then ``reference.grpo_loss_from_logps`` (the one
+    definition of the GRPO math, shared by both kernels) turns them into the loss.
+    """
+    from geovlm.kernels import fused_log_probs
+    from geovlm.kernels.reference import grpo_loss_from_logps
     from geovlm.model import forward_hidden, forward_logits, lm_head_weight
 
     stage = ctx.stage
-    options = dict(
-        temperature=stage.temperature,
+    start = batch.prompt_length - 1
+    length = batch.completion_ids.shape[1]
+    if use_fused_linear(ctx):
+        from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
+
+        hidden = forward_hidden(model, batch.inputs)[:, start : start + length]
+        ids = batch.completion_ids * batch.completion_mask.to(batch.completion_ids.dtype)
+        logps = linear_selective_log_softmax(
+            hidden, lm_head_weight(model), ids, temperature=stage.temperature
+        )
+    else:
+        logits = forward_logits(model, batch.inputs)[:, start : start + length]
+        logps, _ = fused_log_probs(
+            logits, batch.completion_ids, batch.completion_mask, stage.temperature
+        )
+    return grpo_loss_from_logps(
+        logps,
+        batch.old_logps,
+        batch.ref_logps,
+        batch.advantages,
+        batch.completion_mask,
         beta=stage.beta,
         eps_low=stage.epsilon_low,
         eps_high=stage.epsilon_high,
         loss_type=stage.loss_type,
-        max_completion_length=stage.max_new_tokens,
         importance_sampling_level=stage.importance_sampling_level,
+        max_completion_length=stage.max_new_tokens,
         delta=stage.delta,
         use_bias_correction_kl=stage.use_bias_correction_kl,
     )
-    start = batch.prompt_length - 1
-    length = batch.completion_ids.shape[1]
-    if use_fused_linear(ctx):
-        from geovlm.kernels import linear_grpo_loss
 
-        hidden = forward_hidden(model, batch.inputs)[:, start : start + length]
-        weight = lm_head_weight(model)
-        return linear_grpo_loss(
-            hidden,
-            weight,
-            batch.completion_ids,
-            batch.advantages,
-            old_logp=batch.old_logps,
-            ref_logp=batch.ref_logps,
-            completion_mask=batch.completion_mask,
-            **options,
-        )
-    from geovlm.kernels import grpo_loss
 
-    # The kernels take logits (B, L+1, V) like Liger's and drop the last position.
-    logits = forward_logits(model, batch.inputs)[:, start : start + length + 1]
-    return grpo_loss(
-        logits,
-        batch.old_logps,
-        batch.ref_logps,
-        batch.completion_ids,
-        batch.advantages,
-        batch.completion_mask,
-        inplace=False,
-        reduce=True,
-        **options,
+def reward_options(ctx: StageContext, processor):
+    """The stage's reward choices, with the model's box convention and pixel budget."""
+    from dataclasses import asdict
+
+    from geovlm.data.collate import pixel_budget
+    from geovlm.rewards import RewardOptions
+
+    min_pixels, max_pixels = pixel_budget(processor)
+    return RewardOptions(
+        convention=ctx.config.model.box_convention,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        embedding_device=str(ctx.device),
+        **asdict(ctx.stage.rewards),
     )
 
 
@@ -185,6 +196,7 @@ def run_grpo(
     # Sharded parameters need every rank in every forward of generate().
     synced = ctx.world_size > 1 and ctx.config.distributed.strategy != "ddp"
     per_rank = stage.batch_size // ctx.world_size
+    options = reward_options(ctx, processor)
     profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
     bar = tqdm(
         range(start, stage.steps),
@@ -220,7 +232,8 @@ def run_grpo(
                 rollouts.texts,
                 [s.target for s in rows],
                 weights=stage.reward_weights or None,
-                convention=ctx.config.model.box_convention,
+                options=options,
+                prompts=[s.prompt for s in rows],
             )
         # Groups never straddle ranks (each rank owns whole prompts), so the group statistics
         # are exact per rank.
@@ -244,7 +257,7 @@ def run_grpo(
                 engine.backward(loss)
             with nvtx_range("grpo/optimizer"):
                 grad_norm = engine.step(advance_schedule=iteration + 1 == stage.num_iterations)
-            loss_metrics = {"loss": float(loss), "grad_norm": grad_norm}
+            loss_metrics = {"loss": loss.item(), "grad_norm": grad_norm}
             loss_metrics.update({k: float(v) for k, v in metrics.items()})
 
         record = {"stage": stage.name, "kind": "grpo", "step": step, "lr": lr}
