@@ -229,7 +229,7 @@ def _width(target: Target) -> int:
 
 
 def gt_boxes(target: Target) -> np.ndarray:
-    """The target's boxes, ``[K, 4]`` xyxy or ``[K, 5]`` rotated pixels (``[0, W]`` if none)."""
+    """The target's boxes, ``[K, 4]`` xyxy or ``[K, 5]`` rotated pixels (``K = 0`` if none)."""
     if target.boxes is None:
         return _empty_boxes(_width(target))
     return np.asarray(target.boxes, dtype=np.float64)
@@ -289,8 +289,9 @@ def matched_counts(
 ) -> np.ndarray:
     """True positives of a one-to-one matching at ``iou_threshold``, per sample ``[C]`` int64.
 
-    The matching is ``geometry.detection_prf``'s (each gt box matches at most one predicted box
-    with IoU >= threshold); samples are batched per box layout (4 or 5 columns).
+    The matching is ``geometry.detection_prf``'s: greedy from the highest IoU down, each gt box
+    taking at most one predicted box with IoU >= threshold (the first 100 predicted boxes are
+    matched; the rest still count as predictions). Samples are batched per box layout.
     """
     from geovlm.rewards.geometry import detection_prf
 
