@@ -170,6 +170,9 @@ def linear_selective_log_softmax(
     impl = _backend_module(backend, hidden.device)
     out_shape = ids.shape
     h2d = hidden.reshape(-1, hidden.shape[-1])
+    if h2d.shape[0] == 0:
+        # No tokens: nothing to launch (a zero-size grid), the torch path returns the empties.
+        impl = _linear_torch
     flat_ids = ids.reshape(-1).to(torch.int64).contiguous()
     chunk = _vocab_chunk(impl, h2d.shape[0], weight.shape[0], hidden.dtype, vocab_chunk_size)
     temperature = float(temperature)
