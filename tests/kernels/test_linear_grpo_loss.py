@@ -425,6 +425,17 @@ def test_hidden_layouts_agree(backend):
     assert torch.allclose(losses[0], losses[2], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    h = torch.randn(0, 5, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    ids = torch.zeros(0, 5, dtype=torch.long)
+    assert linear_selective_log_softmax(h, w, ids, backend=backend).shape == (0, 5)
+    loss, _ = linear_grpo_loss(h, w, ids, torch.zeros(0), beta=0.0, backend=backend)
+    loss.backward()
+    assert h.grad.shape == h.shape and not w.grad.any()
+
+
 def test_bad_inputs_get_clear_errors():
     x = _grpo_inputs("bad")
     hidden, weight, ids, adv = x["hidden"], x["weight"], x["ids"].clamp(min=0), x["adv"]
