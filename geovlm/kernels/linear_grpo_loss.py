@@ -35,7 +35,8 @@ Backend = Literal["auto", "triton", "torch"]
 
 # Budget of the one vocab-chunk logit-gradient buffer G [N, chunk] of the Triton backward.
 _GRAD_CHUNK_BYTES = 1 << 30
-# Chunk widths are powers of two times this, so a few widths cover every N (no re-tuning).
+# Chunk widths are powers of two times this: chunk edges stay tile-aligned and only a few
+# distinct widths (kernel specialisations) occur as N varies between steps.
 _CHUNK_ALIGN = 256
 # Vocab columns per block of the torch path (1024 tokens x 4096 columns fp32 = 16 MiB).
 _TORCH_VOCAB_CHUNK = 4096
