@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class StepProfiler:
         self.enabled = enabled
         self.path = Path(out_dir) / f"trace_{stage}.json"
         self._prof = None
+        # step() runs at the top of every step, so step index wait + warmup - 1 is recorded first.
+        self._first_recorded = max(wait + warmup - 1, 0)
         if enabled:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
@@ -66,3 +69,11 @@ class StepProfiler:
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             self._prof = None
+            if not self.path.is_file():
+                # The stage ended before the first recorded step: torch writes no trace then.
+                print(
+                    f"profile: no trace for {self.path.stem}: the stage ended during the "
+                    f"profiler's warm-up (profile at least {self._first_recorded + 1} steps)",
+                    file=sys.stderr,
+                    flush=True,
+                )
