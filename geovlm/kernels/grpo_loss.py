@@ -24,10 +24,16 @@ import triton
 import triton.language as tl
 
 from . import _chunked, reference
-from ._backend import use_triton
-from .logprobs import NUM_WARPS, block_v, forward_stats
+from ._backend import use_triton, vocab_configs
+from .logprobs import forward_stats
+
+# (BLOCK_V, num_warps) candidates, tuned per vocabulary size and dtype on first use. Tuning runs
+# the kernel several times, so the gradient buffer (the logits themselves when in place) is
+# restored after each trial.
+BWD_CONFIGS = [(2048, 4), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16)]
 
 
+@triton.autotune(configs=vocab_configs(BWD_CONFIGS), key=["vocab"], restore_value=["grad_ptr"])
 @triton.jit
 def _grad_logits_kernel(
     logits_ptr,
@@ -45,7 +51,7 @@ def _grad_logits_kernel(
     stride_gt,
     stride_ib,
     stride_il,
-    temperature,
+    inv_temperature,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -67,12 +73,12 @@ def _grad_logits_kernel(
         m = tl.load(max_ptr + stat)
         log_sum = tl.load(logsum_ptr + stat)
         idx = tl.load(ids_ptr + b * stride_ib + t * stride_il).to(tl.int64)
-        scale = g / temperature
+        scale = g * inv_temperature
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             in_vocab = offs < vocab
             x = tl.load(base + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
-            x = x / temperature
+            x = x * inv_temperature
             p = tl.exp((x - m) - log_sum)
             grad = (tl.where(offs == idx, 1.0, 0.0) - p) * scale
             tl.store(out + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
@@ -123,8 +129,7 @@ class SelectiveLogSoftmaxFunction(torch.autograd.Function):
             _grad_logits_kernel[(b * n_pos,)](
                 src, out, ids, g, row_max, log_sum, seq, n_pos, vocab,
                 src.stride(0), src.stride(1), out.stride(0), out.stride(1),
-                ids.stride(0), ids.stride(1), float(ctx.temperature),
-                BLOCK_V=block_v(vocab), num_warps=NUM_WARPS,
+                ids.stride(0), ids.stride(1), 1.0 / ctx.temperature,
             )
         return out, None, None, None, None, None, None
 

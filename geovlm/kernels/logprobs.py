@@ -21,13 +21,14 @@ import triton
 import triton.language as tl
 
 from . import _chunked
-from ._backend import use_triton
+from ._backend import use_triton, vocab_configs
 
-# Largest vocab block one program loads at a time; more would spill registers.
-MAX_BLOCK_V = 4096
-NUM_WARPS = 8
+# (BLOCK_V, num_warps) candidates, tuned per vocabulary size and dtype on first use: from one warp
+# streaming a row (Liger's choice) to 16 warps on 8k-wide blocks.
+FWD_CONFIGS = [(2048, 1), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]
 
 
+@triton.autotune(configs=vocab_configs(FWD_CONFIGS), key=["vocab"])
 @triton.jit
 def _logsoftmax_fwd_kernel(
     logits_ptr,
@@ -45,7 +46,7 @@ def _logsoftmax_fwd_kernel(
     stride_il,
     stride_mb,
     stride_ml,
-    temperature,
+    inv_temperature,
     HAS_MASK: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -65,7 +66,8 @@ def _logsoftmax_fwd_kernel(
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             x = tl.load(base + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32)
-            x = x / temperature
+            # A multiply: an fp32 division per element would cost more than the memory traffic.
+            x = x * inv_temperature
             m_new = tl.maximum(m, tl.max(x, axis=0))
             # While every value seen is -inf there is nothing to rescale: shift by 0, not -inf,
             # so that exp(-inf - -inf) never makes a NaN.
@@ -82,7 +84,7 @@ def _logsoftmax_fwd_kernel(
         log_sum = tl.log(s)
         idx = tl.load(ids_ptr + b * stride_ib + t * stride_il).to(tl.int64)
         in_range = (idx >= 0) & (idx < vocab)
-        x_id = tl.load(base + tl.where(in_range, idx, 0)).to(tl.float32) / temperature
+        x_id = tl.load(base + tl.where(in_range, idx, 0)).to(tl.float32) * inv_temperature
         logp = tl.where(in_range, (x_id - m) - log_sum, float("nan"))
         tl.store(logp_ptr + row, logp)
         tl.store(max_ptr + row, m)
@@ -95,10 +97,6 @@ def _logsoftmax_fwd_kernel(
         tl.store(logsum_ptr + row, 0.0)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
-
-
-def block_v(vocab: int) -> int:
-    return min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
 
 
 def check_logits_ids(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -155,9 +153,8 @@ def forward_stats(
         logits, ids, mask_arg, logp, row_max, log_sum,
         entropy if entropy is not None else logp,
         seq, vocab, logits.stride(0), logits.stride(1), ids.stride(0), ids.stride(1),
-        mask_arg.stride(0), mask_arg.stride(1), float(temperature),
-        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block_v(vocab),
-        num_warps=NUM_WARPS,
+        mask_arg.stride(0), mask_arg.stride(1), 1.0 / temperature,
+        HAS_MASK=mask is not None, WITH_ENTROPY=with_entropy,
     )
     return logp, row_max, log_sum, entropy
 

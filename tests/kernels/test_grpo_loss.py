@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 
-from geovlm.kernels import _chunked, logprobs
+from geovlm.kernels import _backend, _chunked
 from geovlm.kernels import reference as ref
 from geovlm.kernels.grpo_loss import fused_log_probs, grpo_loss
 
@@ -158,13 +158,13 @@ def test_options_match_float64_reference(backend, loss_type, level, extra):
 
 
 @needs_interpreter
-def test_multi_block_rows_with_whole_neg_inf_blocks(monkeypatch):
-    """Vocab blocks smaller than V (so the online logsumexp rescales), a first block that is all
+def test_multi_block_rows_with_whole_neg_inf_blocks():
+    """Several vocab blocks per row (so the online logsumexp rescales), a first block that is all
     -inf, all-negative rows far from 0, and a large positive row."""
-    monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 128)
-    c = _case(21, vocab=517)
-    c["logits"][0, :, :128] = -float("inf")
-    c["ids"][0] = torch.randint(128, 517, (L,), generator=c["g"])
+    block = _backend.INTERPRETER_BLOCK_V
+    c = _case(21, vocab=2 * block + 17)
+    c["logits"][0, :, :block] = -float("inf")
+    c["ids"][0] = torch.randint(block, 2 * block + 17, (L,), generator=c["g"])
     c["logits"][1] -= 1e4
     c["logits"][2] += 1e4
     c["mask"][2] = 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geovlm.kernels import _backend, logprobs
+from geovlm.kernels import _backend
 from geovlm.kernels import reference as ref
 from geovlm.kernels.logprobs import selective_log_softmax
 
@@ -65,17 +65,17 @@ def test_mask_skips_rows_and_their_ids(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_extreme_logits(backend, monkeypatch):
+def test_extreme_logits(backend):
     """Rows far below 0, far above 0, -inf entries, a whole -inf vocab block before the first
-    finite one (blocks of 64 here), a -inf target, and a one-entry vocabulary."""
-    monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 64)
-    logits, ids, g = _logits(5, (B, L, 301), scale=30.0)
+    finite one, a -inf target, and a one-entry vocabulary."""
+    block = _backend.INTERPRETER_BLOCK_V
+    logits, ids, g = _logits(5, (B, L, block + 301), scale=30.0)
     logits[0] -= 1e4
     logits[1] += 1e4
-    logits[2, :, :64] = -float("inf")
-    logits[2, :, 64::5] = -float("inf")
-    ids[2] = torch.randint(64, 301, (L,), generator=g)
-    ids[2, 0] = 64  # a -inf target: log-prob -inf, not NaN
+    logits[2, :, :block] = -float("inf")
+    logits[2, :, block::5] = -float("inf")
+    ids[2] = torch.randint(block + 1, block + 301, (L,), generator=g)
+    ids[2, 0] = block  # a -inf target: log-prob -inf, not NaN
     logp, ent = selective_log_softmax(logits, ids, 1.0, True, backend=backend)
     want_logp, want_ent = _want(logits, ids)
     assert logp[2, 0] == -float("inf")
