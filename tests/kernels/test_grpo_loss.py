@@ -405,3 +405,12 @@ def test_kernels_compile_for_hopper():
     if "No module named 'triton.backends.nvidia'" in run.stderr:
         pytest.skip("this Triton build has no NVIDIA backend")
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+def test_package_import_stays_standalone():
+    """``import geovlm.kernels`` pulls in neither transformers, trl nor numba."""
+    code = ("import sys, geovlm.kernels; "
+            "print(sorted(m for m in ('transformers', 'trl', 'numba') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
