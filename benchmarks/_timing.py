@@ -21,9 +21,11 @@ from collections.abc import Callable
 import torch
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int = 7) -> float:
-    """Median milliseconds of ``fn()``; the first call (compilation, caches) is not timed."""
-    fn()
+def median_ms(fn: Callable[[], object], device: str, repeats: int = 15) -> float:
+    """Median milliseconds of ``fn()``; warm-up calls (compilation, autotuning, caches, and the
+    CPU thread pool, which starts slowly on a loaded machine) are not timed."""
+    for _ in range(1 if device == "cuda" else 5):
+        fn()
     if device == "cuda":
         from triton.testing import do_bench
 
