@@ -8,17 +8,26 @@ their references, and references repeat across prompts):
 - ``ref_offsets``: int64 ``[C+1]`` and ``refs``: int64 ``[R]``, the string indices of candidate c's
   references are ``refs[ref_offsets[c]:ref_offsets[c+1]]``;
 - ``tokens``: int64 ``[T]`` and ``offsets``: int64 ``[U+1]``, the token ids of string u are
-  ``tokens[offsets[u]:offsets[u+1]]``; ``words[i]`` is the token of id i. Ids are dense, in order of
-  first appearance, so ``len(words)`` bounds them.
+  ``tokens[offsets[u]:offsets[u+1]]``; ids are dense below ``vocab_size``, and ``words[i]`` (decoded
+  on first use) is the token of id i.
+
+Word tokens come from one text of the whole batch, one line per string and its tokens separated
+by spaces (``_text_tokenize.ptb_lines`` / ``rouge_lines``), split and numbered by the Numba
+kernel of ``_text_words``: no Python work per string or per token on the common path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain
 
 import numpy as np
+
+from geovlm.rewards._text_lcs import dense_ids
+from geovlm.rewards._text_tokenize import porter_stem, ptb_lines, rouge_lines
+from geovlm.rewards._text_words import split_lines
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,12 @@ class TokenBatch:
     strings: StringBatch
     tokens: np.ndarray
     offsets: np.ndarray
-    words: list[str]
+    vocab_size: int
+    decode: Callable[[], list[str]]
+
+    @cached_property
+    def words(self) -> list[str]:
+        return self.decode()
 
 
 def _check(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -78,14 +92,13 @@ def encode_strings(candidates: Sequence[str], references: Sequence[Sequence[str]
         _check(candidates, references)
     try:
         counts = np.fromiter(map(len, references), np.int64, len(references))
-        strings = list(dict.fromkeys(chain(candidates, chain.from_iterable(references))))
-        index = {s: i for i, s in enumerate(strings)}
-        candidate = np.fromiter(map(index.__getitem__, candidates), np.int64, len(candidates))
+        flat = list(chain.from_iterable(references))
+        strings = list(dict.fromkeys([*candidates, *flat]))
+        index = dict(zip(strings, range(len(strings)), strict=True))
+        candidate = np.array(list(map(index.__getitem__, candidates)), np.int64)
         ref_offsets = np.zeros(len(references) + 1, np.int64)
         np.cumsum(counts, out=ref_offsets[1:])
-        refs = np.fromiter(
-            map(index.__getitem__, chain.from_iterable(references)), np.int64, int(ref_offsets[-1])
-        )
+        refs = np.array(list(map(index.__getitem__, flat)), np.int64)
     except (TypeError, ValueError):
         _check(candidates, references)
         raise
@@ -94,31 +107,45 @@ def encode_strings(candidates: Sequence[str], references: Sequence[Sequence[str]
     return StringBatch(strings, candidate, ref_offsets, refs)
 
 
-def encode_tokens(
-    candidates: Sequence[str],
-    references: Sequence[Sequence[str]],
-    tokenizer: Callable[[str], tuple[str, ...]],
-) -> TokenBatch:
-    """Validate, tokenize each distinct string once and map its tokens to dense ids."""
+def _split(strings: StringBatch, text: str) -> TokenBatch:
+    data = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+    tokens, offsets, spans = split_lines(data)
+
+    def decode() -> list[str]:
+        return [data[a:b].tobytes().decode("utf-8", "surrogatepass") for a, b in spans]
+
+    return TokenBatch(strings, tokens, offsets, len(spans), decode)
+
+
+def encode_ptb(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> TokenBatch:
+    """Validate and map every distinct string to the ids of its ``ptb_tokens``."""
     strings = encode_strings(candidates, references)
-    tokenized = [tokenizer(s) for s in strings.strings]
-    lengths = np.fromiter(map(len, tokenized), np.int64, len(tokenized))
-    offsets = np.zeros(len(tokenized) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = list(chain.from_iterable(tokenized))
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(flat))}
-    tokens = np.fromiter(map(vocab.__getitem__, flat), np.int64, len(flat))
-    return TokenBatch(strings, tokens, offsets, list(vocab))
+    return _split(strings, ptb_lines(strings.strings))
+
+
+def encode_rouge(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], use_stemmer: bool
+) -> TokenBatch:
+    """Validate and map every distinct string to the ids of its ``rouge_tokens``."""
+    strings = encode_strings(candidates, references)
+    batch = _split(strings, rouge_lines(strings.strings))
+    if not use_stemmer:
+        return batch
+    # rouge-score stems tokens longer than 3 characters: once per distinct word here.
+    stems = [porter_stem(w) if len(w) > 3 else w for w in batch.words]
+    stem_ids = {w: i for i, w in enumerate(dict.fromkeys(stems))}
+    remap = np.fromiter(map(stem_ids.__getitem__, stems), np.int64, len(stems))
+    vocab = list(stem_ids)
+    return TokenBatch(strings, remap[batch.tokens], batch.offsets, len(vocab), lambda: vocab)
 
 
 def encode_chars(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> TokenBatch:
-    """Like ``encode_tokens`` with one token per Unicode code point (for edit-distance metrics)."""
+    """Validate and map every distinct string to dense ids of its Unicode code points."""
     strings = encode_strings(candidates, references)
     lengths = np.fromiter(map(len, strings.strings), np.int64, len(strings.strings))
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     # surrogatepass: a lone surrogate in model output is a code point like any other here.
     joined = "".join(strings.strings).encode("utf-32-le", "surrogatepass")
-    points = np.frombuffer(joined, np.uint32)
-    alphabet, tokens = np.unique(points, return_inverse=True)
-    return TokenBatch(strings, tokens.astype(np.int64), offsets, [chr(p) for p in alphabet])
+    tokens, alphabet = dense_ids(np.frombuffer(joined, np.uint32))
+    return TokenBatch(strings, tokens, offsets, len(alphabet), lambda: list(map(chr, alphabet)))

@@ -32,6 +32,29 @@ def _popcount(x: np.uint64) -> int:
 
 
 @numba.njit(cache=True)
+def dense_ids(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Code points ``[T]`` -> dense ids ``[T]`` in order of first appearance, and the alphabet.
+
+    A direct lookup table (256 KiB for the Basic Multilingual Plane) instead of a sort.
+    """
+    top = 0
+    for i in range(points.size):
+        top = max(top, np.int64(points[i]))
+    table = np.full(max(top + 1, 1 << 16), -1, np.int64)
+    ids = np.empty(points.size, np.int64)
+    alphabet = np.empty(points.size, np.int64)
+    n = 0
+    for i in range(points.size):
+        p = np.int64(points[i])
+        if table[p] < 0:
+            table[p] = n
+            alphabet[n] = p
+            n += 1
+        ids[i] = table[p]
+    return ids, alphabet[:n]
+
+
+@numba.njit(cache=True)
 def pair_lcs(tokens, offsets, alphabet, cand, ref_offsets, refs):
     """See the module docstring."""
     longest = 0

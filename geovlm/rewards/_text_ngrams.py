@@ -6,12 +6,15 @@ N-gram ids are exact (no hashing loss) and hierarchical: a unigram's id is its w
 Because a prefix is always inserted before its extensions, ``prefix[i] < i``.
 
 ``sentence_ngrams(tokens [T], offsets [U+1], V, max_n)`` returns, per sentence u, its distinct
-n-grams of order 1..max_n as sorted ids ``ngrams[noff[u]:noff[u+1]]`` with their counts, plus
-``order``/``prefix``/``last`` ``[n_ids]`` and the key table ``[slots, 2]`` (key, id). Unigrams
-sort first (ids < V).
+n-grams of order 1..max_n as ids ``ngrams[noff[u]:noff[u+1]]`` with their counts, in order of
+first appearance, unigrams first (ids < V); plus ``order``/``prefix``/``last`` ``[n_ids]`` and the
+key table ``[slots, 2]`` (key, id).
 
 Candidates and references are addressed as in ``_text_encode``: ``cand [C]`` string index,
-``ref_offsets [C+1]`` / ``refs [R]`` string indices. Scores are float64.
+``ref_offsets [C+1]`` / ``refs [R]`` string indices. A candidate is matched against a reference
+by scattering its n-grams into an id-indexed scratch array (``mark[id] == c`` and ``slot[id]``)
+and streaming the reference's n-grams through it: no sorting, O(|candidate| + |reference|).
+Scores are float64.
 """
 
 from __future__ import annotations
@@ -58,19 +61,8 @@ def _table_grow(table: np.ndarray) -> np.ndarray:
     return new
 
 
-@numba.njit(cache=True)
-def _insertion_sort(a: np.ndarray, lo: int, hi: int) -> None:
-    for i in range(lo + 1, hi):
-        x = a[i]
-        j = i - 1
-        while j >= lo and a[j] > x:
-            a[j + 1] = a[j]
-            j -= 1
-        a[j + 1] = x
-
-
-# The key table starts at twice the number of n-gram positions (so it never grows on a reward
-# batch) but at most this many slots; a large corpus (cider_document_frequency) grows it.
+# The key table holds at most 70% of its slots; it starts large enough for a reward batch but at
+# most this big, so that a large corpus (cider_document_frequency) grows it instead.
 _MAX_INITIAL_SLOTS = 1 << 22
 
 
@@ -78,42 +70,48 @@ _MAX_INITIAL_SLOTS = 1 << 22
 def sentence_ngrams(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int, max_n: int):
     """See the module docstring. Returns (ngrams, counts, noff, order, prefix, last, table)."""
     n_sent = offsets.size - 1
-    total = 0
     longer = 0
     longest = 0
     for u in range(n_sent):
         length = offsets[u + 1] - offsets[u]
         longest = max(longest, length)
-        total += length
         for k in range(2, max_n + 1):
             longer += max(length - k + 1, 0)
-    total += longer
+    total = tokens.size + longer
     ngrams = np.empty(total, np.int64)
     counts = np.empty(total, np.int64)
     noff = np.zeros(n_sent + 1, np.int64)
-    scratch = np.empty(max(longest * max_n, 1), np.int64)
     prev = np.empty(max(longest, 1), np.int64)
 
     slots = 16
-    while slots < 2 * longer and slots < _MAX_INITIAL_SLOTS:
+    while 10 * longer > 7 * slots and slots < _MAX_INITIAL_SLOTS:
         slots *= 2
     table = np.full((slots, 2), _EMPTY, np.int64)
     used = 0
     # At most one new id per position of order >= 2.
-    order = np.ones(vocab_size + longer, np.int64)
-    prefix = np.full(vocab_size + longer, -1, np.int64)
-    last = np.arange(vocab_size + longer)
+    capacity = vocab_size + longer
+    order = np.ones(capacity, np.int64)
+    prefix = np.full(capacity, -1, np.int64)
+    last = np.arange(capacity)
+    seen = np.full(capacity, -1, np.int64)  # last sentence holding the id
+    where = np.empty(capacity, np.int64)  # its entry there
     n_ids = vocab_size
 
     out = 0
     for u in range(n_sent):
         start = offsets[u]
         length = offsets[u + 1] - start
-        w = 0
         for i in range(length):
-            prev[i] = tokens[start + i]
-            scratch[w] = prev[i]
-            w += 1
+            g = tokens[start + i]
+            prev[i] = g
+            if seen[g] == u:
+                counts[where[g]] += 1
+            else:
+                seen[g] = u
+                where[g] = out
+                ngrams[out] = g
+                counts[out] = 1
+                out += 1
         for k in range(2, max_n + 1):
             for i in range(length - k + 1):
                 word = tokens[start + i + k - 1]
@@ -123,34 +121,27 @@ def sentence_ngrams(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int, ma
                 while table[s, 0] != _EMPTY and table[s, 0] != key:
                     s = (s + 1) & mask
                 if table[s, 0] == key:
-                    gid = table[s, 1]
+                    g = table[s, 1]
                 else:
-                    gid = n_ids
+                    g = n_ids
                     n_ids += 1
                     table[s, 0] = key
-                    table[s, 1] = gid
-                    order[gid] = k
-                    prefix[gid] = prev[i]
-                    last[gid] = word
+                    table[s, 1] = g
+                    order[g] = k
+                    prefix[g] = prev[i]
+                    last[g] = word
                     used += 1
-                    if 2 * used > table.shape[0]:
+                    if 10 * used > 7 * table.shape[0]:
                         table = _table_grow(table)
-                prev[i] = gid
-                scratch[w] = gid
-                w += 1
-        if w <= 64:
-            _insertion_sort(scratch, 0, w)
-        else:
-            scratch[:w] = np.sort(scratch[:w])
-        i = 0
-        while i < w:
-            j = i + 1
-            while j < w and scratch[j] == scratch[i]:
-                j += 1
-            ngrams[out] = scratch[i]
-            counts[out] = j - i
-            out += 1
-            i = j
+                prev[i] = g
+                if seen[g] == u:
+                    counts[where[g]] += 1
+                else:
+                    seen[g] = u
+                    where[g] = out
+                    ngrams[out] = g
+                    counts[out] = 1
+                    out += 1
         noff[u + 1] = out
     return (
         ngrams[:out],
@@ -170,6 +161,8 @@ def bleu(ngrams, counts, noff, order, lengths, cand, ref_offsets, refs, max_n):
     small = 1e-9
     n_cand = cand.size
     out = np.empty((n_cand, max_n), np.float64)
+    mark = np.full(order.size, -1, np.int64)
+    slot = np.empty(order.size, np.int64)
     longest = 0
     for u in range(noff.size - 1):
         longest = max(longest, noff[u + 1] - noff[u])
@@ -180,7 +173,11 @@ def bleu(ngrams, counts, noff, order, lengths, cand, ref_offsets, refs, max_n):
         c0 = noff[cu]
         nc = noff[cu + 1] - c0
         testlen = lengths[cu]
-        best[:nc] = 0
+        for e in range(nc):
+            g = ngrams[c0 + e]
+            mark[g] = c
+            slot[g] = e
+            best[e] = 0
         reflen = -1
         for r in range(ref_offsets[c], ref_offsets[c + 1]):
             ru = refs[r]
@@ -190,16 +187,10 @@ def bleu(ngrams, counts, noff, order, lengths, cand, ref_offsets, refs, max_n):
                 abs(rl - testlen) == abs(reflen - testlen) and rl < reflen
             ):
                 reflen = rl
-            j = noff[ru]
-            r_end = noff[ru + 1]
-            for e in range(nc):
-                g = ngrams[c0 + e]
-                while j < r_end and ngrams[j] < g:
-                    j += 1
-                if j == r_end:
-                    break
-                if ngrams[j] == g and counts[j] > best[e]:
-                    best[e] = counts[j]
+            for j in range(noff[ru], noff[ru + 1]):
+                g = ngrams[j]
+                if mark[g] == c and counts[j] > best[slot[g]]:
+                    best[slot[g]] = counts[j]
         correct[:] = 0
         for e in range(nc):
             k = order[ngrams[c0 + e]] - 1
@@ -263,13 +254,16 @@ def cider_d(ngrams, counts, noff, order, cand, ref_offsets, refs, df, ref_len, s
     """
     max_n = 4
     n_sent = noff.size - 1
+    idf = np.empty(df.size, np.float64)
+    for i in range(df.size):
+        idf[i] = ref_len - math.log(max(1.0, df[i]))
     vec = np.empty(ngrams.size, np.float64)
     norms = np.zeros((n_sent, max_n), np.float64)
     length2 = np.zeros(n_sent, np.float64)
     for u in range(n_sent):
         for e in range(noff[u], noff[u + 1]):
             k = order[ngrams[e]] - 1
-            vec[e] = float(counts[e]) * (ref_len - math.log(max(1.0, df[ngrams[e]])))
+            vec[e] = float(counts[e]) * idf[ngrams[e]]
             norms[u, k] += vec[e] ** 2
             if k == 1:
                 length2[u] += counts[e]
@@ -278,22 +272,21 @@ def cider_d(ngrams, counts, noff, order, cand, ref_offsets, refs, df, ref_len, s
     out = np.empty(cand.size, np.float64)
     val = np.empty(max_n, np.float64)
     score = np.empty(max_n, np.float64)
+    mark = np.full(df.size, -1, np.int64)
+    slot = np.empty(df.size, np.int64)
     for c in range(cand.size):
         cu = cand[c]
+        for e in range(noff[cu], noff[cu + 1]):
+            mark[ngrams[e]] = c
+            slot[ngrams[e]] = e
         score[:] = 0.0
         for r in range(ref_offsets[c], ref_offsets[c + 1]):
             ru = refs[r]
             val[:] = 0.0
-            j = noff[ru]
-            r_end = noff[ru + 1]
-            for e in range(noff[cu], noff[cu + 1]):
-                g = ngrams[e]
-                while j < r_end and ngrams[j] < g:
-                    j += 1
-                if j == r_end:
-                    break
-                if ngrams[j] == g:
-                    val[order[g] - 1] += min(vec[e], vec[j]) * vec[j]
+            for j in range(noff[ru], noff[ru + 1]):
+                g = ngrams[j]
+                if mark[g] == c:
+                    val[order[g] - 1] += min(vec[slot[g]], vec[j]) * vec[j]
             delta = length2[cu] - length2[ru]
             penalty = math.e ** (-(delta**2) / (2 * sigma**2))
             for k in range(max_n):
@@ -309,26 +302,27 @@ def cider_d(ngrams, counts, noff, order, cand, ref_offsets, refs, df, ref_len, s
 def unigram_overlap(ngrams, counts, noff, vocab_size, cand, ref_offsets, refs):
     """Per (candidate, reference) pair ``[R]``: clipped unigram overlap and distinct shared words.
 
-    Unigram ids are < vocab_size and sort before every longer n-gram.
+    Unigram ids are < vocab_size and come first in each sentence's list.
     """
     clipped = np.zeros(refs.size, np.int64)
     shared = np.zeros(refs.size, np.int64)
+    mark = np.full(max(vocab_size, 1), -1, np.int64)
+    slot = np.empty(max(vocab_size, 1), np.int64)
     for c in range(cand.size):
         cu = cand[c]
+        for e in range(noff[cu], noff[cu + 1]):
+            if ngrams[e] >= vocab_size:
+                break
+            mark[ngrams[e]] = c
+            slot[ngrams[e]] = e
         for r in range(ref_offsets[c], ref_offsets[c + 1]):
             ru = refs[r]
-            j = noff[ru]
-            r_end = noff[ru + 1]
-            for e in range(noff[cu], noff[cu + 1]):
-                g = ngrams[e]
+            for j in range(noff[ru], noff[ru + 1]):
+                g = ngrams[j]
                 if g >= vocab_size:
                     break
-                while j < r_end and ngrams[j] < g:
-                    j += 1
-                if j == r_end or ngrams[j] >= vocab_size:
-                    break
-                if ngrams[j] == g:
-                    clipped[r] += min(counts[e], counts[j])
+                if mark[g] == c:
+                    clipped[r] += min(counts[slot[g]], counts[j])
                     shared[r] += 1
     return clipped, shared
 

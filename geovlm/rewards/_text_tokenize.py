@@ -24,6 +24,10 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+import numpy as np
+
+from geovlm.rewards._text_words import plain_lines
+
 # Tokens PTB keeps with their trailing period whatever follows (measured on the 3.4.1 jar).
 _ALWAYS_ABBREVIATIONS = (
     "mrs|mr|ms|dr|prof|gen|rep|sen|st|jr|sr|inc|co|corp|ltd|plc|dept|univ|intl|sys|vs|etc|sq|tel"
@@ -32,6 +36,8 @@ _ALWAYS_ABBREVIATIONS = (
 )
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CLITICS = ("'s", "'m", "'d", "'re", "'ve", "'ll")
+_CLITIC_TAILS = frozenset(c[1:] for c in _CLITICS)
+_STANDALONE_CLITICS = frozenset((*_CLITICS, "n't"))
 _SPLIT_WORDS = {
     "cannot": ("can", "not"),
     "gonna": ("gon", "na"),
@@ -63,6 +69,7 @@ _PTB_RE = re.compile(
 )
 _ABBREVIATION_SET = frozenset(a + "." for a in _ALWAYS_ABBREVIATIONS.split("|"))
 _NUMBER_ABBREVIATIONS = ("no.", "fig.")  # kept whole before a number only: "no. 5"
+_PLAIN_RE = re.compile(r"([a-z0-9 ]*)(\. *)?")
 
 
 def _split_word(word: str) -> tuple[str, ...]:
@@ -79,8 +86,16 @@ def _split_word(word: str) -> tuple[str, ...]:
 @lru_cache(maxsize=1 << 16)
 def ptb_tokens(text: str) -> tuple[str, ...]:
     """pycocoevalcap-style tokens of one sentence (lower-cased, punctuation removed)."""
+    lowered = text.lower()
+    # Most captions are plain words and spaces, maybe ending in a period: ~4x faster path.
+    plain = _PLAIN_RE.fullmatch(lowered)
+    if plain:
+        words = plain.group(1).split()
+        final_abbreviation = plain.group(2) and words and words[-1] + "." in _ABBREVIATION_SET
+        if not final_abbreviation and _SPLIT_WORDS.keys().isdisjoint(words):
+            return tuple(words)
     tokens: list[str] = []
-    chunks = text.lower().split()
+    chunks = lowered.split()
     for i, chunk in enumerate(chunks):
         # The regex costs ~1 us a character; most chunks of a caption are plain words, or a
         # plain word and the comma or period after it.
@@ -93,6 +108,17 @@ def ptb_tokens(text: str) -> tuple[str, ...]:
         if chunk[-1] in ".,;:" and chunk[:-1].isalnum() and chunk not in _ABBREVIATION_SET:
             tokens.extend(_SPLIT_WORDS.get(chunk[:-1], (chunk[:-1],)))
             continue
+        if chunk in _STANDALONE_CLITICS:  # already-tokenized text: "there 's", "do n't"
+            tokens.append(chunk)
+            continue
+        head, quote, tail = chunk.partition("'")
+        if quote and head.isalnum() and head[-1].isalpha():  # "there's", "don't"
+            if tail in _CLITIC_TAILS:
+                tokens += (head, quote + tail)
+                continue
+            if tail == "t" and head[-1] == "n" and len(head) > 1:
+                tokens += (head[:-1], "n't")
+                continue
         for match in _PTB_RE.finditer(chunk):
             kind = match.lastgroup
             token = match.group()
@@ -109,7 +135,7 @@ _NON_ALNUM_RE = re.compile(r"[^a-z0-9]+")
 
 
 @lru_cache(maxsize=1 << 16)
-def _porter_stem(word: str) -> str:
+def porter_stem(word: str) -> str:
     return _stemmer().stem(word)
 
 
@@ -126,5 +152,46 @@ def rouge_tokens(text: str, use_stemmer: bool) -> tuple[str, ...]:
     """rouge-score's tokens of one text (its DefaultTokenizer)."""
     words = _NON_ALNUM_RE.sub(" ", text.lower()).split()
     if use_stemmer:
-        words = [_porter_stem(w) if len(w) > 3 else w for w in words]
+        words = [porter_stem(w) if len(w) > 3 else w for w in words]
     return tuple(words)
+
+
+def _word_list(words) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [w.encode() for w in words]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(w) for w in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8), offsets
+
+
+_SPLIT_WORD_LIST = _word_list(_SPLIT_WORDS)
+_ABBREVIATION_LIST = _word_list(_ALWAYS_ABBREVIATIONS.split("|"))
+_FINAL_PERIOD_RE = re.compile(r"\.(?= *(?:\n|\Z))")
+_NON_ALNUM_LINE_RE = re.compile(r"[^a-z0-9\n]+")
+
+
+def _joined(strings: list[str]) -> str:
+    text = "\n".join(strings)
+    if text.count("\n") != len(strings) - 1:  # some string holds a newline: make it a space
+        text = "\n".join(s.replace("\n", " ") for s in strings)
+    return text
+
+
+def ptb_lines(strings: list[str]) -> str:
+    """``"\\n".join(" ".join(ptb_tokens(s)) for s in strings)`` up to spacing, for the whole
+    batch in a few C-level and Numba passes; only unusual lines go through ``ptb_tokens``."""
+    lowered = _joined(strings).lower()
+    data = np.frombuffer(lowered.encode("utf-8", "surrogatepass"), np.uint8)
+    special = ~plain_lines(data, *_SPLIT_WORD_LIST, *_ABBREVIATION_LIST)
+    out = _FINAL_PERIOD_RE.sub("", lowered)
+    if not special.any():
+        return out
+    lines = out.split("\n")
+    for i in np.flatnonzero(special).tolist():
+        lines[i] = " ".join(ptb_tokens(strings[i]))
+    return "\n".join(lines)
+
+
+def rouge_lines(strings: list[str]) -> str:
+    """``"\\n".join(" ".join(rouge_tokens(s, False)) for s in strings)`` up to spacing, for the
+    whole batch at once (stemming is applied per distinct word by the caller)."""
+    return _NON_ALNUM_LINE_RE.sub(" ", _joined(strings).lower())

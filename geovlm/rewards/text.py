@@ -22,8 +22,10 @@ The pycocoevalcap metrics, the Jaccard index and ``tokenize`` share the regex to
 ``_text_tokenize`` (pycocoevalcap's PTBTokenizer pipeline, without Java); its output is a fixed
 point, so feeding pycocoevalcap ``" ".join(tokenize(s))`` gives identical scores.
 
-Each call tokenizes each distinct string once (tokenizations are cached across calls), maps
-words to dense ids, and runs the kernels of ``_text_ngrams`` / ``_text_lcs`` on flat arrays.
+Each call validates its inputs, keeps each distinct string once, tokenizes the whole batch with a
+few C-level string passes (``_text_tokenize.ptb_lines``; unusual sentences go through the full,
+cached tokenizer), numbers the words in Numba (``_text_words``) and runs the kernels of
+``_text_ngrams`` / ``_text_lcs`` on flat arrays.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from itertools import repeat
 from typing import Literal
 
 import numpy as np
 
 from geovlm.rewards import _text_lcs, _text_ngrams
-from geovlm.rewards._text_encode import TokenBatch, encode_chars, encode_tokens
-from geovlm.rewards._text_tokenize import ptb_tokens, rouge_tokens
+from geovlm.rewards._text_encode import TokenBatch, encode_chars, encode_ptb, encode_rouge
+from geovlm.rewards._text_tokenize import ptb_tokens
 
 Candidates = Sequence[str]
 References = Sequence[Sequence[str]]
@@ -59,7 +61,7 @@ def _lengths(batch: TokenBatch) -> np.ndarray:
 
 
 def _ngrams(batch: TokenBatch, max_n: int):
-    return _text_ngrams.sentence_ngrams(batch.tokens, batch.offsets, len(batch.words), max_n)
+    return _text_ngrams.sentence_ngrams(batch.tokens, batch.offsets, batch.vocab_size, max_n)
 
 
 def _segment_max(values: np.ndarray, ref_offsets: np.ndarray) -> np.ndarray:
@@ -95,7 +97,7 @@ def _fmeasure(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
 
 def bleu(candidates: Candidates, references: References) -> np.ndarray:
     """pycocoevalcap BLEU-1..4 of each candidate, ``[C, 4]`` float64 in [0, 1]."""
-    batch = encode_tokens(candidates, references, ptb_tokens)
+    batch = encode_ptb(candidates, references)
     ngrams, counts, noff, order, *_ = _ngrams(batch, _MAX_N)
     s = batch.strings
     return _text_ngrams.bleu(
@@ -105,10 +107,10 @@ def bleu(candidates: Candidates, references: References) -> np.ndarray:
 
 def rouge_l(candidates: Candidates, references: References, beta: float = 1.2) -> np.ndarray:
     """pycocoevalcap ROUGE-L of each candidate, ``[C]`` float64 in [0, 1]."""
-    batch = encode_tokens(candidates, references, ptb_tokens)
+    batch = encode_ptb(candidates, references)
     s = batch.strings
     lcs = _text_lcs.pair_lcs(
-        batch.tokens, batch.offsets, len(batch.words), s.candidate, s.ref_offsets, s.refs
+        batch.tokens, batch.offsets, batch.vocab_size, s.candidate, s.ref_offsets, s.refs
     )
     len_c, len_r = _pairs(batch)
     # pycocoevalcap splits on " ": an empty sentence is one empty token, equal only to another.
@@ -134,11 +136,11 @@ def rouge_1_f1(
     ``reduce="max"`` is rouge-score's ``score_multi``; ``"mean"`` averages over the references
     (the EarthDial image-captioning evaluation).
     """
-    batch = encode_tokens(candidates, references, partial(rouge_tokens, use_stemmer=use_stemmer))
+    batch = encode_rouge(candidates, references, use_stemmer)
     ngrams, counts, noff, *_ = _ngrams(batch, 1)
     s = batch.strings
     overlap, _ = _text_ngrams.unigram_overlap(
-        ngrams, counts, noff, len(batch.words), s.candidate, s.ref_offsets, s.refs
+        ngrams, counts, noff, batch.vocab_size, s.candidate, s.ref_offsets, s.refs
     )
     len_c, len_r = _pairs(batch)
     precision = overlap / np.maximum(len_c, 1).astype(np.float64)
@@ -153,10 +155,10 @@ def rouge_l_f1(
     reduce: Reduce = "max",
 ) -> np.ndarray:
     """rouge-score ROUGE-L F-measure of each candidate, ``[C]`` float64 in [0, 1]."""
-    batch = encode_tokens(candidates, references, partial(rouge_tokens, use_stemmer=use_stemmer))
+    batch = encode_rouge(candidates, references, use_stemmer)
     s = batch.strings
     lcs = _text_lcs.pair_lcs(
-        batch.tokens, batch.offsets, len(batch.words), s.candidate, s.ref_offsets, s.refs
+        batch.tokens, batch.offsets, batch.vocab_size, s.candidate, s.ref_offsets, s.refs
     )
     len_c, len_r = _pairs(batch)
     precision = lcs / np.maximum(len_c, 1).astype(np.float64)
@@ -186,7 +188,7 @@ def cider_document_frequency(documents: References) -> CiderDocumentFrequency:
     if len(documents) == 0:
         raise ValueError("cider_document_frequency needs at least one document")
     # Empty candidates only to reuse the batch layout: their n-grams are never counted.
-    batch = encode_tokens([""] * len(documents), documents, ptb_tokens)
+    batch = encode_ptb([""] * len(documents), documents)
     ngrams, _, noff, order, _, _, table = _ngrams(batch, _MAX_N)
     s = batch.strings
     counts = _text_ngrams.document_frequency(ngrams, noff, s.ref_offsets, s.refs, order.size)
@@ -207,7 +209,7 @@ def cider_d(
     candidate's reference list is a document, so scores depend on the whole batch); pass
     ``cider_document_frequency(training_references)`` for batch-independent rewards.
     """
-    batch = encode_tokens(candidates, references, ptb_tokens)
+    batch = encode_ptb(candidates, references)
     s = batch.strings
     if s.candidate.size == 0:
         return np.zeros(0, np.float64)
@@ -218,10 +220,10 @@ def cider_d(
     else:
         corpus = document_frequency
         word_map = np.fromiter(
-            (corpus.word_ids.get(w, -1) for w in batch.words), np.int64, len(batch.words)
+            map(corpus.word_ids.get, batch.words, repeat(-1)), np.int64, batch.vocab_size
         )
         df = _text_ngrams.translate_document_frequency(
-            order, prefix, last, len(batch.words), word_map, corpus.table, corpus.counts
+            order, prefix, last, batch.vocab_size, word_map, corpus.table, corpus.counts
         )
         ref_len = math.log(float(corpus.n_documents))
     return _text_ngrams.cider_d(
@@ -257,7 +259,7 @@ def levenshtein_ratio(candidates: Candidates, references: References) -> np.ndar
     batch = encode_chars(candidates, references)
     s = batch.strings
     lcs = _text_lcs.pair_lcs(
-        batch.tokens, batch.offsets, len(batch.words), s.candidate, s.ref_offsets, s.refs
+        batch.tokens, batch.offsets, batch.vocab_size, s.candidate, s.ref_offsets, s.refs
     )
     len_c, len_r = _pairs(batch)
     total = len_c + len_r
@@ -268,10 +270,10 @@ def levenshtein_ratio(candidates: Candidates, references: References) -> np.ndar
 
 def token_jaccard(candidates: Candidates, references: References) -> np.ndarray:
     """Jaccard index of the candidate's and the best reference's token sets, ``[C]`` in [0, 1]."""
-    batch = encode_tokens(candidates, references, ptb_tokens)
+    batch = encode_ptb(candidates, references)
     ngrams, counts, noff, *_ = _ngrams(batch, 1)
     s = batch.strings
-    vocab = len(batch.words)
+    vocab = batch.vocab_size
     _, shared = _text_ngrams.unigram_overlap(
         ngrams, counts, noff, vocab, s.candidate, s.ref_offsets, s.refs
     )

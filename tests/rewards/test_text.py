@@ -23,7 +23,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 from pycocoevalcap.rouge.rouge import Rouge
 from rouge_score import rouge_scorer
 
-from geovlm.rewards import text
+from geovlm.rewards import _text_tokenize, _text_words, text
 
 RSICD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsicd_test_captions.json"
 
@@ -135,6 +135,72 @@ def test_tokenize_is_a_fixed_point(batch):
         tokens = text.tokenize(sentence)
         assert text.tokenize(" ".join(tokens)) == tokens
         assert all(t and not t.isspace() and " " not in t for t in tokens)
+
+
+def _regex_spec_tokens(sentence: str) -> tuple[str, ...]:
+    """ptb_tokens without its fast paths: the token regex on every whitespace-separated chunk."""
+    tokens: list[str] = []
+    chunks = sentence.lower().split()
+    for i, chunk in enumerate(chunks):
+        if chunk in ("no.", "fig.") and i + 1 < len(chunks) and chunks[i + 1][0].isdigit():
+            tokens.append(chunk)
+            continue
+        for match in _text_tokenize._PTB_RE.finditer(chunk):
+            kind, token = match.lastgroup, match.group()
+            if kind == "word":
+                tokens.extend(_text_tokenize._split_word(token))
+            elif kind == "bracket":
+                tokens.append(_text_tokenize._BRACKETS[token])
+            elif kind != "drop":
+                tokens.append(token)
+    return tuple(tokens)
+
+
+def _soup(seed: int, n: int) -> list[str]:
+    """Random sentences over characters and words that hit every tokenizer branch."""
+    rng = np.random.default_rng(seed)
+    chars = list("abnstAB .,;:'\"-()[]!?\n\t\r0123\u00e9\u5317\u03a3") + ["\U0001f680"]
+    words = ["etc", "mr", "cannot", "gonna", "st", "a", "b", ".", " ", "x.", "sept", "no", "5",
+             "'s", "n't", "don't", "it's", "1990's", "'", "there", "u.s.", "fig.", "-", "the"]
+    out = ["".join(rng.choice(chars, size=rng.integers(0, 30))) for _ in range(n)]
+    for _ in range(n):
+        parts = rng.choice(words, size=rng.integers(0, 7))
+        out.append("".join(p + str(rng.choice(["", " ", ".", " ."])) for p in parts))
+    return out
+
+
+def test_tokenizer_fast_paths_agree_with_the_regex_spec():
+    seed = secrets.randbits(32)
+    for sentence in PTB_CASES + _soup(seed, 2000):
+        assert text.tokenize(sentence) == list(_regex_spec_tokens(sentence)), (seed, sentence)
+
+
+def test_batch_tokenizers_equal_the_per_sentence_ones(batch):
+    seed, candidates, references = batch
+    sentences = PTB_CASES + candidates + [r for refs in references for r in refs]
+    sentences += _soup(seed, 1500) + ["a\nb", "", "  ", "see etc.", "see etc .", "we gonna."]
+    lines = _text_tokenize.ptb_lines(sentences).split("\n")
+    assert len(lines) == len(sentences)
+    for sentence, line in zip(sentences, lines, strict=True):
+        assert line.split() == text.tokenize(sentence), (seed, sentence)
+    lines = _text_tokenize.rouge_lines(sentences).split("\n")
+    for sentence, line in zip(sentences, lines, strict=True):
+        assert tuple(line.split()) == _text_tokenize.rouge_tokens(sentence, False), (seed, sentence)
+
+
+def test_word_ids_are_dense_in_order_of_first_appearance():
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    vocab = ["a", "ab", "b", "\u00e9t\u00e9", "\u5317\u4eac", "x'y", "-lrb-", "\U0001f680"]
+    lines = [" ".join(rng.choice(vocab, size=rng.integers(0, 9))) for _ in range(300)]
+    lines += ["", "  a  ", ""]
+    data = np.frombuffer("\n".join(lines).encode(), np.uint8)
+    tokens, offsets, spans = _text_words.split_lines(data)
+    expected: dict[str, int] = {}
+    for u, line in enumerate(lines):
+        ids = [expected.setdefault(w, len(expected)) for w in line.split()]
+        assert tokens[offsets[u] : offsets[u + 1]].tolist() == ids, seed
+    assert [data[a:b].tobytes().decode() for a, b in spans] == list(expected)
 
 
 # --------------------------------------------------------------------------- pycocoevalcap
