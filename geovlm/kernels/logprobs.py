@@ -120,6 +120,9 @@ def check_logits_ids(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"ids must be int32 or int64, got {ids.dtype}")
     if mask is not None and mask.shape != ids.shape:
         raise ValueError(f"mask must be [B, L] = {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    for name, t in (("ids", ids), ("mask", mask)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
 
 
 def forward_stats(

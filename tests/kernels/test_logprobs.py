@@ -116,6 +116,8 @@ def test_errors_name_the_problem():
         selective_log_softmax(logits, ids, mask=ids[:, :3])
     with pytest.raises(ValueError, match="temperature"):
         selective_log_softmax(logits, ids, -1.0)
+    with pytest.raises(ValueError, match="ids is on meta"):
+        selective_log_softmax(logits, ids.to("meta"))
     with pytest.raises(ValueError, match="floating"):
         selective_log_softmax(ids[..., None].expand(B, L, 5), ids)
     with pytest.raises(ValueError, match="backend must be"):
