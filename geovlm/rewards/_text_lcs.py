@@ -9,6 +9,9 @@ It is the bit-parallel algorithm of Allison-Dix / Hyyro: with the candidate as t
 holding symbol a, each reference symbol updates ``V <- (V + (V & PM[a])) | (V & ~PM[a])`` with the
 carry propagated across words; the LCS is the number of zero bits among the low m bits of V.
 That is ``O(ceil(m / 64) * n)`` per pair instead of the ``O(m * n)`` dynamic programme.
+
+``dense_ids(points [T]) -> (ids [T], alphabet [A])`` numbers Unicode code points densely (the
+character alphabet of the Levenshtein ratio).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def dense_ids(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     top = 0
     for i in range(points.size):
         top = max(top, np.int64(points[i]))
-    table = np.full(max(top + 1, 1 << 16), -1, np.int64)
+    table = np.full(max(top + 1, 1 << 16), -1, np.int32)
     ids = np.empty(points.size, np.int64)
     alphabet = np.empty(points.size, np.int64)
     n = 0
