@@ -43,6 +43,7 @@ setup(
             "rouge-score>=0.1.2",
             "levenshtein>=0.25",
             "accelerate>=1.0",
+            "scikit-learn>=1.3",
         ],
         "deepspeed": ["deepspeed>=0.15"],
     },
