@@ -28,7 +28,7 @@ def embedder() -> semantic.SentenceEmbedder:
 
 @pytest.fixture(scope="module")
 def batch():
-    """30 RSICD captions, each against 1..4 other captions of its scene category."""
+    """20 RSICD captions, each against 1..4 other captions of its scene category."""
     if not RSICD.exists():
         pytest.fail(f"{RSICD} is missing: the shared data folder must sit beside the repository")
     groups = collections.defaultdict(list)
@@ -39,7 +39,7 @@ def batch():
     rng = np.random.default_rng(seed)
     names = sorted(groups)
     candidates, references = [], []
-    for _ in range(30):
+    for _ in range(20):
         captions = groups[names[rng.integers(len(names))]]
         picks = rng.choice(len(captions), size=1 + rng.integers(1, 5), replace=False)
         candidates.append(captions[picks[0]])
