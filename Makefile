@@ -8,6 +8,10 @@ STAMP := $(VENV)/.geovlm-installed
 .PHONY: train test lint bench-cpu gpu-check clean
 
 $(STAMP): setup.py
+	@# WordNet 3.0 for NLTK's METEOR (Debian packages; NLTK corpora cannot be downloaded here).
+	@if [ ! -d /usr/share/wordnet ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+			wordnet-base wordnet-sense-index >/dev/null; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
