@@ -38,6 +38,7 @@ bench() {  # bench NAME: run benchmarks/NAME.py, log and CSV under $OUT
 }
 bench bench_grpo_loss
 bench bench_linear_grpo_loss
+bench bench_trainer  # random Qwen2.5-VL-3B GRPO step, ours vs TRL (TRL side skipped unless trl + datasets are importable)
 
 echo "== environment"
 cat "$OUT/env.txt"
@@ -45,7 +46,7 @@ echo "== CUDA tests (exit code $tests_rc): $(tail -n 1 "$OUT/cuda_tests.log")"
 if [ "$tests_rc" -ne 0 ]; then
   grep -E "^(FAILED|ERROR)" "$OUT/cuda_tests.log" | head -20
 fi
-for name in bench_grpo_loss bench_linear_grpo_loss; do
+for name in bench_grpo_loss bench_linear_grpo_loss bench_trainer; do
   if [ -f "$OUT/$name.log" ]; then
     echo "== $name"
     tail -n 30 "$OUT/$name.log"
