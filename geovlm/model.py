@@ -352,7 +352,7 @@ def save_pretrained(model: PreTrainedModel, processor, directory: str | Path) ->
 
 def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
     """The ``[V, H]`` output-projection weight (tied to the embeddings when the config ties)."""
-    return model.get_output_embeddings().weight
+    return getattr(model, "module", model).get_output_embeddings().weight
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -364,7 +364,17 @@ def forward_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> to
 
     ``hidden @ lm_head_weight(model).T`` are the logits. Works under gradient checkpointing
     (the decoder layers checkpoint themselves) and ignores a ``labels`` entry.
+
+    A data-parallel wrapper (DDP, DeepSpeed) must see the forward to synchronise gradients, so
+    a wrapped model runs its full forward with ``logits_to_keep=1`` (one position of logits)
+    and returns the last entry of ``hidden_states``, the same final-norm output.
     """
+    if hasattr(model, "module"):
+        outputs = model(
+            **_model_inputs(batch), use_cache=False, output_hidden_states=True,
+            logits_to_keep=1, return_dict=True,
+        )
+        return outputs.hidden_states[-1]
     outputs = model.base_model(**_model_inputs(batch), use_cache=False, return_dict=True)
     return outputs.last_hidden_state
 

@@ -317,3 +317,22 @@ def test_kernel_patches_are_a_logged_noop_off_cuda(policy, caplog):
         assert apply_kernel_patches(model) is False
         assert apply_kernel_patches(model, liger=False) is False
     assert "need CUDA" in caplog.text and "disabled by the caller" in caplog.text
+
+
+def test_forward_hidden_through_a_data_parallel_wrapper_is_the_same(policy, batch):
+    class Wrapper(torch.nn.Module):
+        """Stands in for DDP / DeepSpeed: a ``module`` attribute and a pass-through forward."""
+
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    model, _ = policy
+    with torch.no_grad():
+        plain = forward_hidden(model, batch)
+        wrapped = forward_hidden(Wrapper(model), batch)
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)
+    assert lm_head_weight(Wrapper(model)) is lm_head_weight(model)
