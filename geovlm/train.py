@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from geovlm.config import ConfigError, RunConfig, describe_options, load_config, save_config
+from geovlm.data.schema import TASKS
 from geovlm.loop import MetricsLog, StageContext, seed_everything
 
 HELP_EPILOG = """Overrides are key=value, e.g.  stages.sft.steps=20  model.path=/models/Qwen2.5-VL
@@ -167,6 +168,8 @@ def run(config: RunConfig, profile: bool = False) -> dict:
     eval_samples = select_tasks(splits["test"], config.data.tasks)
     if config.eval.max_samples_per_task:
         eval_samples = _cap_per_task(eval_samples, config.eval.max_samples_per_task)
+    # Batches of one task have similar answer lengths, so generation stops together.
+    eval_samples.sort(key=lambda sample: list(TASKS).index(sample.task))
     init_eval_dir = run_dir / "init_eval"
     if config.eval.enabled and not (init_eval_dir / "metrics.json").is_file():
         report = evaluate_stage(
