@@ -109,11 +109,8 @@ def run_sft(
             mine = idx[ctx.rank * micro : (ctx.rank + 1) * micro]
             windows.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in windows)
-        total_tokens = (
-            ctx.extras["all_reduce_sum"](local_tokens)
-            if "all_reduce_sum" in ctx.extras
-            else local_tokens
-        )
+        # The global batch's token count: every rank normalises by the same number.
+        total_tokens = all_reduce_sum(local_tokens)
         loss_sum = 0.0
         for batch in windows:
             with nvtx_range("sft/forward"):
