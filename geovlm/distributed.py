@@ -3,23 +3,43 @@
 An ``Engine`` owns what differs between the strategies: how the model is wrapped, how a loss is
 back-propagated, how an optimizer step is taken, and how full (unsharded) weights and optimizer
 state are gathered for a checkpoint that loads in a single process. The stages only call
-``engine.backward(loss)``, ``engine.step()``, ``engine.save(...)`` and ``engine.load(...)``.
+``engine.backward(loss)``, ``engine.step()``, ``engine.full_model_state()`` and
+``engine.load_state(...)``.
+
+Data parallelism: every rank takes its contiguous shard of the global batch. Gradients are
+averaged over ranks (DDP's all-reduce, FSDP2's reduce-scatter, DeepSpeed's reduction), so a stage
+scales its per-rank loss such that the average is the loss of the global batch.
+
+Checkpoints hold the full weights and, for single / DDP / FSDP2, the full optimizer state keyed by
+parameter name (``torch.distributed.checkpoint.state_dict`` format), so a checkpoint written by any
+of them resumes under any other and at any world size. DeepSpeed's ZeRO optimizer state stays in
+its own per-rank partitions (``optimizer_shards/rank<r>.pt``) and resumes at the same world size.
+
+The frozen GRPO reference model follows the policy: sharded like it under FSDP2 and ZeRO-3
+(``prepare_reference``), a full copy per rank otherwise (DDP and ZeRO-1/2 keep full weights on
+every rank for the policy too).
 
 Without ``torchrun`` (WORLD_SIZE unset) the engine is plain single-process PyTorch.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from geovlm.config import ConfigError, RunConfig, StageConfig
+
+SHARD_DIR = "optimizer_shards"
 
 
 def init_distributed(config: RunConfig) -> tuple[int, int]:
@@ -52,16 +72,67 @@ def all_reduce_sum(value: float | int) -> float | int:
     return int(round(tensor.item())) if isinstance(value, int) else tensor.item()
 
 
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average a dict of metrics over ranks (identity when single-process)."""
+def reduce_metrics(
+    values: dict[str, float], weights: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Combine per-rank metrics into the metrics of the global batch (identity single-process).
+
+    Keys ending in ``_min`` / ``_max`` take the minimum / maximum over ranks, ignoring NaN (TRL's
+    ``nanmin`` / ``nanmax`` of the gathered values). Every other key is a mean: weighted by
+    ``weights[key]`` (e.g. this rank's token count for a token mean, which makes it the token mean
+    of the whole batch), else by 1 (a mean over ranks that hold equally many rows).
+    """
     if not is_distributed() or not values:
-        return values
-    keys = sorted(values)
+        return dict(values)
+    weights = weights or {}
     device = _collective_device()
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist(), strict=True))
+    keys = sorted(values)
+    extremes = [k for k in keys if k.endswith(("_min", "_max"))]
+    means = [k for k in keys if k not in extremes]
+    out: dict[str, float] = {}
+    if means:
+        w = [float(weights.get(k, 1.0)) for k in means]
+        packed = [w_k * float(values[k]) for k, w_k in zip(means, w, strict=True)] + w
+        tensor = torch.tensor(packed, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        sums, totals = tensor[: len(means)], tensor[len(means) :]
+        for i, key in enumerate(means):
+            total = float(totals[i])
+            out[key] = float(sums[i]) / total if total > 0 else math.nan
+    for key in extremes:
+        largest = key.endswith("_max")
+        value = float(values[key])
+        # NaN (no valid sequence on this rank) must not win the comparison.
+        fill = -math.inf if largest else math.inf
+        tensor = torch.tensor([fill if math.isnan(value) else value], dtype=torch.float64,
+                              device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
+        result = float(tensor)
+        out[key] = result if math.isfinite(result) else math.nan
+    return out
+
+
+def _concat_tree(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _concat_tree([p[k] for p in parts]) for k in first}
+    if isinstance(first, tuple | list):
+        return type(first)(_concat_tree([p[i] for p in parts]) for i in range(len(first)))
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def gather_rows(tree: Any) -> Any:
+    """Concatenate per-rank 1-D arrays (leaves of tuples / lists / dicts) in rank order.
+
+    The result is what a single process holding the global batch would have (ranks hold
+    contiguous shards). Meant for small per-row values such as rewards; identity when
+    single-process.
+    """
+    if not is_distributed():
+        return tree
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tree)
+    return _concat_tree(parts)
 
 
 def barrier() -> None:
@@ -69,18 +140,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Transformer blocks to shard one by one (language and vision stacks)."""
-    blocks = []
-    for module in model.modules():
-        name = type(module).__name__
-        if name.endswith("DecoderLayer") or name.endswith("VisionBlock"):
-            blocks.append(module)
-    return blocks
+def _full_state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
 
 
 class Engine:
-    """Single-process or DDP training: ``loss.backward()`` and an AdamW step."""
+    """Single-process or DDP training: ``loss.backward()``, clipping and an AdamW step."""
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, stage: StageConfig):
         self.model = model
@@ -90,7 +157,7 @@ class Engine:
 
     @property
     def policy(self) -> torch.nn.Module:
-        """The unwrapped model (for generate, save_pretrained, the reference copy)."""
+        """The unwrapped model (for generate, save_pretrained, no-grad log-probs)."""
         return getattr(self.model, "module", self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -114,14 +181,35 @@ class Engine:
         return self.policy.state_dict()
 
     def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        """The full optimizer state keyed by parameter name (empty on ranks other than 0)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            self.policy, self.optimizer, options=_full_state_options(cpu_offload=True)
+        )
 
     def load_state(self, model_state: dict, optimizer_state: dict | None, scheduler_state) -> None:
+        """Load full weights and a full, name-keyed optimizer state (every rank passes both)."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
         _load_model_state(self.policy, model_state)
         if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+            set_optimizer_state_dict(
+                self.policy, self.optimizer, optimizer_state, options=_full_state_options()
+            )
         if scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
+
+    def load_optimizer_shards(self, checkpoint: Path, rank: int, world: int) -> None:
+        """Reload this rank's ZeRO optimizer partition; only DeepSpeed writes them."""
+        shards = Path(checkpoint) / SHARD_DIR
+        if shards.is_dir():
+            raise RuntimeError(
+                f"{checkpoint} holds DeepSpeed ZeRO optimizer partitions "
+                f"({len(list(shards.glob('rank*.pt')))} ranks): resume it with "
+                "distributed.strategy=deepspeed at that world size, or start a new stage from its "
+                "weights (model.path)"
+            )
 
 
 def _load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -136,35 +224,22 @@ def _load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -
 
 
 class FSDP2Engine(Engine):
-    """PyTorch FSDP2 (``fully_shard`` per transformer block, then the root)."""
+    """PyTorch FSDP2 (``fully_shard`` per transformer block, the vision tower, then the root)."""
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-
-    def optimizer_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        return get_optimizer_state_dict(
-            self.model,
-            self.optimizer,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-        )
+        return get_model_state_dict(self.model, options=_full_state_options(cpu_offload=True))
 
     def load_state(self, model_state: dict, optimizer_state: dict | None, scheduler_state) -> None:
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
+        # Every rank holds the full state (read from disk), so no broadcast is needed; strict=False
+        # because a tied lm_head is saved once.
+        options = _full_state_options(broadcast_from_rank0=False, strict=False)
         set_model_state_dict(self.model, model_state, options=options)
         if optimizer_state is not None:
             set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
@@ -175,18 +250,26 @@ class FSDP2Engine(Engine):
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO-1/2/3 from a standard DeepSpeed JSON config.
 
-    The engine does the backward (loss scaling, reduce-scatter) and the step (clipping from the
-    JSON's ``gradient_clipping``, else ``max_grad_norm``); our LambdaLR schedule still drives the
-    learning rate so every strategy follows the same schedule.
+    The engine does the backward (reduce / reduce-scatter, loss scaling in fp16) and the step
+    (clipping at the JSON's ``gradient_clipping``); our LambdaLR schedule still drives the learning
+    rate so every strategy follows the same schedule. Gradient accumulation runs on DeepSpeed's
+    micro-step counter (``gradient_accumulation_steps`` = the stage's window) without DeepSpeed's
+    1/GAS loss scaling: the stages normalise the loss over the window themselves.
     """
 
-    def __init__(self, engine, optimizer, scheduler, stage: StageConfig):
-        super().__init__(engine, optimizer, scheduler, stage)
-
     def backward(self, loss: torch.Tensor) -> None:
-        self.model.backward(loss)
+        boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.backward(loss, scale_wrt_gas=False)
+        if not boundary:
+            # Inside the window: this only advances DeepSpeed's micro-step counter.
+            self.model.step()
 
     def step(self, advance_schedule: bool = True) -> float:
+        if not self.model.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                "DeepSpeed step before the end of the gradient-accumulation window: the stage "
+                "made fewer backward passes than gradient_accumulation_steps"
+            )
         self.model.step()
         if advance_schedule:
             self.scheduler.step()
@@ -204,8 +287,26 @@ class DeepSpeedEngine(Engine):
         return self.policy.state_dict()
 
     def optimizer_state(self) -> dict[str, Any]:
-        # ZeRO shards optimizer state; each rank saves its own shard (see save_sharded_state).
+        # ZeRO partitions the optimizer state; each rank saves its own partition
+        # (loop.checkpoint_stage), which resumes at the same world size.
         return {}
+
+    def load_optimizer_shards(self, checkpoint: Path, rank: int, world: int) -> None:
+        shards = Path(checkpoint) / SHARD_DIR
+        saved = len(list(shards.glob("rank*.pt")))
+        if saved == 0:
+            raise RuntimeError(
+                f"{checkpoint} was not written by DeepSpeed (no ZeRO optimizer partitions): resume "
+                "it with the strategy that wrote it, or start a new stage from its weights"
+            )
+        if saved != world:
+            raise RuntimeError(
+                f"{checkpoint}: DeepSpeed ZeRO optimizer partitions of {saved} ranks, but this run "
+                f"has {world}; resume at the same world size"
+            )
+        # The partitions hold the fp32 master weights too; they overwrite the module's copy.
+        partitions = _ShardFiles(shards, saved)
+        self.model.optimizer.load_state_dict(partitions, load_from_fp32_weights=True)
 
     def load_state(self, model_state: dict, optimizer_state: dict | None, scheduler_state) -> None:
         if self.zero_stage == 3:
@@ -221,10 +322,43 @@ class DeepSpeedEngine(Engine):
             self.scheduler.load_state_dict(scheduler_state)
 
 
-def deepspeed_config(path: str | None, stage: StageConfig, world: int) -> dict:
-    """Read a standard DeepSpeed JSON and fill in the values the stage owns."""
-    if path is None:
-        raise ConfigError("distributed.strategy=deepspeed needs distributed.deepspeed=<json path>")
+class _ShardFiles(Sequence):
+    """The saved ZeRO partitions as the list DeepSpeed's ``load_state_dict`` indexes by rank,
+    read from disk only when indexed (a rank reads its own, not every rank's)."""
+
+    def __init__(self, directory: Path, count: int):
+        self.directory = directory
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, rank):
+        if not isinstance(rank, int) or not 0 <= rank < self.count:
+            raise IndexError(rank)
+        path = self.directory / f"rank{rank}.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _hidden_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "hidden_size", None)
+
+
+def _resolve_auto(config: dict, key: str, value: Any, where: str) -> None:
+    """Set ``config[key]`` to ``value`` when unset or "auto"; an explicit different value is an
+    error (DeepSpeed would otherwise disagree with the stage about the batch)."""
+    current = config.get(key, "auto")
+    if current == "auto":
+        config[key] = value
+    elif current != value:
+        raise ConfigError(
+            f"{where}: {key}={current!r} but the stage needs {value!r}; set it to \"auto\""
+        )
+
+
+def _read_json(path: str) -> tuple[dict, str]:
     file = Path(path)
     if not file.is_file():
         packaged = Path(__file__).parent / "configs" / path
@@ -233,20 +367,122 @@ def deepspeed_config(path: str | None, stage: StageConfig, world: int) -> dict:
         config = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"distributed.deepspeed: cannot read {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: a DeepSpeed config must be a JSON object")
+    return config, str(file)
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "auto" else []
+
+
+def deepspeed_config(
+    path: str | None,
+    stage: StageConfig,
+    world: int,
+    dtype: torch.dtype = torch.float32,
+    hidden_size: int | None = None,
+) -> dict:
+    """Read a standard DeepSpeed JSON (a path, or a file name in ``geovlm/configs/``) and fill in
+    every ``"auto"`` value from the stage and the model (the convention of HF's Trainer):
+
+    - ``train_micro_batch_size_per_gpu``: the stage's ``batch_size / world`` (samples for SFT,
+      prompts for GRPO); ``gradient_accumulation_steps``: ``grad_accum`` for SFT, 1 for GRPO (one
+      backward per optimizer step); ``train_batch_size``: their product times ``world``.
+      Explicit values that disagree with the stage are errors.
+    - ``gradient_clipping``: ``max_grad_norm``.
+    - ``bf16.enabled`` / ``fp16.enabled``: whether the model's dtype is bf16 / fp16.
+    - ``zero_optimization.reduce_bucket_size``: hidden², ``stage3_prefetch_bucket_size``:
+      0.9·hidden², ``stage3_param_persistence_threshold``: 10·hidden (DeepSpeed's defaults when
+      the hidden size is unknown).
+
+    ``optimizer`` and ``scheduler`` sections are rejected: the stage config owns both.
+    """
+    if path is None:
+        raise ConfigError("distributed.strategy=deepspeed needs distributed.deepspeed=<json path>")
+    config, where = _read_json(path)
     for key in ("optimizer", "scheduler"):
         if key in config:
             raise ConfigError(
-                f"{path}: remove {key!r}: the stage config owns the optimizer and the schedule"
+                f"{where}: remove {key!r}: the stage config owns the optimizer and the schedule"
             )
-    micro = max(1, stage.batch_size // world)
-    config.setdefault("train_micro_batch_size_per_gpu", micro)
-    config.setdefault("gradient_accumulation_steps", 1)
-    config.setdefault("gradient_clipping", stage.max_grad_norm)
+    if stage.batch_size % world:
+        raise ConfigError(
+            f"stage {stage.name!r}: batch_size {stage.batch_size} is not a multiple of the "
+            f"world size {world}"
+        )
+    zero_stage = config.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage not in (1, 2, 3):
+        raise ConfigError(
+            f"{where}: zero_optimization.stage must be 1, 2 or 3 (got {zero_stage}); "
+            "for plain data parallelism use distributed.strategy=ddp"
+        )
+    micro = stage.batch_size // world
+    accum = stage.grad_accum if stage.kind == "sft" else 1
+    _resolve_auto(config, "train_micro_batch_size_per_gpu", micro, where)
+    _resolve_auto(config, "gradient_accumulation_steps", accum, where)
+    _resolve_auto(config, "train_batch_size", micro * accum * world, where)
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = stage.max_grad_norm
+    for key, want in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        section = config.get(key)
+        if isinstance(section, dict) and section.get("enabled") == "auto":
+            section["enabled"] = dtype == want
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict):
+        hidden = hidden_size or 0
+        sizes = {
+            "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden,
+        }
+        for key, value in sizes.items():
+            if zero.get(key) == "auto":
+                # Without a hidden size DeepSpeed's own default applies.
+                if hidden_size:
+                    zero[key] = value
+                else:
+                    del zero[key]
+    left = _find_auto(config)
+    if left:
+        raise ConfigError(f"{where}: no automatic value for {left}; set them explicitly")
     config["zero_allow_untested_optimizer"] = True
-    for key in ("bf16", "fp16"):
-        if config.get(key, {}).get("enabled") == "auto":
-            config[key]["enabled"] = torch.cuda.is_available() and key == "bf16"
     return config
+
+
+def _fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules to ``fully_shard`` before the root, innermost first.
+
+    Each transformer block (language and vision) is a unit, so only one block's full weights
+    exist at a time. The vision tower is a unit too: ``generate`` encodes the images by calling
+    it directly, outside the root's forward. The embeddings, final norm and ``lm_head`` stay with
+    the root: the model reads ``embed_tokens`` outside the language model's forward, and a tied
+    ``lm_head`` shares its weight (tied weights must live in one unit).
+    """
+    units = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith(("DecoderLayer", "VisionBlock"))
+    ]
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if visual is not None:
+        units.append(visual)
+    return units
+
+
+def _fully_shard(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for unit in _fsdp_units(model):
+        fully_shard(unit)
+    fully_shard(model)
+    # generate() runs the root's own weights (the image encoding) before its first forward:
+    # gather them for the whole call, which also makes the root, not the vision unit, FSDP's root.
+    if hasattr(model, "generate"):
+        register_fsdp_forward_method(model, "generate")
+    return model
 
 
 def prepare_engine(model: torch.nn.Module, config: RunConfig, stage: StageConfig, ctx) -> Engine:
@@ -259,27 +495,64 @@ def prepare_engine(model: torch.nn.Module, config: RunConfig, stage: StageConfig
     strategy = config.distributed.strategy
     if strategy == "ddp":
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # Unused parameters are real: a text-only batch never reaches the vision tower.
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=True
         )
         optimizer = make_optimizer(wrapped.module, stage)
         return Engine(wrapped, optimizer, make_scheduler(optimizer, stage), stage)
     if strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in _decoder_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+        _fully_shard(model)
         optimizer = make_optimizer(model, stage)
         return FSDP2Engine(model, optimizer, make_scheduler(optimizer, stage), stage)
     if strategy == "deepspeed":
         import deepspeed
 
         optimizer = make_optimizer(model, stage)
+        ds_config = deepspeed_config(
+            config.distributed.deepspeed,
+            stage,
+            ctx.world_size,
+            dtype=next(model.parameters()).dtype,
+            hidden_size=_hidden_size(model),
+        )
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            config=deepspeed_config(config.distributed.deepspeed, stage, ctx.world_size),
+            model=model, optimizer=optimizer, config=ds_config
         )
         return DeepSpeedEngine(engine, ds_optimizer, make_scheduler(optimizer, stage), stage)
     raise ConfigError(f"unknown distributed.strategy {strategy!r}")
+
+
+def prepare_reference(
+    model: torch.nn.Module, config: RunConfig, stage: StageConfig, ctx
+) -> torch.nn.Module:
+    """A frozen copy of ``model`` (call before the policy is wrapped), placed like the policy.
+
+    FSDP2: sharded the same way (its forward gathers one block at a time). DeepSpeed ZeRO-3: a
+    ZeRO-3 inference engine without optimizer (as TRL does). Otherwise a plain full copy on
+    every rank. Every rank must run the reference's forwards in lockstep when it is sharded.
+    """
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if ctx.world_size <= 1:
+        return reference
+    strategy = config.distributed.strategy
+    if strategy == "fsdp2":
+        return _fully_shard(reference)
+    if strategy == "deepspeed":
+        ds_config = deepspeed_config(
+            config.distributed.deepspeed,
+            stage,
+            ctx.world_size,
+            dtype=next(model.parameters()).dtype,
+            hidden_size=_hidden_size(model),
+        )
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            import deepspeed
+
+            zero = ds_config["zero_optimization"]
+            # Parameter offload applies; optimizer offload has no optimizer to act on.
+            zero.pop("offload_optimizer", None)
+            engine, *_ = deepspeed.initialize(model=reference, config=ds_config)
+            engine.eval()
+            return engine
+    return reference

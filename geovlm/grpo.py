@@ -16,15 +16,21 @@ advantages and kernels are plain function calls on plain data.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from geovlm.advantages import group_advantages
+from geovlm.config import StageConfig
 from geovlm.data.schema import Sample
-from geovlm.distributed import Engine, all_reduce_mean, prepare_engine
+from geovlm.distributed import (
+    Engine,
+    gather_rows,
+    prepare_engine,
+    prepare_reference,
+    reduce_metrics,
+)
 from geovlm.loop import (
     StageContext,
     batch_indices,
@@ -59,6 +65,11 @@ class PolicyBatch:
 
 
 def use_fused_linear(ctx: StageContext) -> bool:
+    # Single process only: the linear kernel reads lm_head.weight and runs the model body outside
+    # the wrapper's forward, which DDP (gradient all-reduce), FSDP2 / ZeRO-3 (sharded weights)
+    # and DeepSpeed (backward bookkeeping) do not see.
+    if ctx.world_size > 1:
+        return False
     setting = ctx.config.model.fused_linear_loss
     return setting == "on" or (setting == "auto" and ctx.device.type == "cuda")
 
@@ -151,18 +162,30 @@ def reward_options(ctx: StageContext, processor):
     )
 
 
-def reward_metrics(rewards, zero_std: torch.Tensor, rollouts) -> dict[str, float]:
+def reward_metrics(
+    total: np.ndarray, components: dict[str, np.ndarray], zero_std: np.ndarray, lengths: np.ndarray
+) -> dict[str, float]:
     """Per-component reward mean/std, completion length, zero-variance group fraction."""
     metrics = {
-        "reward": float(np.mean(rewards.total)),
-        "reward_std": float(np.std(rewards.total)),
-        "zero_std_frac": float(zero_std.float().mean()),
-        "completion_length": float(rollouts.completion_mask.sum(1).float().mean()),
+        "reward": float(np.mean(total)),
+        "reward_std": float(np.std(total)),
+        "zero_std_frac": float(np.mean(zero_std)),
+        "completion_length": float(np.mean(lengths)),
     }
-    for name, values in rewards.components.items():
+    for name, values in components.items():
         metrics[f"reward/{name}"] = float(np.mean(values))
         metrics[f"reward/{name}_std"] = float(np.std(values))
     return metrics
+
+
+def token_weights(metrics: dict, batch: PolicyBatch, stage: StageConfig) -> dict[str, float]:
+    """This rank's weight of each loss metric that is a mean over completion tokens."""
+    tokens = float(batch.completion_mask.sum())
+    keys = ["kl"]
+    if stage.importance_sampling_level == "token":
+        keys += [k for k in metrics if k.startswith("clip_ratio/") and k.endswith("_mean")]
+        keys.append("cispo_clip_ratio")
+    return {k: tokens for k in keys if k in metrics}
 
 
 def run_grpo(
@@ -188,8 +211,8 @@ def run_grpo(
     reference = None
     if stage.beta != 0.0:
         # The frozen reference is the model this stage starts from (the SFT / previous stage),
-        # copied before any sharding so it stays a plain module.
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # copied before the policy is wrapped, and sharded like the policy.
+        reference = prepare_reference(model, ctx.config, stage, ctx)
     engine = prepare_engine(model, ctx.config, stage, ctx)
     start, _ = resume_if_possible(ctx, engine)
     policy, model = engine.policy, engine.model
@@ -261,8 +284,21 @@ def run_grpo(
             loss_metrics.update({k: float(v) for k, v in metrics.items()})
 
         record = {"stage": stage.name, "kind": "grpo", "step": step, "lr": lr}
-        step_metrics = {**reward_metrics(rewards, zero_std, rollouts), **loss_metrics}
-        record.update(all_reduce_mean(step_metrics))
+        # Metrics of the global batch: reward statistics over every rank's rows, token means
+        # weighted by each rank's tokens (TRL's global_masked_mean).
+        record.update(
+            reward_metrics(
+                *gather_rows(
+                    (
+                        rewards.total,
+                        rewards.components,
+                        zero_std.cpu().numpy(),
+                        rollouts.lengths.cpu().numpy(),
+                    )
+                )
+            )
+        )
+        record.update(reduce_metrics(loss_metrics, token_weights(loss_metrics, batch, stage)))
         if "clip_ratio/region_mean" in record:
             record["clip_ratio"] = record["clip_ratio/region_mean"]
         if ctx.log is not None and ctx.is_main:

@@ -152,11 +152,7 @@ def resume_if_possible(ctx: StageContext, engine) -> tuple[int, dict[str, Any]]:
     engine.load_state(
         load_model_state(path, engine.policy), state["optimizer"], state["scheduler"]
     )
-    shard = path / "optimizer_shards" / f"rank{ctx.rank}.pt"
-    if shard.is_file():
-        engine.model.optimizer.load_state_dict(
-            torch.load(shard, map_location="cpu", weights_only=False), load_from_fp32_weights=True
-        )
+    engine.load_optimizer_shards(path, ctx.rank, ctx.world_size)
     if ctx.log is not None:
         ctx.log.truncate(ctx.stage.name, state["step"] - 1)
     return state["step"], state.get("extra", {})
