@@ -1,0 +1,197 @@
+"""Runs of ``geovlm.train`` under torchrun for tests/test_distributed.py, and the probes both the
+torchrun worker and the single-process baseline install.
+
+Launched as ``python -m torch.distributed.run --nproc_per_node N tests/_distributed_worker.py
+SPEC.json``, SPEC being ``{"collectives": OUT.json, "runs": [{"argv": [...], "crash_after": k}]}``
+(``crash_after`` optional). ``check_collectives`` first reduces known per-rank values into
+OUT.json; then every run is ``geovlm.train.main(argv)`` (the code path of ``python -m
+geovlm.train``), all in one process group so that the interpreter and the process group start
+once. A run with ``crash_after=k`` raises on every rank at its k-th optimizer step (as if killed
+there) and is then run again, which resumes from its last checkpoint.
+
+Probes, so that a run's numbers do not depend on how the batch is split over ranks:
+
+- ``seeded_rollouts``: each prompt's group is sampled by its own ``generate`` call with a seed
+  derived from the step's seed and the sample id. HF samples a whole batch from one RNG stream, so
+  without this the rows a rank draws depend on which other prompts share its batch.
+  Vision special tokens are suppressed (see ``generate``) and the EOS logit is raised by
+  ``EOS_BIAS`` so that completions end at different lengths.
+- ``probe_rewards``: adds a deterministic reward of the completion text to the real ones (which
+  are all 0 for an untrained tiny model), so that advantages, hence gradients, are not all zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import zlib
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+EOS_BIAS = 4.0
+
+
+def probe_reward(text: str) -> float:
+    """A deterministic reward in [0, 1] that differs between most completions."""
+    return (zlib.crc32(text.encode()) % 1009) / 1008.0
+
+
+def probe_rewards(original: Callable) -> Callable:
+    from geovlm.rewards import RewardBatch
+
+    def score(tasks, completions, targets, *args, **kwargs):
+        real = original(tasks, completions, targets, *args, **kwargs)
+        probe = np.array([probe_reward(t) for t in completions], dtype=np.float64)
+        return RewardBatch(total=real.total + probe, components={**real.components, "probe": probe})
+
+    return score
+
+
+def _pad_right(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat(
+        [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors]
+    )
+
+
+def seeded_rollouts(original: Callable) -> Callable:
+    """``generate_rollouts`` with each prompt's group drawn from its own seeded generator."""
+    from geovlm import rollout
+    from geovlm.data.collate import collate_prompts, select_rows
+    from geovlm.rollout import Rollouts, _special_ids
+
+    make_config = rollout._generation_config
+
+    def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):
+        step_seed = torch.initial_seed()  # the step's seed (seed_everything), equal on all ranks
+        config = model.config
+        vision = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                  config.vision_end_token_id]
+        # An untrained policy samples <|image_pad|> now and then, which the teacher-forced
+        # forward then takes for an image placeholder ("image features and image tokens do
+        # not match"); keep vision tokens out of the completions.
+        def generation_config(*config_args):
+            config = make_config(*config_args)
+            config.suppress_tokens = vision
+            # Favour the EOS so that completion lengths, hence per-rank token counts, differ.
+            config.sequence_bias = {(eos,): EOS_BIAS for eos in config.eos_token_id}
+            return config
+
+        with mock.patch.object(rollout, "_generation_config", generation_config):
+            pieces = [
+                original(
+                    model,
+                    processor,
+                    [sample],
+                    num_generations,
+                    max_new_tokens,
+                    *args,
+                    seed=(step_seed + zlib.crc32(sample.id.encode())) % (2**31 - 1),
+                    **kwargs,
+                )
+                for sample in samples
+            ]
+        _, pad = _special_ids(processor.tokenizer)
+        device = pieces[0].completion_ids.device
+        index = torch.arange(len(samples)).repeat_interleave(num_generations)
+        prompt = select_rows(
+            collate_prompts(samples, processor), index, model.config.image_token_id
+        )
+        return Rollouts(
+            prompt={k: v.to(device) for k, v in prompt.items()},
+            completion_ids=_pad_right([p.completion_ids for p in pieces], pad),
+            completion_mask=_pad_right([p.completion_mask for p in pieces], 0),
+            logprobs=_pad_right([p.logprobs for p in pieces], 0.0),
+            texts=[t for p in pieces for t in p.texts],
+            sample_index=index.to(device),
+            finished=torch.cat([p.finished for p in pieces]),
+            num_generations=num_generations,
+            temperature=pieces[0].temperature,
+        )
+
+    return generate
+
+
+def install_probes(stack: ExitStack) -> None:
+    """Patch the probes into ``geovlm`` for as long as ``stack`` is open."""
+    import geovlm.rewards
+    import geovlm.rollout
+
+    stack.enter_context(
+        mock.patch.object(
+            geovlm.rollout, "generate_rollouts", seeded_rollouts(geovlm.rollout.generate_rollouts)
+        )
+    )
+    stack.enter_context(
+        mock.patch.object(geovlm.rewards, "score", probe_rewards(geovlm.rewards.score))
+    )
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after(stack: ExitStack, n: int) -> None:
+    """Make the n-th optimizer step (any engine) raise, on every rank alike."""
+    from geovlm import distributed
+
+    calls = {"n": 0}
+    for cls in (distributed.Engine, distributed.DeepSpeedEngine):
+        original = cls.step
+
+        def step(self, *args, _original=original, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise Crash(f"killed at optimizer step {n}")
+            return _original(self, *args, **kwargs)
+
+        stack.enter_context(mock.patch.object(cls, "step", step))
+
+
+def check_collectives(out: Path) -> None:
+    """Reduce rank-dependent metrics and rows; rank 0 writes what it got (the test has oracles)."""
+    from geovlm.config import load_config
+    from geovlm.distributed import gather_rows, init_distributed, reduce_metrics
+
+    rank, _ = init_distributed(load_config(None, []))
+    values = [
+        {"kl": 0.1, "loss": 1.0, "clip_ratio/low_min": math.nan, "clip_ratio/high_max": math.nan},
+        {"kl": 0.3, "loss": 2.0, "clip_ratio/low_min": 0.2, "clip_ratio/high_max": math.nan},
+    ][rank]
+    reduced = reduce_metrics(values, {"kl": [3.0, 1.0][rank]})
+    total, parts = gather_rows((np.arange(rank + 1) + 10.0 * rank, {"a": np.full(2, rank)}))
+    if rank == 0:
+        result = {"reduced": reduced, "total": total.tolist(), "a": parts["a"].tolist()}
+        out.write_text(json.dumps(result))
+
+
+def main(spec_path: str) -> int:
+    from geovlm.train import main as train_main
+
+    spec = json.loads(Path(spec_path).read_text())
+    check_collectives(Path(spec["collectives"]))
+    with ExitStack() as probes:
+        install_probes(probes)
+        for run in spec["runs"]:
+            if run.get("crash_after"):
+                with ExitStack() as crash:
+                    crash_after(crash, run["crash_after"])
+                    try:
+                        train_main(run["argv"])
+                    except Crash:
+                        pass
+                    else:
+                        raise AssertionError(f"run {run['argv']} did not reach the crash")
+            if train_main(run["argv"]) != 0:
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

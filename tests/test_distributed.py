@@ -1,0 +1,265 @@
+"""Data parallelism on CPU (gloo): 2-process runs equal 1-process runs with the same global batch.
+
+One ``torchrun --nproc_per_node 2`` launch (tests/_distributed_worker.py) runs SFT and GRPO under
+DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, plus interrupted-and-resumed sharded runs; the
+single-process baselines run in this process. All start from one saved tiny model.
+
+What must be equal, and why it can be:
+- SFT: every step's loss, gradient norm and token count. Rank r trains on its contiguous half of
+  the global batch, the loss is normalised by the global token count and gradients are averaged
+  over ranks, so the update is the one of the global batch.
+- GRPO: with each prompt's group sampled from its own seeded generator (the worker's probe), the
+  completions are a function of the prompt and the weights only, so the rewards, the group
+  advantages (groups never straddle ranks), the DAPO loss (normalised by the global token count),
+  the gradient, the KL to the (sharded) reference and every reduced metric must equal the
+  single-process ones.
+
+Tolerance: the two runs add the same float32 numbers in a different order (per-rank partial
+sums, then the all-reduce; padding to a different batch width). That gives relative differences of
+~1e-6 in step 0; AdamW's first steps are close to sign(gradient) x lr, which does not amplify
+them, so after three steps differences stay far below 1e-4 (observed: < 1e-5). A wrong batch
+shard, normalisation or reduction shows up as an O(1) relative difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+
+from geovlm.config import ConfigError, load_config
+from geovlm.distributed import deepspeed_config, gather_rows, reduce_metrics
+from geovlm.train import main as train_main
+from tests._distributed_worker import install_probes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.num_hidden_layers=1",
+    "model.tiny.num_attention_heads=2",
+    "model.tiny.num_key_value_heads=1",
+    "model.tiny.vision_hidden_size=32",
+    "model.tiny.vision_intermediate_size=32",
+    "model.tiny.vision_depth=1",
+    "model.tiny.vocab_size=400",
+    "data.n_train_scenes=4",
+    "data.n_val_scenes=1",
+    "data.n_test_scenes=1",
+    "data.tasks=[scene_cls, counting, referred_det]",
+    "eval.enabled=false",
+    "threads=1",
+]
+SFT = (
+    "stages=[{{name: sft, kind: sft, steps: 3, batch_size: 4, grad_accum: 2, lr: 0.01,"
+    " warmup_ratio: 0.0, save_every: {save}}}]"
+)
+GRPO = (
+    "stages=[{{name: grpo, kind: grpo, steps: 3, batch_size: 2, num_generations: 3,"
+    " max_new_tokens: 8, num_iterations: 2, lr: 0.01, warmup_ratio: 0.0, beta: 0.04,"
+    " save_every: {save}}}]"
+)
+STRATEGIES = {
+    "ddp": ["distributed.strategy=ddp"],
+    "fsdp2": ["distributed.strategy=fsdp2"],
+    "zero2": ["distributed.strategy=deepspeed", "distributed.deepspeed=deepspeed_zero2.json"],
+    "zero3": ["distributed.strategy=deepspeed", "distributed.deepspeed=deepspeed_zero3.json"],
+}
+# Sharded runs interrupted in step 2 (after checkpoint-2 with mu = 2 iterations), then resumed.
+RESUMED = [("sft", "fsdp2"), ("sft", "zero3"), ("grpo", "zero2")]
+RTOL = 1e-4
+SFT_KEYS = ("step", "loss", "grad_norm", "tokens", "lr")
+GRPO_KEYS = (
+    "step", "loss", "grad_norm", "kl", "reward", "reward_std", "reward/probe",
+    "reward/probe_std", "reward/format", "zero_std_frac", "completion_length",
+    "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max",
+)
+
+
+def argv(tmp: Path, init: Path, name: str, stage: str, strategy: str | None, save: int = 0):
+    stages = (SFT if stage == "sft" else GRPO).format(save=save)
+    extra = STRATEGIES[strategy] if strategy else []
+    return [f"output_dir={tmp}", f"name={name}", f"model.path={init}", *TINY, stages, *extra]
+
+
+def metrics(tmp: Path, name: str) -> list[dict]:
+    path = tmp / name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run's directory: 1-process baselines here, 2-process ones in one torchrun launch."""
+    tmp = tmp_path_factory.mktemp("dist")
+    assert train_main([f"output_dir={tmp}", "name=init", *TINY, "stages=[]"]) == 0
+    init = tmp / "init" / "init"
+    spec = [
+        {"argv": argv(tmp, init, f"{stage}_{strategy}", stage, strategy)}
+        for stage in ("sft", "grpo")
+        for strategy in STRATEGIES
+    ]
+    for stage, strategy in RESUMED:
+        name = f"{stage}_{strategy}_resumed"
+        # The crash hits the first optimizer step of step 2 (SFT: 1 per step; GRPO: mu = 2).
+        crash = 3 if stage == "sft" else 5
+        spec.append({"argv": argv(tmp, init, name, stage, strategy, save=1), "crash_after": crash})
+    collectives = tmp / "collectives.json"
+    (tmp / "spec.json").write_text(json.dumps({"collectives": str(collectives), "runs": spec}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--standalone", str(ROOT / "tests" / "_distributed_worker.py")]
+    worker = subprocess.Popen(
+        [*launcher, str(tmp / "spec.json")], cwd=tmp, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    # The single-process baselines run meanwhile (the launch spends seconds importing).
+    with ExitStack() as probes:
+        install_probes(probes)
+        for stage in ("sft", "grpo"):
+            assert train_main(argv(tmp, init, f"{stage}_single", stage, None)) == 0
+    try:
+        output, _ = worker.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        output, _ = worker.communicate()
+        pytest.fail(f"torchrun timed out (a collective deadlocked?):\n{output[-4000:]}")
+    assert worker.returncode == 0, output[-6000:]
+    return tmp
+
+
+def assert_same(got: list[dict], want: list[dict], keys) -> None:
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want, strict=True):
+        for key in keys:
+            assert key in w, key
+            assert g[key] == pytest.approx(w[key], rel=RTOL, abs=1e-7), (key, g, w)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_sft_two_processes_match_one(runs, strategy):
+    want = metrics(runs, "sft_single")
+    assert_same(metrics(runs, f"sft_{strategy}"), want, SFT_KEYS)
+    assert len({r["loss"] for r in want}) == 3  # the steps really train
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_grpo_two_processes_match_one(runs, strategy):
+    want = metrics(runs, "grpo_single")
+    assert_same(metrics(runs, f"grpo_{strategy}"), want, GRPO_KEYS)
+    # Non-trivial: the probe reward varies, so the loss and the KL to the reference move, and
+    # completions end early, so the ranks hold different token counts (which the DAPO loss and
+    # the token-mean metrics must weigh).
+    assert all(r["reward_std"] > 0 and r["grad_norm"] > 0 for r in want)
+    assert want[-1]["kl"] > 0
+    assert all(2 < r["completion_length"] < 8 for r in want)
+
+
+@pytest.mark.parametrize("stage, strategy", RESUMED)
+def test_sharded_run_resumes_and_loads_in_one_process(runs, stage, strategy):
+    name = f"{stage}_{strategy}_resumed"
+    want = metrics(runs, f"{stage}_{strategy}")
+    assert_same(metrics(runs, name), want, SFT_KEYS if stage == "sft" else GRPO_KEYS)
+    from transformers import AutoModelForImageTextToText
+
+    stage_dir = runs / name / "stages" / f"0-{stage}"
+    final = AutoModelForImageTextToText.from_pretrained(stage_dir / "final")
+    straight = AutoModelForImageTextToText.from_pretrained(
+        runs / f"{stage}_{strategy}" / "stages" / f"0-{stage}" / "final"
+    )
+    for (key, a), (_, b) in zip(
+        final.state_dict().items(), straight.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=key)
+    assert (stage_dir / "checkpoint-2").is_dir()
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process(runs):
+    """The name-keyed full optimizer state of an FSDP2 checkpoint loads in a plain process."""
+    import shutil
+
+    name = "sft_from_fsdp2"
+    source = runs / "sft_fsdp2_resumed" / "stages" / "0-sft" / "checkpoint-2"
+    target = runs / name / "stages" / "0-sft" / "checkpoint-2"
+    shutil.copytree(source, target)
+    init = runs / "init" / "init"
+    with ExitStack() as probes:
+        install_probes(probes)
+        assert train_main(argv(runs, init, name, "sft", None, save=1)) == 0
+    got = metrics(runs, name)
+    want = metrics(runs, "sft_single")[2:]
+    assert [r["step"] for r in got] == [2]
+    for key in SFT_KEYS:
+        assert got[0][key] == pytest.approx(want[0][key], rel=RTOL), key
+
+
+def test_deepspeed_checkpoint_refuses_another_world_size(runs, tmp_path):
+    import shutil
+
+    name = "grpo_from_zero2"
+    source = runs / "grpo_zero2_resumed" / "stages" / "0-grpo" / "checkpoint-2"
+    shutil.copytree(source, tmp_path / name / "stages" / "0-grpo" / "checkpoint-2")
+    init = runs / "init" / "init"
+    with pytest.raises(RuntimeError, match="ZeRO optimizer partitions"):
+        train_main(argv(tmp_path, init, name, "grpo", None, save=1))
+
+
+def test_shipped_deepspeed_configs_resolve_auto_values():
+    config = load_config(None, ["stages.sft.batch_size=8", "stages.sft.grad_accum=3"])
+    stage = config.stages[0]
+    for name, zero in (("deepspeed_zero2.json", 2), ("deepspeed_zero3.json", 3)):
+        ds = deepspeed_config(name, stage, world=2, dtype=torch.bfloat16, hidden_size=64)
+        assert ds["zero_optimization"]["stage"] == zero
+        assert ds["train_micro_batch_size_per_gpu"] == 4
+        assert ds["gradient_accumulation_steps"] == 3
+        assert ds["train_batch_size"] == 24
+        assert ds["gradient_clipping"] == stage.max_grad_norm
+        assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+        assert "auto" not in json.dumps(ds)
+    grpo = load_config(None, ["stages.sft.kind=grpo", "stages.sft.grad_accum=3"]).stages[0]
+    ds = deepspeed_config("deepspeed_zero2.json", grpo, world=2)
+    assert ds["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "optimizer"),
+        ({"zero_optimization": {"stage": 0}}, "strategy=ddp"),
+        ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3}, "auto"),
+        ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, "sub_group_size"),
+    ],
+)
+def test_deepspeed_config_errors_name_the_problem(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    stage = load_config(None, ["stages.sft.batch_size=8"]).stages[0]
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(str(path), stage, world=2)
+    with pytest.raises(ConfigError, match="cannot read"):
+        deepspeed_config(str(tmp_path / "missing.json"), stage, world=2)
+
+
+def test_collectives_reduce_over_two_ranks(runs):
+    got = json.loads((runs / "collectives.json").read_text())
+    reduced = got["reduced"]
+    assert reduced["kl"] == pytest.approx((0.1 * 3 + 0.3 * 1) / 4)  # token-weighted mean
+    assert reduced["loss"] == pytest.approx(1.5)
+    assert reduced["clip_ratio/low_min"] == 0.2  # NaN on one rank does not win
+    assert math.isnan(reduced["clip_ratio/high_max"])  # NaN on every rank stays NaN
+    assert got["total"] == [0.0, 10.0, 11.0] and got["a"] == [0, 0, 1, 1]
+
+
+def test_collectives_are_identities_in_one_process():
+    values = {"loss": 0.5, "clip_ratio/low_min": float("nan")}
+    out = reduce_metrics(values, {"loss": 3.0})
+    assert out["loss"] == 0.5 and out["clip_ratio/low_min"] != out["clip_ratio/low_min"]
+    tree = ([1.0, 2.0], {"a": [3.0]})
+    assert gather_rows(tree) is tree
