@@ -151,8 +151,25 @@ def _completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.
     return (positions[None, :] <= first[:, None]).long()
 
 
+def _vision_token_ids(config) -> list[int]:
+    """Image / video placeholder and vision delimiter ids: never valid in a completion.
+
+    A sampled ``<|image_pad|>`` would make the teacher-forced forward of prompt + completion
+    expect image features that do not exist (a crash in the GRPO loss), so generation must not
+    produce them; TRL suppresses them for the same reason.
+    """
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(v) for v in (getattr(config, n, None) for n in names) if v is not None})
+
+
 def _generation_config(
-    max_new_tokens: int, greedy: bool, temperature: float, top_p: float, eos: list[int], pad: int
+    max_new_tokens: int,
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+    eos: list[int],
+    pad: int,
+    suppress: list[int],
 ) -> GenerationConfig:
     # Explicit neutral values: unset ones would be filled from the checkpoint's or HF's defaults
     # (top_k=50, Qwen's repetition_penalty=1.05), which would change the sampled distribution.
@@ -165,6 +182,7 @@ def _generation_config(
         pad_token_id=pad,
         bos_token_id=None,
         use_cache=True,
+        suppress_tokens=suppress or None,
         **sampling,
     )
 
@@ -257,7 +275,9 @@ def generate_rollouts(
     if chunk < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    config = _generation_config(max_new_tokens, greedy, temperature, top_p, eos, pad)
+    config = _generation_config(
+        max_new_tokens, greedy, temperature, top_p, eos, pad, _vision_token_ids(model.config)
+    )
     saved_config, was_training = model.generation_config, model.training
     devices = [device] if device.type == "cuda" else []
     pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []

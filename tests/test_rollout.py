@@ -57,7 +57,11 @@ def samples():
 
 
 def _teacher_forced_logps(model, processor, samples, rollouts, temperature):
-    """float64 log_softmax(logits / T) at each completion token, from one plain forward."""
+    """float64 log_softmax(logits / T) at each completion token, from one plain forward.
+
+    The vision placeholder / delimiter tokens are removed from the distribution (-inf), as
+    generation suppresses them: the sampling distribution is the one over the remaining tokens.
+    """
     prompts = collate_prompts(samples, processor)
     index = rollouts.sample_index
     counts = torch.tensor([len(s.images) for s in samples])
@@ -83,6 +87,10 @@ def _teacher_forced_logps(model, processor, samples, rollouts, temperature):
     prompt_length = prompts["input_ids"].shape[1]
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits[:, prompt_length - 1 : -1].double()
+    config = model.config
+    vision = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+              config.vision_end_token_id]
+    logits[..., vision] = float("-inf")
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
@@ -119,7 +127,8 @@ def test_sampling_logprobs_equal_a_teacher_forced_forward(eos_prone, policy, sam
     p = rollouts.prompt_length
     with torch.no_grad():
         logits = forward_logits(eos_prone, rollouts.model_inputs())[:, p - 1 : -1].double()
-    via_inputs = torch.log_softmax(logits / temperature, dim=-1)
+    finite = torch.isfinite(logps)
+    via_inputs = torch.log_softmax(logits.masked_fill(~finite, float("-inf")) / temperature, -1)
     torch.testing.assert_close(via_inputs[mask], logps[mask], rtol=0, atol=1e-6)
 
 
@@ -177,6 +186,25 @@ def test_greedy_is_deterministic_and_the_argmax(policy, samples):
     assert torch.equal(logps.argmax(-1)[mask], first.completion_ids[mask])
     expected = logps.gather(-1, first.completion_ids[..., None]).squeeze(-1)
     torch.testing.assert_close(first.logprobs.double()[mask], expected[mask], rtol=0, atol=1e-4)
+
+
+def test_vision_tokens_are_never_sampled(policy, samples):
+    """Sampling <|image_pad|> would break the teacher-forced forward of the GRPO loss."""
+    model, processor = policy
+    config = model.config
+    vision = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
+              config.vision_end_token_id}
+    # Make the image placeholder by far the most likely next token everywhere.
+    def favour_image_pad(module, args, output):
+        output[..., config.image_token_id] = 1e4
+        return output
+
+    handle = model.lm_head.register_forward_hook(favour_image_pad)
+    try:
+        rollouts = generate_rollouts(model, processor, samples[:2], 4, max_new_tokens=6, seed=3)
+    finally:
+        handle.remove()
+    assert not vision & set(rollouts.completion_ids[rollouts.completion_mask.bool()].tolist())
 
 
 def test_seed_reproduces_and_keeps_the_callers_rng(policy, samples):
