@@ -96,8 +96,9 @@ class Rollouts:
 class _SamplingLogprobs(LogitsProcessor):
     """Records ``log_softmax(logits / T)`` of each step at the token generate picks next.
 
-    HF applies user logits processors after its own (none here) and before the sampling
-    warpers (temperature, top-p), so ``scores`` are the model's raw fp32 logits. The token
+    HF applies user logits processors after its own (here only the suppression of vision
+    tokens, set to -inf) and before the sampling warpers (temperature, top-p), so ``scores`` are
+    the model's fp32 logits over the tokens that may be sampled. The token
     chosen at step ``t`` is only visible at step ``t + 1`` (as ``input_ids[:, -1]``), hence one
     step of look-behind; the last step is gathered by ``finish``.
     """
