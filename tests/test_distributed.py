@@ -75,6 +75,10 @@ STRATEGIES = {
 # Sharded runs interrupted in step 2 (after checkpoint-2 with mu = 2 iterations), then resumed.
 RESUMED = [("sft", "fsdp2"), ("sft", "zero3"), ("grpo", "zero2")]
 RTOL = 1e-4
+# The held-out evaluation after a sharded GRPO stage (train.py reloads the full model for it):
+# every rank generates its share of the samples without collectives, so none may hang.
+SHARDED_EVAL = ("grpo_fsdp2", "grpo_zero2", "grpo_zero3")
+EVAL = ["eval.enabled=true", "eval.max_new_tokens=8", "eval.batch_size=2"]
 SFT_KEYS = ("step", "loss", "grad_norm", "tokens", "lr")
 GRPO_KEYS = (
     "step", "loss", "grad_norm", "kl", "reward", "reward_std", "reward/probe",
@@ -100,11 +104,12 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     assert train_main([f"output_dir={tmp}", "name=init", *TINY, "stages=[]"]) == 0
     init = tmp / "init" / "init"
-    spec = [
-        {"argv": argv(tmp, init, f"{stage}_{strategy}", stage, strategy)}
-        for stage in ("sft", "grpo")
-        for strategy in STRATEGIES
-    ]
+    spec = []
+    for stage in ("sft", "grpo"):
+        for strategy in STRATEGIES:
+            name = f"{stage}_{strategy}"
+            extra = EVAL if name in SHARDED_EVAL else []
+            spec.append({"argv": argv(tmp, init, name, stage, strategy) + extra})
     for stage, strategy in RESUMED:
         name = f"{stage}_{strategy}_resumed"
         # The crash hits the first optimizer step of step 2 (SFT: 1 per step; GRPO: mu = 2).
@@ -159,6 +164,13 @@ def test_grpo_two_processes_match_one(runs, strategy):
     assert all(r["reward_std"] > 0 and r["grad_norm"] > 0 for r in want)
     assert want[-1]["kl"] > 0
     assert all(2 < r["completion_length"] < 8 for r in want)
+
+
+@pytest.mark.parametrize("name", SHARDED_EVAL)
+def test_evaluation_after_a_sharded_stage(runs, name):
+    report = json.loads((runs / name / "stages" / "0-grpo" / "eval" / "metrics.json").read_text())
+    assert set(report["summary"]) == {"scene_cls", "counting", "referred_det"}
+    assert (runs / name / "init_eval" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("stage, strategy", RESUMED)
