@@ -94,10 +94,11 @@ def completion_logps(model, batch: PolicyBatch, temperature: float) -> torch.Ten
     from geovlm.kernels import selective_log_softmax
     from geovlm.model import forward_logits
 
+    length = batch.completion_ids.shape[1]
     with torch.no_grad():
-        logits = forward_logits(model, batch.inputs)
-        start = batch.prompt_length - 1
-        logits = logits[:, start : start + batch.completion_ids.shape[1]]
+        # Only positions P-1 .. P+L-1 are needed: keep the last L+1 (the prompt's logits would
+        # be [R, P, V] of waste, 151,936 wide on a real Qwen).
+        logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
         return selective_log_softmax(logits, batch.completion_ids, temperature).float()
 
 
@@ -124,7 +125,7 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
             hidden, lm_head_weight(model), ids, temperature=stage.temperature
         )
     else:
-        logits = forward_logits(model, batch.inputs)[:, start : start + length]
+        logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
         logps, _ = fused_log_probs(
             logits, batch.completion_ids, batch.completion_mask, stage.temperature
         )
