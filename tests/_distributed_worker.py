@@ -14,8 +14,7 @@ Probes, so that a run's numbers do not depend on how the batch is split over ran
 - ``seeded_rollouts``: each prompt's group is sampled by its own ``generate`` call with a seed
   derived from the step's seed and the sample id. HF samples a whole batch from one RNG stream, so
   without this the rows a rank draws depend on which other prompts share its batch.
-  Vision special tokens are suppressed (see ``generate``) and the EOS logit is raised by
-  ``EOS_BIAS`` so that completions end at different lengths.
+  The EOS logit is raised by ``EOS_BIAS`` so that completions end at different lengths.
 - ``probe_rewards``: adds a deterministic reward of the completion text to the real ones (which
   are all 0 for an untrained tiny model), so that advantages, hence gradients, are not all zero.
 """
@@ -70,15 +69,9 @@ def seeded_rollouts(original: Callable) -> Callable:
 
     def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):
         step_seed = torch.initial_seed()  # the step's seed (seed_everything), equal on all ranks
-        config = model.config
-        vision = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
-                  config.vision_end_token_id]
-        # An untrained policy samples <|image_pad|> now and then, which the teacher-forced
-        # forward then takes for an image placeholder ("image features and image tokens do
-        # not match"); keep vision tokens out of the completions.
+
         def generation_config(*config_args):
             config = make_config(*config_args)
-            config.suppress_tokens = vision
             # Favour the EOS so that completion lengths, hence per-rank token counts, differ.
             config.sequence_bias = {(eos,): EOS_BIAS for eos in config.eos_token_id}
             return config
