@@ -259,11 +259,19 @@ def run_grpo(
                 options=options,
                 prompts=[s.prompt for s in rows],
             )
-        # Groups never straddle ranks (each rank owns whole prompts), so the group statistics
-        # are exact per rank.
-        total = torch.as_tensor(rewards.total, dtype=torch.float64)
-        advantages, zero_std = group_advantages(total, stage.num_generations, stage.scale_rewards)
-        batch = build_policy_batch(rollouts, advantages, ctx.device)
+        # Every rank's rewards (a few floats per row): the advantages and the reward metrics are
+        # those of the global batch. Groups never straddle ranks, but scale_rewards="batch"
+        # divides by the std of the whole batch.
+        all_total, all_components, all_lengths = gather_rows(
+            (rewards.total, rewards.components, rollouts.lengths.cpu().numpy())
+        )
+        all_advantages, all_zero_std = group_advantages(
+            torch.as_tensor(all_total, dtype=torch.float64),
+            stage.num_generations,
+            stage.scale_rewards,
+        )
+        mine = slice(ctx.rank * len(rewards.total), (ctx.rank + 1) * len(rewards.total))
+        batch = build_policy_batch(rollouts, all_advantages[mine], ctx.device)
         if reference is not None:
             with nvtx_range("grpo/ref_logps"):
                 batch.ref_logps = completion_logps(reference, batch, stage.temperature)
@@ -288,16 +296,7 @@ def run_grpo(
         # Metrics of the global batch: reward statistics over every rank's rows, token means
         # weighted by each rank's tokens (TRL's global_masked_mean).
         record.update(
-            reward_metrics(
-                *gather_rows(
-                    (
-                        rewards.total,
-                        rewards.components,
-                        zero_std.cpu().numpy(),
-                        rollouts.lengths.cpu().numpy(),
-                    )
-                )
-            )
+            reward_metrics(all_total, all_components, all_zero_std.numpy(), all_lengths)
         )
         record.update(reduce_metrics(loss_metrics, token_weights(loss_metrics, batch, stage)))
         if "clip_ratio/region_mean" in record:

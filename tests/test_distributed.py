@@ -9,10 +9,10 @@ What must be equal, and why it can be:
   the global batch, the loss is normalised by the global token count and gradients are averaged
   over ranks, so the update is the one of the global batch.
 - GRPO: with each prompt's group sampled from its own seeded generator (the worker's probe), the
-  completions are a function of the prompt and the weights only, so the rewards, the group
-  advantages (groups never straddle ranks), the DAPO loss (normalised by the global token count),
-  the gradient, the KL to the (sharded) reference and every reduced metric must equal the
-  single-process ones.
+  completions are a function of the prompt and the weights only, so the rewards, the advantages
+  (scaled by the std of the whole batch, the one statistic that spans ranks), the DAPO loss
+  (normalised by the global token count), the gradient, the KL to the (sharded) reference and
+  every reduced metric must equal the single-process ones.
 
 Tolerance: the two runs add the same float32 numbers in a different order (per-rank partial
 sums, then the all-reduce; padding to a different batch width). That gives relative differences of
@@ -64,7 +64,7 @@ SFT = (
 GRPO = (
     "stages=[{{name: grpo, kind: grpo, steps: 3, batch_size: 2, num_generations: 3,"
     " max_new_tokens: 8, num_iterations: 2, lr: 0.01, warmup_ratio: 0.0, beta: 0.04,"
-    " save_every: {save}}}]"
+    " scale_rewards: batch, save_every: {save}}}]"
 )
 STRATEGIES = {
     "ddp": ["distributed.strategy=ddp"],
