@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -170,43 +171,32 @@ def run(config: RunConfig, profile: bool = False) -> dict:
         eval_samples = _cap_per_task(eval_samples, config.eval.max_samples_per_task)
     # Batches of one task have similar answer lengths, so generation stops together.
     eval_samples.sort(key=lambda sample: list(TASKS).index(sample.task))
-    init_eval_dir = run_dir / "init_eval"
-    if config.eval.enabled and not (init_eval_dir / "metrics.json").is_file():
-        report = evaluate_stage(
-            config, model, processor, eval_samples, init_eval_dir, "init", rank, world
-        )
-        summaries["init"] = report.summary()
-    elif (init_eval_dir / "metrics.json").is_file():
-        summaries["init"] = _saved_summary(init_eval_dir / "metrics.json")
 
+    def held_out(label: str, out_dir: Path, get_model) -> None:
+        summary = held_out_summary(config, get_model, eval_samples, out_dir, label, rank, world)
+        if summary is not None:
+            summaries[label] = summary
+
+    held_out("init", run_dir / "init_eval", lambda: (model, processor))
     for index, stage in enumerate(config.stages):
         ctx = StageContext(config, stage, index, device, rank, world, log)
         final = ctx.stage_dir / "final"
         if (final / "config.json").is_file():
-            previous, model = final, None
             if rank == 0:
                 print(f"stage {index} ({stage.name}) already finished: {final}", flush=True)
-            saved = ctx.stage_dir / "eval" / "metrics.json"
-            if saved.is_file():
-                summaries[stage.name] = _saved_summary(saved)
-            elif config.eval.enabled:
-                # Interrupted between the stage's end and the end of its evaluation.
-                model, processor = load_stage_model(config, final, device)
-                report = evaluate_stage(
-                    config,
-                    model,
-                    processor,
-                    eval_samples,
-                    ctx.stage_dir / "eval",
-                    stage.name,
-                    rank,
-                    world,
-                )
-                summaries[stage.name] = report.summary()
-                model = None
+            # The evaluation may have been interrupted after the stage ended.
+            held_out(
+                stage.name,
+                ctx.stage_dir / "eval",
+                lambda final=final: load_stage_model(config, final, device),
+            )
+            previous, model = final, None
             continue
         if model is None:
             model, processor = load_stage_model(config, previous, device)
+        if rank == 0:
+            # Evaluation files of an earlier run of this stage describe another model.
+            shutil.rmtree(ctx.stage_dir / "eval", ignore_errors=True)
         tasks = stage.tasks or config.data.tasks
         train = select_tasks(splits["train"], tasks)
         if stage.kind == "sft":
@@ -224,18 +214,7 @@ def run(config: RunConfig, profile: bool = False) -> dict:
             # Sharded weights: evaluate (and start the next stage) from the full checkpoint.
             del engine, model
             model, processor = load_stage_model(config, final, device)
-        if config.eval.enabled:
-            report = evaluate_stage(
-                config,
-                model,
-                processor,
-                eval_samples,
-                ctx.stage_dir / "eval",
-                stage.name,
-                rank,
-                world,
-            )
-            summaries[stage.name] = report.summary()
+        held_out(stage.name, ctx.stage_dir / "eval", lambda m=model, p=processor: (m, p))
         previous = final
         if rank == 0:
             plot_training_curves(log.records(), run_dir / "training_curves.png")
@@ -243,6 +222,17 @@ def run(config: RunConfig, profile: bool = False) -> dict:
     if rank == 0 and summaries:
         write_summary(run_dir, summaries, time.time() - started)
     return summaries
+
+
+def held_out_summary(config, get_model, samples, out_dir: Path, label: str, rank, world):
+    """The stage's held-out summary: saved by an earlier run, or evaluated now (None if off)."""
+    saved = out_dir / "metrics.json"
+    if saved.is_file():
+        return _saved_summary(saved)
+    if not config.eval.enabled:
+        return None
+    model, processor = get_model()
+    return evaluate_stage(config, model, processor, samples, out_dir, label, rank, world).summary()
 
 
 def save_final(ctx: StageContext, engine, processor, final: Path) -> None:
