@@ -145,6 +145,10 @@ class EvalConfig:
     max_new_tokens: int = 96
     max_samples_per_task: int | None = None
     use_embeddings: bool = False
+    # After a GRPO stage: its objective (mean reward of sampled completions) on held-out prompts
+    # of its tasks, before and after the stage.
+    sampled_reward: bool = True
+    sampled_generations: int = 4
 
 
 @dataclass

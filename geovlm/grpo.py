@@ -163,6 +163,54 @@ def reward_options(ctx: StageContext, processor):
     )
 
 
+def sampled_reward(
+    model,
+    processor,
+    samples: list[Sample],
+    ctx: StageContext,
+    num_generations: int = 4,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The GRPO objective on held-out prompts: mean reward of completions sampled at the stage's
+    temperature (``num_generations`` per prompt, seeded), overall and per component.
+
+    Greedy metrics move only when an argmax flips; this is the quantity GRPO optimises, so it is
+    what shows whether a stage improved its tasks.
+    """
+    from geovlm.rewards import score
+    from geovlm.rollout import generate_rollouts
+
+    stage, options = ctx.stage, reward_options(ctx, processor)
+    totals: dict[str, list[np.ndarray]] = {}
+    per_call = max(1, batch_size // num_generations)
+    for start in range(0, len(samples), per_call):
+        chunk = samples[start : start + per_call]
+        rollouts = generate_rollouts(
+            model,
+            processor,
+            chunk,
+            num_generations=num_generations,
+            max_new_tokens=stage.max_new_tokens,
+            temperature=stage.temperature,
+            top_p=stage.top_p,
+            seed=seed + start,
+        )
+        rows = [chunk[int(i)] for i in rollouts.sample_index]
+        rewards = score(
+            [s.task for s in rows],
+            rollouts.texts,
+            [s.target for s in rows],
+            weights=stage.reward_weights or None,
+            options=options,
+            prompts=[s.prompt for s in rows],
+        )
+        totals.setdefault("reward", []).append(rewards.total)
+        for name, values in rewards.components.items():
+            totals.setdefault(f"reward/{name}", []).append(values)
+    return {name: float(np.concatenate(parts).mean()) for name, parts in totals.items()}
+
+
 def reward_metrics(
     total: np.ndarray, components: dict[str, np.ndarray], zero_std: np.ndarray, lengths: np.ndarray
 ) -> dict[str, float]:
@@ -295,9 +343,7 @@ def run_grpo(
         record = {"stage": stage.name, "kind": "grpo", "step": step, "lr": lr}
         # Metrics of the global batch: reward statistics over every rank's rows, token means
         # weighted by each rank's tokens (TRL's global_masked_mean).
-        record.update(
-            reward_metrics(all_total, all_components, all_zero_std.numpy(), all_lengths)
-        )
+        record.update(reward_metrics(all_total, all_components, all_zero_std.numpy(), all_lengths))
         record.update(reduce_metrics(loss_metrics, token_weights(loss_metrics, batch, stage)))
         if "clip_ratio/region_mean" in record:
             record["clip_ratio"] = record["clip_ratio/region_mean"]

@@ -178,6 +178,7 @@ def run(config: RunConfig, profile: bool = False) -> dict:
             summaries[label] = summary
 
     held_out("init", run_dir / "init_eval", lambda: (model, processor))
+    objective: dict[str, dict] = {}
     for index, stage in enumerate(config.stages):
         ctx = StageContext(config, stage, index, device, rank, world, log)
         final = ctx.stage_dir / "final"
@@ -190,6 +191,9 @@ def run(config: RunConfig, profile: bool = False) -> dict:
                 ctx.stage_dir / "eval",
                 lambda final=final: load_stage_model(config, final, device),
             )
+            saved = ctx.stage_dir / "eval" / "sampled_reward.json"
+            if saved.is_file():
+                objective[stage.name] = json.loads(saved.read_text())
             previous, model = final, None
             continue
         if model is None:
@@ -215,13 +219,47 @@ def run(config: RunConfig, profile: bool = False) -> dict:
             del engine, model
             model, processor = load_stage_model(config, final, device)
         held_out(stage.name, ctx.stage_dir / "eval", lambda m=model, p=processor: (m, p))
+        if stage.kind == "grpo" and rank == 0 and config.eval.enabled:
+            objective[stage.name] = grpo_objective(
+                ctx, model, processor, previous, select_tasks(eval_samples, tasks)
+            )
         previous = final
         if rank == 0:
             plot_training_curves(log.records(), run_dir / "training_curves.png")
 
     if rank == 0 and summaries:
-        write_summary(run_dir, summaries, time.time() - started)
+        write_summary(run_dir, summaries, objective, time.time() - started)
     return summaries
+
+
+def grpo_objective(ctx: StageContext, model, processor, previous: Path, samples) -> dict:
+    """Mean sampled reward on held-out prompts of the stage's tasks, before and after it."""
+    from geovlm.grpo import sampled_reward
+
+    config = ctx.config
+    if not (config.eval.sampled_reward and samples):
+        return {}
+    out = ctx.stage_dir / "eval" / "sampled_reward.json"
+    kwargs = dict(num_generations=config.eval.sampled_generations, seed=config.seed)
+    before_model, before_processor = load_stage_model(config, previous, ctx.device)
+    before = sampled_reward(before_model, before_processor, samples, ctx, **kwargs)
+    del before_model
+    after = sampled_reward(model, processor, samples, ctx, **kwargs)
+    result = {
+        "tasks": sorted({s.task for s in samples}),
+        "prompts": len(samples),
+        "before": before,
+        "after": after,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(
+        f"\nGRPO objective of {ctx.stage.name} on {len(samples)} held-out prompts of "
+        f"{result['tasks']} ({config.eval.sampled_generations} samples each): mean reward "
+        f"{before['reward']:.3f} -> {after['reward']:.3f}",
+        flush=True,
+    )
+    return result
 
 
 def held_out_summary(config, get_model, samples, out_dir: Path, label: str, rank, world):
@@ -263,10 +301,13 @@ def _cap_per_task(samples, cap: int):
     return out
 
 
-def write_summary(run_dir: Path, summaries: dict[str, dict], seconds: float) -> None:
-    """``summary.md``/``summary.json``: the headline metric of every task after every stage."""
+def write_summary(
+    run_dir: Path, summaries: dict[str, dict], objective: dict[str, dict], seconds: float
+) -> None:
+    """``summary.md``/``summary.json``: the headline metric of every task after every stage,
+    and each GRPO stage's objective (sampled reward on held-out prompts) before and after it."""
     labels = list(summaries)
-    tasks = sorted({task for s in summaries.values() for task in s})
+    tasks = [t for t in TASKS if any(t in s for s in summaries.values())]
     lines = [
         "| task | metric | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),
@@ -279,8 +320,23 @@ def write_summary(run_dir: Path, summaries: dict[str, dict], seconds: float) -> 
         ]
         lines.append(f"| {task} | {metric} | " + " | ".join(values) + " |")
     table = "\n".join(lines)
+    rows = [
+        f"| {name} | {', '.join(o['tasks'])} | {o['prompts']} | {o['before']['reward']:.3f} | "
+        f"{o['after']['reward']:.3f} | {o['before'].get('reward/accuracy', 0):.3f} -> "
+        f"{o['after'].get('reward/accuracy', 0):.3f} |"
+        for name, o in objective.items()
+        if o
+    ]
+    if rows:
+        table += (
+            "\n\nGRPO objective on held-out prompts (mean reward of sampled completions):\n\n"
+            "| stage | tasks | prompts | reward before | reward after | accuracy reward |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows)
+        )
     (run_dir / "summary.md").write_text(table + f"\n\nwall time: {seconds:.0f} s\n")
-    (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"held_out": summaries, "grpo_objective": objective}, indent=2)
+    )
     print(
         f"\n## Summary (headline metric per task, by stage)\n\n{table}\n\nwall time: "
         f"{seconds:.0f} s; run directory: {run_dir}",
