@@ -338,6 +338,9 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key.split("."), value, key)
+        # Rebuild after each override so that a replaced list or mapping gets its defaults
+        # filled in and the next override (``stages=[...]`` then ``stages.sft.lr=...``) sees them.
+        tree = _build(RunConfig, tree).to_dict()
     return _build(RunConfig, tree)
 
 

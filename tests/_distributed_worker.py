@@ -69,6 +69,7 @@ def seeded_rollouts(original: Callable) -> Callable:
 
     def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):
         step_seed = torch.initial_seed()  # the step's seed (seed_everything), equal on all ranks
+        kwargs.pop("seed", None)  # replaced by the per-prompt seeds below
 
         def generation_config(*config_args):
             config = make_config(*config_args)

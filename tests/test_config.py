@@ -97,3 +97,12 @@ def test_help_lists_every_stage_field():
     for key in ("model.path", "data.n_train_scenes", "stages.<i>.loss_type", "eval.batch_size"):
         assert key in text
     assert isinstance(RunConfig().run_dir, Path)
+
+
+def test_a_replaced_stage_list_gets_defaults_for_later_overrides():
+    config = load_config(
+        None, ["stages=[{name: a, kind: grpo}, {name: b}]", "stages.a.steps=3", "stages.b.lr=0.5"]
+    )
+    assert [s.name for s in config.stages] == ["a", "b"]
+    assert config.stages[0].steps == 3 and config.stages[0].kind == "grpo"
+    assert config.stages[1].lr == 0.5 and config.stages[1].batch_size == 16

@@ -25,6 +25,7 @@ TINY = [
     "data.tasks=[scene_cls, counting, referred_det]",
     "eval.enabled=false",
     "threads=1",
+    "stages=[{name: sft, kind: sft}]",
 ]
 
 

@@ -1,17 +1,13 @@
 """Kernel tests run the Triton kernels on CPU through Triton's interpreter when there is no GPU.
 
-``TRITON_INTERPRET`` must be set before ``triton.jit`` decorates a kernel, i.e. before
-``geovlm.kernels`` is imported, hence here. On a CUDA machine it is left alone so that the
-``cuda``-marked tests (run by ``benchmarks/gpu_check.sh``) compile the real kernels.
+``tests/conftest.py`` sets ``TRITON_INTERPRET`` before any test imports triton; the markers here
+say which tests need the interpreter or a GPU.
 """
 
 import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
