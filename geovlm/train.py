@@ -67,12 +67,10 @@ def pick_device(config: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def initial_model(config: RunConfig, corpus: list[str], device: torch.device):
-    """The stage-0 policy: a local checkpoint, or the embedded tiny model (built once, saved)."""
-    from geovlm.model import build_policy
-
+def _model_kwargs(config: RunConfig, device: torch.device) -> dict:
+    """``build_policy`` settings shared by every model a run builds or loads."""
     model_cfg = config.model
-    common = dict(
+    return dict(
         device=device,
         dtype=None if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
         attn_implementation=None
@@ -82,36 +80,42 @@ def initial_model(config: RunConfig, corpus: list[str], device: torch.device):
         freeze_vision=model_cfg.freeze_vision,
         seed=config.seed,
     )
-    if model_cfg.path:
-        return build_policy(path=model_cfg.path, **common), Path(model_cfg.path)
-    init_dir = config.run_dir / "init"
-    if (init_dir / "config.json").is_file():
-        return build_policy(path=str(init_dir), **common), init_dir
+
+
+def _patched(config: RunConfig, built: tuple):
+    """Apply the GPU kernel patches the config asks for (a logged no-op off CUDA)."""
+    from geovlm.model import apply_kernel_patches
+
+    apply_kernel_patches(built[0], liger=config.model.liger_kernels)
+    return built
+
+
+def load_stage_model(config: RunConfig, path: Path, device: torch.device):
+    """Model + processor from an HF checkpoint directory (a stage's ``final/`` or a real one)."""
+    from geovlm.model import build_policy
+
+    return _patched(config, build_policy(path=str(path), **_model_kwargs(config, device)))
+
+
+def initial_model(config: RunConfig, corpus: list[str], device: torch.device):
+    """The stage-0 policy: a local checkpoint, or the embedded tiny model (built once, saved)."""
     from dataclasses import asdict
 
-    model, processor = build_policy(tokenizer_corpus=corpus, tiny=asdict(model_cfg.tiny), **common)
+    from geovlm.model import build_policy
+
+    if config.model.path:
+        return load_stage_model(config, Path(config.model.path), device), Path(config.model.path)
+    init_dir = config.run_dir / "init"
+    if (init_dir / "config.json").is_file():
+        return load_stage_model(config, init_dir, device), init_dir
+    model, processor = build_policy(
+        tokenizer_corpus=corpus, tiny=asdict(config.model.tiny), **_model_kwargs(config, device)
+    )
     if _is_main():
         from geovlm.checkpoint import save_checkpoint
 
         save_checkpoint(init_dir, model, processor, config, step=0)
-    return (model, processor), init_dir
-
-
-def load_stage_model(config: RunConfig, path: Path, device: torch.device):
-    from geovlm.model import build_policy
-
-    model_cfg = config.model
-    return build_policy(
-        path=str(path),
-        device=device,
-        dtype=None if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
-        attn_implementation=None
-        if model_cfg.attn_implementation == "auto"
-        else model_cfg.attn_implementation,
-        gradient_checkpointing=model_cfg.gradient_checkpointing,
-        freeze_vision=model_cfg.freeze_vision,
-        seed=config.seed,
-    )
+    return _patched(config, (model, processor)), init_dir
 
 
 def _is_main() -> bool:
