@@ -44,6 +44,8 @@ setup(
             "levenshtein>=0.25",
             "accelerate>=1.0",
             "scikit-learn>=1.3",
+            # The 2-process ZeRO-2/3 tests run DeepSpeed on CPU.
+            "deepspeed>=0.15",
         ],
         "deepspeed": ["deepspeed>=0.15"],
     },
