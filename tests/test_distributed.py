@@ -38,25 +38,11 @@ from geovlm.config import ConfigError, load_config
 from geovlm.distributed import deepspeed_config, gather_rows, reduce_metrics
 from geovlm.train import main as train_main
 from tests._distributed_worker import install_probes
+from tests.test_train import TINY as TRAIN_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.tiny.hidden_size=32",
-    "model.tiny.intermediate_size=64",
-    "model.tiny.num_hidden_layers=1",
-    "model.tiny.num_attention_heads=2",
-    "model.tiny.num_key_value_heads=1",
-    "model.tiny.vision_hidden_size=32",
-    "model.tiny.vision_intermediate_size=32",
-    "model.tiny.vision_depth=1",
-    "model.tiny.vocab_size=400",
-    "data.n_train_scenes=4",
-    "data.n_val_scenes=1",
-    "data.n_test_scenes=1",
-    "data.tasks=[scene_cls, counting, referred_det]",
-    "eval.enabled=false",
-    "threads=1",
-]
+# The tiny model and data of the trainer tests; stages are given per test.
+TINY = [o for o in TRAIN_TINY if not o.startswith("stages=")]
 SFT = (
     "stages=[{{name: sft, kind: sft, steps: 3, batch_size: 4, grad_accum: 2, lr: 0.01,"
     " warmup_ratio: 0.0, save_every: {save}}}]"
