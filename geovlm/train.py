@@ -165,7 +165,11 @@ def run(config: RunConfig, profile: bool = False) -> dict:
     from geovlm.data.sources import load_splits, select_tasks
 
     started = time.time()
-    splits = load_splits(config.data, config.model.box_convention)
+    try:
+        splits = load_splits(config.data, config.model.box_convention)
+    except (ValueError, FileNotFoundError) as err:
+        # Readers name the file, record and field; say it without a traceback.
+        raise ConfigError(f"data: {err}") from err
     from geovlm.data.synthetic import corpus
 
     (model, processor), previous = initial_model(config, corpus(splits["train"]), device)
@@ -352,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        run(config, profile=args.profile)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(config, profile=args.profile)
     return 0
 
 

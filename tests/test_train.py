@@ -118,3 +118,14 @@ def test_sft_then_grpo_stages_chain_and_resume_exactly(tmp_path, monkeypatch):
     for name in ("0-sft", "1-grpo_a", "2-grpo_b"):
         assert (straight.run_dir / "stages" / name / "final" / "config.json").is_file()
     assert (straight.run_dir / "training_curves.png").is_file()
+
+
+def test_a_malformed_data_file_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    from geovlm.train import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "problem": "where?"}\n{not json\n')
+    code = main([f"output_dir={tmp_path}", "name=bad", f"data.train={bad}", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: data:") and "bad.jsonl" in err
