@@ -205,6 +205,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
+        # YAML 1.1 reads on/off/yes/no as booleans; a choice spelled "on"/"off" means the word.
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
+            value = "on" if value else "off"
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value

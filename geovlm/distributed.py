@@ -149,6 +149,10 @@ def _full_state_options(**kwargs):
 class Engine:
     """Single-process or DDP training: ``loss.backward()``, clipping and an AdamW step."""
 
+    # Whether a rank holds only a shard of each parameter (FSDP2, ZeRO-3): then nothing may
+    # read a weight such as lm_head.weight outside the wrapped model's forward.
+    shards_parameters = False
+
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, stage: StageConfig):
         self.model = model
         self.optimizer = optimizer
@@ -226,6 +230,8 @@ def _load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -
 class FSDP2Engine(Engine):
     """PyTorch FSDP2 (``fully_shard`` per transformer block, the vision tower, then the root)."""
 
+    shards_parameters = True
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -279,6 +285,10 @@ class DeepSpeedEngine(Engine):
     @property
     def zero_stage(self) -> int:
         return self.model.zero_optimization_stage()
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.zero_stage == 3
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         if self.zero_stage == 3:

@@ -65,10 +65,13 @@ class PolicyBatch:
 
 
 def use_fused_linear(ctx: StageContext) -> bool:
-    # Single process only: the linear kernel reads lm_head.weight and runs the model body outside
-    # the wrapper's forward, which DDP (gradient all-reduce), FSDP2 / ZeRO-3 (sharded weights)
-    # and DeepSpeed (backward bookkeeping) do not see.
-    if ctx.world_size > 1:
+    """Whether the loss takes the fused linear kernel on the last hidden state.
+
+    Not when parameters are sharded (FSDP2, ZeRO-3): the kernel reads ``lm_head.weight`` directly.
+    Under DDP / ZeRO-1/2 the model body still runs through the wrapper's forward
+    (``model.forward_hidden``), so gradients are synchronised as usual.
+    """
+    if ctx.extras.get("shards_parameters", False):
         return False
     setting = ctx.config.model.fused_linear_loss
     return setting == "on" or (setting == "auto" and ctx.device.type == "cuda")
@@ -263,6 +266,7 @@ def run_grpo(
         # copied before the policy is wrapped, and sharded like the policy.
         reference = prepare_reference(model, ctx.config, stage, ctx)
     engine = prepare_engine(model, ctx.config, stage, ctx)
+    ctx.extras["shards_parameters"] = engine.shards_parameters
     start, _ = resume_if_possible(ctx, engine)
     policy, model = engine.policy, engine.model
     # Sharded parameters need every rank in every forward of generate().

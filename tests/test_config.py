@@ -106,3 +106,8 @@ def test_a_replaced_stage_list_gets_defaults_for_later_overrides():
     assert [s.name for s in config.stages] == ["a", "b"]
     assert config.stages[0].steps == 3 and config.stages[0].kind == "grpo"
     assert config.stages[1].lr == 0.5 and config.stages[1].batch_size == 16
+
+
+def test_on_off_choices_survive_yaml_booleans():
+    assert load_config(None, ["model.fused_linear_loss=on"]).model.fused_linear_loss == "on"
+    assert load_config(None, ["model.fused_linear_loss=off"]).model.fused_linear_loss == "off"

@@ -61,6 +61,8 @@ STRATEGIES = {
 # Sharded runs interrupted in step 2 (after checkpoint-2 with mu = 2 iterations), then resumed.
 RESUMED = [("sft", "fsdp2"), ("sft", "zero3"), ("grpo", "zero2")]
 RTOL = 1e-4
+# Strategies whose GRPO loss may take the fused linear kernel (parameters not sharded).
+FUSED = ("ddp", "zero2")
 # The held-out evaluation after a sharded GRPO stage (train.py reloads the full model for it):
 # every rank generates its share of the samples without collectives, so none may hang.
 SHARDED_EVAL = ("grpo_fsdp2", "grpo_zero2", "grpo_zero3")
@@ -96,6 +98,10 @@ def runs(tmp_path_factory):
             name = f"{stage}_{strategy}"
             extra = EVAL if name in SHARDED_EVAL else []
             spec.append({"argv": argv(tmp, init, name, stage, strategy) + extra})
+    # The fused linear loss (CPU: its chunked torch path) under data parallelism.
+    for strategy in FUSED:
+        fused = argv(tmp, init, f"grpo_{strategy}_fused", "grpo", strategy)
+        spec.append({"argv": fused + ["model.fused_linear_loss=on"]})
     for stage, strategy in RESUMED:
         name = f"{stage}_{strategy}_resumed"
         # The crash hits the first optimizer step of step 2 (SFT: 1 per step; GRPO: mu = 2).
@@ -150,6 +156,12 @@ def test_grpo_two_processes_match_one(runs, strategy):
     assert all(r["reward_std"] > 0 and r["grad_norm"] > 0 for r in want)
     assert want[-1]["kl"] > 0
     assert all(2 < r["completion_length"] < 8 for r in want)
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_fused_linear_loss_under_data_parallelism_matches_one_process(runs, strategy):
+    """Hidden states via the wrapper's forward + lm_head.weight: the logits path's step."""
+    assert_same(metrics(runs, f"grpo_{strategy}_fused"), metrics(runs, "grpo_single"), GRPO_KEYS)
 
 
 @pytest.mark.parametrize("name", SHARDED_EVAL)
