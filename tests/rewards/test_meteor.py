@@ -3,37 +3,17 @@ and NLTK's meteor_score, plus the Java process lifecycle and the WordNet set-up.
 
 from __future__ import annotations
 
-import collections
-import json
-import secrets
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from geovlm.rewards import _wordnet, meteor, text
-
-RSICD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsicd_test_captions.json"
+from tests.rewards.rsicd import sample_batch
 
 
 @pytest.fixture(scope="module")
 def batch():
     """60 RSICD captions against 1..4 captions of their scene category, then edge cases."""
-    if not RSICD.exists():
-        pytest.fail(f"{RSICD} is missing: the shared data folder must sit beside the repository")
-    groups = collections.defaultdict(list)
-    for pair in json.loads(RSICD.read_text())["pairs"]:
-        if "_" in pair["image_filename"]:
-            groups[pair["image_filename"].rsplit("_", 1)[0]].append(pair["caption"])
-    seed = secrets.randbits(32)
-    rng = np.random.default_rng(seed)
-    names = sorted(groups)
-    candidates, references = [], []
-    for _ in range(60):
-        captions = groups[names[rng.integers(len(names))]]
-        picks = rng.choice(len(captions), size=1 + rng.integers(1, 5), replace=False)
-        candidates.append(captions[picks[0]])
-        references.append([captions[i] for i in picks[1:]])
+    seed, candidates, references = sample_batch(60, 4)
     candidates += ["", "one", "a ship ||| near  the\ndock", "Café near 北京"]
     references += [["a ship"], ["one"], ["a ship near the dock", ""], ["cafe near beijing"]]
     return seed, candidates, references

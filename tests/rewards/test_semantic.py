@@ -6,8 +6,6 @@ The MiniLM model loads once for the module (it is the expensive part).
 
 from __future__ import annotations
 
-import collections
-import json
 import os
 import secrets
 from pathlib import Path
@@ -17,8 +15,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from geovlm.rewards import semantic
-
-RSICD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsicd_test_captions.json"
+from tests.rewards.rsicd import sample_batch
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +26,7 @@ def embedder() -> semantic.SentenceEmbedder:
 @pytest.fixture(scope="module")
 def batch():
     """20 RSICD captions, each against 1..4 other captions of its scene category."""
-    if not RSICD.exists():
-        pytest.fail(f"{RSICD} is missing: the shared data folder must sit beside the repository")
-    groups = collections.defaultdict(list)
-    for pair in json.loads(RSICD.read_text())["pairs"]:
-        if "_" in pair["image_filename"]:
-            groups[pair["image_filename"].rsplit("_", 1)[0]].append(pair["caption"])
-    seed = secrets.randbits(32)
-    rng = np.random.default_rng(seed)
-    names = sorted(groups)
-    candidates, references = [], []
-    for _ in range(20):
-        captions = groups[names[rng.integers(len(names))]]
-        picks = rng.choice(len(captions), size=1 + rng.integers(1, 5), replace=False)
-        candidates.append(captions[picks[0]])
-        references.append([captions[i] for i in picks[1:]])
+    seed, candidates, references = sample_batch(20, 4)
     # A duplicate candidate, one equal to a reference, unicode, double spaces.
     candidates += [candidates[0], references[1][0], "Café  near   北京 airport"]
     references += [references[0], references[1], ["a cafe near the Beijing airport"]]

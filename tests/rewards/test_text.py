@@ -8,11 +8,8 @@ n-gram clipping and long sequences, and the edge cases of real bug reports.
 
 from __future__ import annotations
 
-import collections
-import json
 import secrets
 import shutil
-from pathlib import Path
 
 import Levenshtein
 import numpy as np
@@ -24,8 +21,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from rouge_score import rouge_scorer
 
 from geovlm.rewards import _text_tokenize, _text_words, text
-
-RSICD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsicd_test_captions.json"
+from tests.rewards.rsicd import captions_by_category, sample_batch
 
 EDGE_CANDIDATES = [
     "",
@@ -63,29 +59,13 @@ def _coco_inputs(candidates, references):
 
 @pytest.fixture(scope="module")
 def categories() -> dict[str, list[str]]:
-    if not RSICD.exists():
-        pytest.fail(f"{RSICD} is missing: the shared data folder must sit beside the repository")
-    pairs = json.loads(RSICD.read_text())["pairs"]
-    out: dict[str, list[str]] = collections.defaultdict(list)
-    for pair in pairs:
-        name = pair["image_filename"]
-        if "_" in name:
-            out[name.rsplit("_", 1)[0]].append(pair["caption"])
-    return out
+    return captions_by_category()
 
 
 @pytest.fixture(scope="module")
 def batch(categories):
     """~300 RSICD candidates, each with 1..6 other captions of its category, then edge cases."""
-    seed = secrets.randbits(32)
-    rng = np.random.default_rng(seed)
-    names = sorted(categories)
-    candidates, references = [], []
-    for _ in range(301):
-        captions = categories[names[rng.integers(len(names))]]
-        picks = rng.choice(len(captions), size=1 + rng.integers(1, 7), replace=False)
-        candidates.append(captions[picks[0]])
-        references.append([captions[i] for i in picks[1:]])
+    seed, candidates, references = sample_batch(301, 6, categories)
     return seed, candidates + EDGE_CANDIDATES, references + EDGE_REFERENCES
 
 
