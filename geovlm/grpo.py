@@ -166,6 +166,21 @@ def reward_options(ctx: StageContext, processor):
     )
 
 
+def score_rollouts(rollouts, samples: list[Sample], stage: StageConfig, options):
+    """Task rewards of every rollout row, routed by its sample's task (prompt echoes ignored)."""
+    from geovlm.rewards import score
+
+    rows = [samples[int(i)] for i in rollouts.sample_index]
+    return score(
+        [s.task for s in rows],
+        rollouts.texts,
+        [s.target for s in rows],
+        weights=stage.reward_weights or None,
+        options=options,
+        prompts=[s.prompt for s in rows],
+    )
+
+
 def sampled_reward(
     model,
     processor,
@@ -181,7 +196,6 @@ def sampled_reward(
     Greedy metrics move only when an argmax flips; this is the quantity GRPO optimises, so it is
     what shows whether a stage improved its tasks.
     """
-    from geovlm.rewards import score
     from geovlm.rollout import generate_rollouts
 
     stage, options = ctx.stage, reward_options(ctx, processor)
@@ -199,15 +213,7 @@ def sampled_reward(
             top_p=stage.top_p,
             seed=seed + start,
         )
-        rows = [chunk[int(i)] for i in rollouts.sample_index]
-        rewards = score(
-            [s.task for s in rows],
-            rollouts.texts,
-            [s.target for s in rows],
-            weights=stage.reward_weights or None,
-            options=options,
-            prompts=[s.prompt for s in rows],
-        )
+        rewards = score_rollouts(rollouts, chunk, stage, options)
         totals.setdefault("reward", []).append(rewards.total)
         for name, values in rewards.components.items():
             totals.setdefault(f"reward/{name}", []).append(values)
@@ -249,7 +255,6 @@ def run_grpo(
     """
     from tqdm.auto import tqdm
 
-    from geovlm.rewards import score
     from geovlm.rollout import generate_rollouts
 
     stage = ctx.stage
@@ -298,19 +303,11 @@ def run_grpo(
                 max_new_tokens=stage.max_new_tokens,
                 temperature=stage.temperature,
                 top_p=stage.top_p,
-                **({"synced_gpus": True} if synced else {}),
+                synced_gpus=synced,
             )
             policy.train()
         with nvtx_range("grpo/reward"):
-            rows = [prompts[int(i)] for i in rollouts.sample_index]
-            rewards = score(
-                [s.task for s in rows],
-                rollouts.texts,
-                [s.target for s in rows],
-                weights=stage.reward_weights or None,
-                options=options,
-                prompts=[s.prompt for s in rows],
-            )
+            rewards = score_rollouts(rollouts, prompts, stage, options)
         # Every rank's rewards (a few floats per row): the advantages and the reward metrics are
         # those of the global batch. Groups never straddle ranks, but scale_rewards="batch"
         # divides by the std of the whole batch.
