@@ -116,12 +116,19 @@ class StageConfig:
     max_length: int = 512
     eval_every: int = 0
     save_every: int = 50
+    # SFT only: pack samples into rows of up to max_length tokens without padding ("auto": when
+    # the model's attention supports packed sequences; see geovlm.data.packing).
+    packing: Literal["auto", "on", "off"] = "auto"
     # GRPO only.
     num_generations: int = 8
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     num_iterations: int = 1
+    # Run each prompt (image included) once per group, not G times: rollouts prefill it once and
+    # the teacher-forced passes attend to its shared KV cache (geovlm.prefix). Exact; off only
+    # for debugging or comparison.
+    prompt_sharing: bool = True
     beta: float = 0.04
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
