@@ -1,0 +1,187 @@
+"""Shared prompt prefix: each GRPO prompt runs through the model once per group, not G times.
+
+A group's G rows share one prompt (for an EO task: an image of hundreds of vision tokens plus the
+instruction), and in a causal model nothing the prompt positions compute depends on what follows
+them. So the vision tower, and every layer's keys and values over the prompt, are the same in all
+G rows. TRL (and the full path here) still recompute them G times, in the rollout's prefill, the
+policy forward with grad, and the reference / old-policy passes. This module runs the prompts
+once (``P`` rows), repeats the KV cache ``G`` times, and runs only the completions (``R = P*G``
+rows of ``Lc`` tokens) against it. With autograd through the cache, the policy's gradients reach
+the prompt positions exactly as in the full forward (the repeat sums the G rows' contributions).
+
+The positions are computed explicitly (``rope_positions``), not left to the model's stateful
+``rope_deltas``: the prompt keeps the 3-D mRoPE positions a full forward would give it, and
+completion token ``j`` gets the text position ``last prompt position + 1 + j`` on all three axes,
+which is what ``get_rope_index`` assigns to text after the prompt.
+
+Shapes: ``prompt`` is a left-padded prompt batch of ``P`` rows (``input_ids`` ``[P, Lp]``,
+``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``);
+``completion_ids`` / ``completion_mask`` are ``[R, Lc]`` with rows ``i*G .. i*G+G-1`` the group
+of prompt ``i``. ``completion_hidden`` returns ``[R, Lc, H]``: the final-norm hidden states that
+predict each completion token (``@ lm_head.weight.T`` gives its logits).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+_ROPE_ARGUMENTS = (
+    "image_grid_thw",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "attention_mask",
+    "mm_token_type_ids",
+)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a DDP / DeepSpeed wrapper (itself when not wrapped)."""
+    return getattr(model, "module", model)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x)."""
+    parameters = inspect.signature(unwrap(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def rope_positions(model: torch.nn.Module, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[3, P, Lp]`` mRoPE positions of a left-padded prompt batch, as a full forward gives them.
+
+    With images: the model's ``get_rope_index`` (padding gets 0; it is masked). Text only: the
+    model then numbers positions ``0 .. Lp-1`` including the padding, and so does this.
+    """
+    ids = prompt["input_ids"]
+    if prompt.get("image_grid_thw") is None and prompt.get("video_grid_thw") is None:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return positions.view(1, 1, -1).expand(3, ids.shape[0], -1)
+    core = unwrap(model)
+    rope_index = getattr(getattr(core, "model", core), "get_rope_index", None)
+    if rope_index is None:
+        raise TypeError(f"{type(core).__name__} has no get_rope_index: not a Qwen2-VL model")
+    accepted = inspect.signature(rope_index).parameters
+    kwargs = {k: prompt[k] for k in _ROPE_ARGUMENTS if k in accepted and prompt.get(k) is not None}
+    positions, _ = rope_index(ids, **kwargs)
+    return positions
+
+
+def completion_positions(prompt_positions: torch.Tensor, length: int) -> torch.Tensor:
+    """``[P, length]`` text positions of the tokens after each prompt (same on all 3 axes)."""
+    last = prompt_positions[0, :, -1]  # left padding: every row's last token is real
+    return last[:, None] + 1 + torch.arange(length, device=last.device)
+
+
+def _as_3d(positions: torch.Tensor) -> torch.Tensor:
+    return positions[None].expand(3, -1, -1)
+
+
+def _hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """Final-norm hidden states ``[B, T, H]``; through the wrapper when there is one.
+
+    A DDP / DeepSpeed wrapper must see the forward to synchronise gradients, so it runs the full
+    model with one position of logits and the last ``hidden_states`` entry is returned.
+    """
+    if hasattr(model, "module"):
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, return_dict=True)
+        return out.hidden_states[-1]
+    return model.base_model(**inputs, return_dict=True).last_hidden_state
+
+
+@dataclass
+class EncodedPrompts:
+    """The prompts run once: what every completion row of their groups continues from.
+
+    Attributes:
+        last_hidden: ``[P, H]`` hidden state at each prompt's last token (predicts token 0).
+        cache: the KV cache of the prompt positions (``P`` rows until ``repeat`` is called).
+        attention_mask: ``[P, Lp]`` the prompts' padding mask.
+        positions: ``[3, P, Lp]`` their mRoPE positions.
+    """
+
+    last_hidden: torch.Tensor
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+
+
+def encode_prompts(model: torch.nn.Module, prompt: dict[str, torch.Tensor]) -> EncodedPrompts:
+    """One forward over the ``P`` prompts (images included), keeping their KV cache.
+
+    Runs with or without grad as the caller's mode says; under grad the cache carries it.
+    """
+    positions = rope_positions(model, prompt)
+    cache = DynamicCache(config=unwrap(model).config.get_text_config())
+    inputs = {k: v for k, v in prompt.items() if k != "labels"}
+    hidden = _hidden(
+        model,
+        **inputs,
+        position_ids=positions,
+        use_cache=True,
+        **{_cache_argument(model): cache},
+    )
+    return EncodedPrompts(hidden[:, -1], cache, prompt["attention_mask"], positions)
+
+
+def continue_from(
+    model: torch.nn.Module,
+    encoded: EncodedPrompts,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Hidden states ``[R, T, H]`` of ``input_ids`` ``[R, T]`` after the cached prompts.
+
+    ``attention_mask`` ``[R, cached + T]`` covers the cache and the new tokens; ``positions``
+    ``[R, T]`` are the new tokens' text positions. The cache grows by the new tokens.
+    """
+    return _hidden(
+        model,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=_as_3d(positions),
+        use_cache=True,
+        **{_cache_argument(model): encoded.cache},
+    )
+
+
+def completion_hidden(
+    model: torch.nn.Module,
+    prompt: dict[str, torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    num_generations: int,
+) -> torch.Tensor:
+    """``[R, Lc, H]`` hidden states predicting each completion token, prompts run once.
+
+    Equal (up to float rounding) to ``forward_hidden(model, prompt + completion)[:, Lp-1:-1]``
+    on the prompts repeated ``num_generations`` times.
+    """
+    rows, length = completion_ids.shape
+    n_prompts = prompt["input_ids"].shape[0]
+    if rows != n_prompts * num_generations:
+        raise ValueError(
+            f"{rows} completion rows for {n_prompts} prompts x {num_generations} generations"
+        )
+    encoded = encode_prompts(model, prompt)
+    first = encoded.last_hidden.repeat_interleave(num_generations, dim=0)[:, None]
+    if length == 1:
+        return first
+    encoded.cache.batch_repeat_interleave(num_generations)
+    mask = torch.cat(
+        [
+            encoded.attention_mask.repeat_interleave(num_generations, dim=0),
+            completion_mask.to(encoded.attention_mask.dtype),
+        ],
+        dim=1,
+    )
+    positions = completion_positions(encoded.positions, length).repeat_interleave(
+        num_generations, dim=0
+    )
+    # The last completion token predicts nothing: feed tokens 0 .. Lc-2.
+    rest = continue_from(model, encoded, completion_ids[:, :-1], mask[:, :-1], positions[:, :-1])
+    return torch.cat([first, rest], dim=1)

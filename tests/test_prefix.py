@@ -1,0 +1,126 @@
+"""geovlm.prefix: prompts run once per group, completions against their repeated KV cache.
+
+Oracle: the full forward of plain HF on the prompts repeated G times plus the completions
+(``forward_hidden`` on the concatenation, sliced at ``Lp - 1``), in float64, for the hidden
+states and for the gradients of every parameter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geovlm.data.collate import collate_prompts, select_rows
+from geovlm.data.schema import Sample, Target
+from geovlm.model import forward_hidden
+from geovlm.prefix import completion_hidden, rope_positions
+from tests.test_model import make_sample, tiny_policy
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, processor = tiny_policy(seed=5)
+    return model.double(), processor
+
+
+def _text_only(index: int) -> Sample:
+    target = Target(task="vqa", answer="yes", image_size=(112, 112))
+    return Sample(
+        id=f"t{index}", task="vqa", images=[], prompt="Is it a port? " * index, target=target
+    )
+
+
+def _completions(rng, model, rows: int, length: int):
+    """Random non-special tokens, each row cut at a random length (mask 0 after it)."""
+    low, high = 10, model.config.get_text_config().vocab_size // 2
+    ids = torch.as_tensor(rng.integers(low, high, size=(rows, length)))
+    lengths = torch.as_tensor(rng.integers(1, length + 1, size=rows))
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return ids, mask
+
+
+def _full(model, prompts, ids, mask, groups):
+    """Prompt rows repeated, completions appended: the batch the full path runs."""
+    repeated = select_rows(
+        prompts,
+        torch.arange(len(prompts["input_ids"])).repeat_interleave(groups),
+        model.config.image_token_id,
+    )
+    inputs = dict(repeated)
+    inputs["input_ids"] = torch.cat([repeated["input_ids"], ids], dim=1)
+    inputs["attention_mask"] = torch.cat([repeated["attention_mask"], mask], dim=1)
+    if "mm_token_type_ids" in repeated:
+        inputs["mm_token_type_ids"] = torch.cat(
+            [repeated["mm_token_type_ids"], torch.zeros_like(ids)], dim=1
+        )
+    p = repeated["input_ids"].shape[1]
+    return forward_hidden(model, inputs)[:, p - 1 : p - 1 + ids.shape[1]]
+
+
+def _check(model, prompts, groups, length, seed):
+    rng = np.random.default_rng(seed)
+    ids, mask = _completions(rng, model, len(prompts["input_ids"]) * groups, length)
+    model.train()
+    expected = _full(model, prompts, ids, mask, groups)
+    shared = completion_hidden(model, prompts, ids, mask, groups)
+    assert shared.shape == expected.shape
+    keep = mask.bool()
+    torch.testing.assert_close(shared[keep], expected[keep], rtol=0, atol=1e-10)
+    weights = torch.as_tensor(rng.standard_normal(expected.shape))
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad((expected * weights)[keep].sum(), params, allow_unused=True)
+    got = torch.autograd.grad((shared * weights)[keep].sum(), params, allow_unused=True)
+    checked = 0
+    for name_param, a, b in zip(params, want, got, strict=True):
+        assert (a is None) == (b is None), name_param.shape
+        if a is not None:
+            # Qwen's RMSNorm and RoPE compute in float32 even in a float64 model, so gradients
+            # summed over G rows in another order differ by float32 rounding (~1e-7 relative).
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+            checked += 1
+    assert checked > 10  # the vision tower and every decoder layer got gradients
+
+
+@pytest.mark.parametrize(("groups", "length"), [(3, 7), (1, 5), (4, 1)])
+def test_hidden_states_and_gradients_equal_the_full_forward(policy, groups, length):
+    model, processor = policy
+    rng = np.random.default_rng(groups)
+    samples = [
+        make_sample(rng, 0),
+        make_sample(rng, 1, ((112, 112), (84, 140))),
+        make_sample(rng, 2, ((140, 112),)),
+    ]
+    _check(model, collate_prompts(samples, processor), groups, length, seed=length)
+
+
+def test_text_only_prompts_of_different_lengths(policy):
+    model, processor = policy
+    prompts = collate_prompts([_text_only(1), _text_only(4)], processor)
+    assert (prompts["attention_mask"] == 0).any()  # left padding is exercised
+    _check(model, prompts, 2, 6, seed=0)
+
+
+def test_positions_are_the_models_own(policy):
+    """With images: get_rope_index's 3-D positions; the completion continues the text axis."""
+    model, processor = policy
+    rng = np.random.default_rng(0)
+    prompts = collate_prompts([make_sample(rng, 0), make_sample(rng, 1, ((84, 140),))], processor)
+    positions = rope_positions(model, prompts)
+    expected, _ = model.model.get_rope_index(
+        prompts["input_ids"],
+        image_grid_thw=prompts["image_grid_thw"],
+        attention_mask=prompts["attention_mask"],
+        mm_token_type_ids=prompts["mm_token_type_ids"],
+    )
+    assert torch.equal(positions, expected)
+    # Vision tokens make the positions differ across the three axes (it is mRoPE, not 1-D).
+    assert not torch.equal(positions[1], positions[2])
+
+
+def test_row_count_mismatch_is_a_clear_error(policy):
+    model, processor = policy
+    prompts = collate_prompts([_text_only(1)], processor)
+    ids = torch.full((3, 4), 20)
+    with pytest.raises(ValueError, match="3 completion rows for 1 prompts x 2 generations"):
+        completion_hidden(model, prompts, ids, torch.ones_like(ids), 2)
