@@ -1,11 +1,15 @@
 """G completions per prompt with HF ``generate``, and their per-token sampling log-probs.
 
-``generate_rollouts`` collates the prompts once (left-padded), repeats each prompt ``G`` times
-(groups contiguous: rows ``i*G .. i*G+G-1`` belong to sample ``i``), and samples with the KV cache
-in chunks of ``batch_size`` rows, stopping a row at its first EOS (``<|im_end|>`` or
-``<|endoftext|>``).
+``generate_rollouts`` collates the prompts once (left-padded) and samples ``G`` completions of
+each (groups contiguous: rows ``i*G .. i*G+G-1`` belong to sample ``i``) with the KV cache, stopping
+a row at its first EOS (``<|im_end|>`` or ``<|endoftext|>``). By default (``share_prompt``) each
+prompt, image included, is prefilled once and its KV cache repeated for its G rows
+(``geovlm.prefix``), then a lean decode loop samples all rows; with ``share_prompt=False`` the
+prompts are repeated G times and HF ``generate`` samples them, in chunks of ``batch_size`` rows.
+Both draw from the same distribution (same warpers, same suppressed tokens).
 
-Sampling log-probs come from generate itself, not from a second forward pass: a logits
+Sampling log-probs come from the decoding itself, not from a second forward pass: the shared
+loop takes ``log_softmax(logits / temperature)`` of each step's logits; under HF generate a logits
 processor observes the logits of every decoding step *before* temperature and top-p are
 applied, keeps ``log_softmax(logits / temperature)`` in fp32 for one step, and gathers it at
 the token generate then chose. So they are the log-probs of the very distribution sampled from
@@ -29,6 +33,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT, collate_prompts, select_rows
 from geovlm.data.schema import Sample
+from geovlm.prefix import completion_positions, continue_from, encode_prompts, unwrap
 
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -228,6 +233,85 @@ def _generate_chunk(
     return completion, mask, logprobs * mask
 
 
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``scores`` ``[rows, V]`` with the tokens outside the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (HF's ``TopPLogitsWarper``: a token is dropped when the mass of the tokens less likely than
+    it, itself included, is at most ``1 - top_p``; the most likely token always stays).
+    """
+    if top_p >= 1.0:
+        return scores
+    ordered, order = torch.sort(scores, dim=-1)
+    tail_mass = ordered.softmax(dim=-1).cumsum(dim=-1)
+    drop = tail_mass <= 1 - top_p
+    drop[:, -1] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def _all_done(done: torch.Tensor, synced_gpus: bool) -> bool:
+    """Whether every row is finished, on every rank when ranks must step together."""
+    if not synced_gpus:
+        return bool(done.all())
+    from geovlm.distributed import all_reduce_sum
+
+    return all_reduce_sum(int(not bool(done.all()))) == 0
+
+
+@torch.no_grad()
+def _sample_shared_prompts(
+    model: PreTrainedModel,
+    prompts: dict[str, torch.Tensor],
+    num_generations: int,
+    config: GenerationConfig,
+    temperature: float,
+    eos_ids: list[int],
+    synced_gpus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(completion_ids, completion_mask, logprobs)`` ``[P*G, L]`` from ``P`` prompts.
+
+    One prefill of the ``P`` prompts, their KV cache repeated ``G`` times, then one decode step
+    per token for all ``P*G`` rows: sample (argmax when greedy) from the suppressed logits
+    warped by temperature and top-p, as HF generate does, and record the unwarped
+    ``log_softmax(logits / temperature)`` at the chosen token. Finished rows emit the pad token.
+    """
+    lm_head = unwrap(model).get_output_embeddings()
+    encoded = encode_prompts(model, prompts)
+    logits = lm_head(encoded.last_hidden).float().repeat_interleave(num_generations, dim=0)
+    encoded.cache.batch_repeat_interleave(num_generations)
+    mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0)
+    first_position = completion_positions(encoded.positions, 1).repeat_interleave(
+        num_generations, dim=0
+    )
+    rows, device = logits.shape[0], logits.device
+    suppress = torch.tensor(config.suppress_tokens or [], dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
+    for step in range(config.max_new_tokens):
+        logits[:, suppress] = float("-inf")
+        if config.do_sample:
+            warped = top_p_filter(logits / config.temperature, config.top_p)
+            token = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(1)
+        else:
+            token = logits.argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, config.pad_token_id), token)
+        logps.append(
+            torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None])[:, 0]
+        )
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if step + 1 == config.max_new_tokens or _all_done(done, synced_gpus):
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        hidden = continue_from(model, encoded, token[:, None], mask, first_position + step)
+        logits = lm_head(hidden[:, -1]).float()
+    completion = torch.stack(tokens, dim=1)
+    completion_mask = _completion_mask(completion, eos_ids)
+    return completion, completion_mask, torch.stack(logps, dim=1) * completion_mask
+
+
 def _pad_right(tensors: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:
     return torch.cat(
         [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors], dim=0
@@ -247,10 +331,13 @@ def generate_rollouts(
     greedy: bool = False,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     synced_gpus: bool = False,
+    share_prompt: bool = True,
 ) -> Rollouts:
     """Sample ``num_generations`` completions for each sample's prompt.
 
-    ``batch_size`` caps the rows (prompt copies) per ``generate`` call (default: all at once).
+    ``batch_size`` caps the rows (prompt copies) sampled at once (default: all at once; with
+    ``share_prompt`` a chunk holds whole groups, at least one). ``share_prompt`` prefills each
+    prompt once for its group (see the module docstring).
     ``seed`` makes the sampling reproducible without touching the caller's RNG state.
     ``greedy`` decodes the argmax (evaluation); log-probs are then still taken at
     ``temperature``. ``synced_gpus`` keeps sharded (FSDP / ZeRO-3) ranks stepping together until
@@ -288,10 +375,29 @@ def generate_rollouts(
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            for start in range(0, n_rows, chunk):
-                rows = torch.arange(start, min(start + chunk, n_rows), device=device)
-                inputs = select_rows(batch, rows, image_token_id)
-                pieces.append(_generate_chunk(model, inputs, config, temperature, eos, synced_gpus))
+            if share_prompt:
+                unique = {key: value.to(device) for key, value in prompts.items()}
+                per_chunk = max(1, chunk // num_generations)
+                for start in range(0, len(samples), per_chunk):
+                    rows = torch.arange(start, min(start + per_chunk, len(samples)), device=device)
+                    pieces.append(
+                        _sample_shared_prompts(
+                            model,
+                            select_rows(unique, rows, image_token_id),
+                            num_generations,
+                            config,
+                            temperature,
+                            eos,
+                            synced_gpus,
+                        )
+                    )
+            else:
+                for start in range(0, n_rows, chunk):
+                    rows = torch.arange(start, min(start + chunk, n_rows), device=device)
+                    inputs = select_rows(batch, rows, image_token_id)
+                    pieces.append(
+                        _generate_chunk(model, inputs, config, temperature, eos, synced_gpus)
+                    )
     finally:
         model.generation_config = saved_config
         model.train(was_training)

@@ -1,8 +1,10 @@
-"""geovlm.rollout: G completions per prompt with HF generate, and their sampling log-probs.
+"""geovlm.rollout: G completions per prompt, and their sampling log-probs.
 
-Oracles: a separate teacher-forced forward pass of plain HF ``model(...)`` on prompt +
+Both decoders (the shared-prompt loop and HF generate on repeated prompts) are checked against
+the same oracles: a separate teacher-forced forward pass of plain HF ``model(...)`` on prompt +
 completion (built here, not with ``Rollouts.model_inputs``), with float64 ``log_softmax`` at the
-sampling temperature; its argmax for greedy decoding; its top-p nucleus for sampling.
+sampling temperature; its argmax for greedy decoding; its top-p nucleus for sampling. The
+nucleus filter is also checked against HF's ``TopPLogitsWarper``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from geovlm.data.collate import collate_prompts
 from geovlm.model import forward_logits
-from geovlm.rollout import generate_rollouts
+from geovlm.rollout import generate_rollouts, top_p_filter
 from tests.test_model import make_sample, tiny_policy
 
 G = 3
@@ -24,6 +26,11 @@ EOS_BOOST = 5.0  # added to <|im_end|>'s logit so that rows end at different, ea
 def policy():
     model, processor = tiny_policy(seed=11)
     return model, processor
+
+
+@pytest.fixture(params=[True, False], ids=["shared-prompt", "hf-generate"])
+def share(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +95,21 @@ def _teacher_forced_logps(model, processor, samples, rollouts, temperature):
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits[:, prompt_length - 1 : -1].double()
     config = model.config
-    vision = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
-              config.vision_end_token_id]
+    vision = [
+        config.image_token_id,
+        config.video_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+    ]
     logits[..., vision] = float("-inf")
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
-def test_shapes_groups_and_prompt_rows(policy, samples):
+def test_shapes_groups_and_prompt_rows(policy, samples, share):
     model, processor = policy
-    rollouts = generate_rollouts(model, processor, samples, G, max_new_tokens=7, seed=0)
+    rollouts = generate_rollouts(
+        model, processor, samples, G, max_new_tokens=7, seed=0, share_prompt=share
+    )
     n = len(samples) * G
     assert rollouts.sample_index.tolist() == [i for i in range(len(samples)) for _ in range(G)]
     assert rollouts.completion_ids.shape == (n, 7) == rollouts.completion_mask.shape
@@ -112,11 +125,18 @@ def test_shapes_groups_and_prompt_rows(policy, samples):
     assert model.training  # restored after generation
 
 
-def test_sampling_logprobs_equal_a_teacher_forced_forward(eos_prone, policy, samples):
+def test_sampling_logprobs_equal_a_teacher_forced_forward(eos_prone, policy, samples, share):
     _, processor = policy
     temperature = 0.7
     rollouts = generate_rollouts(
-        eos_prone, processor, samples, G, max_new_tokens=9, temperature=temperature, seed=1
+        eos_prone,
+        processor,
+        samples,
+        G,
+        max_new_tokens=9,
+        temperature=temperature,
+        seed=1,
+        share_prompt=share,
     )
     logps = _teacher_forced_logps(eos_prone, processor, samples, rollouts, temperature)
     expected = logps.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
@@ -132,10 +152,17 @@ def test_sampling_logprobs_equal_a_teacher_forced_forward(eos_prone, policy, sam
     torch.testing.assert_close(via_inputs[mask], logps[mask], rtol=0, atol=1e-6)
 
 
-def test_masks_stop_after_the_first_eos(eos_prone, policy, samples, eos_id):
+def test_masks_stop_after_the_first_eos(eos_prone, policy, samples, eos_id, share):
     _, processor = policy
     rollouts = generate_rollouts(
-        eos_prone, processor, samples, G, max_new_tokens=12, batch_size=4, seed=2
+        eos_prone,
+        processor,
+        samples,
+        G,
+        max_new_tokens=12,
+        batch_size=4,
+        seed=2,
+        share_prompt=share,
     )
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id
@@ -155,11 +182,19 @@ def test_masks_stop_after_the_first_eos(eos_prone, policy, samples, eos_id):
     assert rollouts.finished.any() and len(set(lengths)) > 1
 
 
-def test_top_p_samples_stay_inside_the_nucleus(policy, samples):
+def test_top_p_samples_stay_inside_the_nucleus(policy, samples, share):
     model, processor = policy
     temperature, top_p = 1.3, 0.2
     rollouts = generate_rollouts(
-        model, processor, samples, G, max_new_tokens=6, temperature=temperature, top_p=top_p, seed=3
+        model,
+        processor,
+        samples,
+        G,
+        max_new_tokens=6,
+        temperature=temperature,
+        top_p=top_p,
+        seed=3,
+        share_prompt=share,
     )
     logps = _teacher_forced_logps(model, processor, samples, rollouts, temperature)
     probs = logps.exp()
@@ -173,11 +208,20 @@ def test_top_p_samples_stay_inside_the_nucleus(policy, samples):
     assert in_nucleus.sum(-1).float().mean() < probs.shape[-1] / 4
 
 
-def test_greedy_is_deterministic_and_the_argmax(policy, samples):
+def test_greedy_is_deterministic_and_the_argmax(policy, samples, share):
     model, processor = policy
-    first = generate_rollouts(model, processor, samples, 2, max_new_tokens=6, greedy=True)
+    first = generate_rollouts(
+        model, processor, samples, 2, max_new_tokens=6, greedy=True, share_prompt=share
+    )
     second = generate_rollouts(
-        model, processor, samples, 2, max_new_tokens=6, greedy=True, batch_size=5
+        model,
+        processor,
+        samples,
+        2,
+        max_new_tokens=6,
+        greedy=True,
+        batch_size=5,
+        share_prompt=share,
     )
     assert torch.equal(first.completion_ids, second.completion_ids)
     assert first.texts == second.texts
@@ -188,12 +232,17 @@ def test_greedy_is_deterministic_and_the_argmax(policy, samples):
     torch.testing.assert_close(first.logprobs.double()[mask], expected[mask], rtol=0, atol=1e-4)
 
 
-def test_vision_tokens_are_never_sampled(policy, samples):
+def test_vision_tokens_are_never_sampled(policy, samples, share):
     """Sampling <|image_pad|> would break the teacher-forced forward of the GRPO loss."""
     model, processor = policy
     config = model.config
-    vision = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
-              config.vision_end_token_id}
+    vision = {
+        config.image_token_id,
+        config.video_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+    }
+
     # Make the image placeholder by far the most likely next token everywhere.
     def favour_image_pad(module, args, output):
         output[..., config.image_token_id] = 1e4
@@ -201,25 +250,33 @@ def test_vision_tokens_are_never_sampled(policy, samples):
 
     handle = model.lm_head.register_forward_hook(favour_image_pad)
     try:
-        rollouts = generate_rollouts(model, processor, samples[:2], 4, max_new_tokens=6, seed=3)
+        rollouts = generate_rollouts(
+            model, processor, samples[:2], 4, max_new_tokens=6, seed=3, share_prompt=share
+        )
     finally:
         handle.remove()
     assert not vision & set(rollouts.completion_ids[rollouts.completion_mask.bool()].tolist())
 
 
-def test_seed_reproduces_and_keeps_the_callers_rng(policy, samples):
+def test_seed_reproduces_and_keeps_the_callers_rng(policy, samples, share):
     model, processor = policy
     state = torch.random.get_rng_state()
-    first = generate_rollouts(model, processor, samples[:2], G, max_new_tokens=5, seed=7)
+    first = generate_rollouts(
+        model, processor, samples[:2], G, max_new_tokens=5, seed=7, share_prompt=share
+    )
     assert torch.equal(torch.random.get_rng_state(), state)
-    second = generate_rollouts(model, processor, samples[:2], G, max_new_tokens=5, seed=7)
-    other = generate_rollouts(model, processor, samples[:2], G, max_new_tokens=5, seed=8)
+    second = generate_rollouts(
+        model, processor, samples[:2], G, max_new_tokens=5, seed=7, share_prompt=share
+    )
+    other = generate_rollouts(
+        model, processor, samples[:2], G, max_new_tokens=5, seed=8, share_prompt=share
+    )
     assert torch.equal(first.completion_ids, second.completion_ids)
     assert torch.equal(first.logprobs, second.logprobs)
     assert not torch.equal(first.completion_ids, other.completion_ids)
 
 
-def test_checkpoint_generation_defaults_do_not_leak(policy, samples):
+def test_checkpoint_generation_defaults_do_not_leak(policy, samples, share):
     """A checkpoint's generation_config (Qwen ships top_k=1, repetition_penalty=1.05) is ignored."""
     model, processor = policy
     saved = model.generation_config
@@ -228,7 +285,14 @@ def test_checkpoint_generation_defaults_do_not_leak(policy, samples):
     )
     try:
         rollouts = generate_rollouts(
-            model, processor, samples[:1], 4, max_new_tokens=6, temperature=1.0, seed=4
+            model,
+            processor,
+            samples[:1],
+            4,
+            max_new_tokens=6,
+            temperature=1.0,
+            seed=4,
+            share_prompt=share,
         )
         assert model.generation_config.top_k == 1
     finally:
@@ -257,3 +321,45 @@ def test_bad_arguments_are_clear_errors(policy, samples, kwargs, message):
         generate_rollouts(model, processor, samples[:1], **arguments)
     with pytest.raises(ValueError, match="at least one sample"):
         generate_rollouts(model, processor, [], 2, 3)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.9, 0.999])
+def test_top_p_filter_matches_hf_warper(top_p):
+    from transformers import TopPLogitsWarper
+
+    scores = torch.randn(7, 53) * 3
+    scores[0, :] = 0.0  # ties: a uniform row
+    scores[1, 5] = 40.0  # one token holds almost all the mass
+    expected = TopPLogitsWarper(top_p)(torch.zeros(7, 1, dtype=torch.long), scores.clone())
+    torch.testing.assert_close(top_p_filter(scores, top_p), expected, rtol=0, atol=0)
+    assert top_p_filter(scores, 1.0) is scores
+
+
+def test_shared_prompt_greedy_equals_hf_generate(policy, samples):
+    model, processor = policy
+    kwargs = {"num_generations": 2, "max_new_tokens": 8, "greedy": True}
+    shared = generate_rollouts(model, processor, samples, share_prompt=True, **kwargs)
+    hf = generate_rollouts(model, processor, samples, share_prompt=False, **kwargs)
+    assert torch.equal(shared.completion_ids, hf.completion_ids)
+    assert torch.equal(shared.completion_mask, hf.completion_mask)
+    assert shared.texts == hf.texts
+    torch.testing.assert_close(shared.logprobs, hf.logprobs, rtol=0, atol=1e-5)
+
+
+def test_shared_prompt_runs_each_image_once(policy, samples):
+    """The point of sharing: the vision tower sees each prompt's patches once, not G times."""
+    model, processor = policy
+    seen = []
+    handle = model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        generate_rollouts(model, processor, samples, 4, max_new_tokens=3, seed=0)
+        shared = sum(x.shape[0] for x in seen)
+        seen.clear()
+        generate_rollouts(
+            model, processor, samples, 4, max_new_tokens=3, seed=0, share_prompt=False
+        )
+        repeated = sum(x.shape[0] for x in seen)
+    finally:
+        handle.remove()
+    patches = int(collate_prompts(samples, processor)["image_grid_thw"].prod(dim=1).sum())
+    assert shared == patches and repeated == 4 * patches
