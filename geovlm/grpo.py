@@ -12,6 +12,12 @@ One step (DESIGN.md, "How data flows")::
 The loss comes from ``geovlm.kernels``: on CUDA the fused linear kernel consumes the last hidden
 state and ``lm_head.weight`` (no [N, V] logits), else the logits kernel / its reference. Rewards,
 advantages and kernels are plain function calls on plain data.
+
+With ``stage.prompt_sharing`` (the default) every pass runs each prompt once per group, not G
+times (``geovlm.prefix``): the rollout's prefill, the reference / old log-probs, and the policy
+forward with grad, whose gradients reach the prompt through the repeated KV cache. The policy
+pass falls back to the full prompt + completion forward where that cannot work: under activation
+checkpointing (a checkpointed layer drops its cache) and with sharded parameters (FSDP2, ZeRO-3).
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class PolicyBatch:
     Attributes:
         inputs: model inputs of prompt + completion (input_ids/attention_mask ``[R, P+Lc]``,
             pixel_values, image_grid_thw).
+        prompts: the ``R / G`` distinct prompts (``[R / G, P]`` tensors and their images), for
+            the shared-prompt passes.
+        num_generations: ``G``.
         prompt_length: ``P``, the (left-padded) prompt length.
         completion_ids / completion_mask: ``[R, Lc]``.
         advantages: ``[R]`` float32.
@@ -56,6 +65,8 @@ class PolicyBatch:
     """
 
     inputs: dict
+    prompts: dict
+    num_generations: int
     prompt_length: int
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
@@ -77,14 +88,35 @@ def use_fused_linear(ctx: StageContext) -> bool:
     return setting == "on" or (setting == "auto" and ctx.device.type == "cuda")
 
 
+def shares_prompts(ctx: StageContext) -> bool:
+    """Whether rollouts and the no-grad passes run each prompt once per group.
+
+    Not with sharded parameters: the shared passes call the model body and ``lm_head``
+    separately, outside the root forward that gathers FSDP2's root / ZeRO-3's weights.
+    """
+    return ctx.stage.prompt_sharing and not ctx.extras.get("shards_parameters", False)
+
+
+def shares_policy_prompt(model, ctx: StageContext) -> bool:
+    """Whether the policy forward with grad runs each prompt once: not under activation
+    checkpointing, where each checkpointed layer drops the KV cache."""
+    from geovlm.model import is_checkpointing
+    from geovlm.prefix import unwrap
+
+    return shares_prompts(ctx) and not is_checkpointing(unwrap(model))
+
+
 def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device) -> PolicyBatch:
-    """Prompt + completion of every rollout row as one teacher-forced input."""
-    inputs = {
-        k: v.to(device) if isinstance(v, torch.Tensor) else v
-        for k, v in rollouts.model_inputs().items()
-    }
+    """Prompt + completion of every rollout row as one teacher-forced input, plus the distinct
+    prompts for the shared-prompt passes."""
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     return PolicyBatch(
-        inputs=inputs,
+        inputs=to_device(rollouts.model_inputs()),
+        prompts=to_device(rollouts.unique_prompt),
+        num_generations=rollouts.num_generations,
         prompt_length=rollouts.prompt_length,
         completion_ids=rollouts.completion_ids.to(device),
         completion_mask=rollouts.completion_mask.to(device),
@@ -92,16 +124,31 @@ def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device)
     )
 
 
-def completion_logps(model, batch: PolicyBatch, temperature: float) -> torch.Tensor:
+def shared_prompt_hidden(model, batch: PolicyBatch) -> torch.Tensor:
+    """``[R, Lc, H]`` hidden states predicting each completion token, each prompt run once."""
+    from geovlm.prefix import completion_hidden
+
+    return completion_hidden(
+        model, batch.prompts, batch.completion_ids, batch.completion_mask, batch.num_generations
+    )
+
+
+def completion_logps(
+    model, batch: PolicyBatch, temperature: float, share_prompt: bool = True
+) -> torch.Tensor:
     """Per-token log-probs ``[R, Lc]`` (fp32, no grad) of the completions under ``model``."""
     from geovlm.kernels import selective_log_softmax
     from geovlm.model import forward_logits
+    from geovlm.prefix import output_layer
 
     length = batch.completion_ids.shape[1]
     with torch.no_grad():
-        # Only positions P-1 .. P+L-1 are needed: keep the last L+1 (the prompt's logits would
-        # be [R, P, V] of waste, 151,936 wide on a real Qwen).
-        logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
+        if share_prompt:
+            logits = output_layer(model)(shared_prompt_hidden(model, batch))
+        else:
+            # Only positions P-1 .. P+L-1 are needed: keep the last L+1 (the prompt's logits
+            # would be [R, P, V] of waste, 151,936 wide on a real Qwen).
+            logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
         return selective_log_softmax(logits, batch.completion_ids, temperature).float()
 
 
@@ -115,20 +162,28 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
     from geovlm.kernels import fused_log_probs
     from geovlm.kernels.reference import grpo_loss_from_logps
     from geovlm.model import forward_hidden, forward_logits, lm_head_weight
+    from geovlm.prefix import output_layer
 
     stage = ctx.stage
     start = batch.prompt_length - 1
     length = batch.completion_ids.shape[1]
+    shared = shares_policy_prompt(model, ctx)
     if use_fused_linear(ctx):
         from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
 
-        hidden = forward_hidden(model, batch.inputs)[:, start : start + length]
+        if shared:
+            hidden = shared_prompt_hidden(model, batch)
+        else:
+            hidden = forward_hidden(model, batch.inputs)[:, start : start + length]
         ids = batch.completion_ids * batch.completion_mask.to(batch.completion_ids.dtype)
         logps = linear_selective_log_softmax(
             hidden, lm_head_weight(model), ids, temperature=stage.temperature
         )
     else:
-        logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
+        if shared:
+            logits = output_layer(model)(shared_prompt_hidden(model, batch))
+        else:
+            logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
         logps, _ = fused_log_probs(
             logits, batch.completion_ids, batch.completion_mask, stage.temperature
         )
@@ -212,6 +267,7 @@ def sampled_reward(
             temperature=stage.temperature,
             top_p=stage.top_p,
             seed=seed + start,
+            share_prompt=shares_prompts(ctx),
         )
         rewards = score_rollouts(rollouts, chunk, stage, options)
         totals.setdefault("reward", []).append(rewards.total)
@@ -304,6 +360,7 @@ def run_grpo(
                 temperature=stage.temperature,
                 top_p=stage.top_p,
                 synced_gpus=synced,
+                share_prompt=shares_prompts(ctx),
             )
             policy.train()
         with nvtx_range("grpo/reward"):
@@ -323,10 +380,14 @@ def run_grpo(
         batch = build_policy_batch(rollouts, all_advantages[mine], ctx.device)
         if reference is not None:
             with nvtx_range("grpo/ref_logps"):
-                batch.ref_logps = completion_logps(reference, batch, stage.temperature)
+                batch.ref_logps = completion_logps(
+                    reference, batch, stage.temperature, shares_prompts(ctx)
+                )
         if stage.num_iterations > 1:
             with nvtx_range("grpo/old_logps"):
-                batch.old_logps = completion_logps(policy, batch, stage.temperature)
+                batch.old_logps = completion_logps(
+                    policy, batch, stage.temperature, shares_prompts(ctx)
+                )
 
         # mu iterations on the same rollouts; the schedule advances once per step.
         lr = engine.lr

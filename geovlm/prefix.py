@@ -44,6 +44,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def output_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """``lm_head``: hidden states ``[..., H]`` to logits ``[..., V]``."""
+    return unwrap(model).get_output_embeddings()
+
+
 def _cache_argument(model: torch.nn.Module) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x)."""
     parameters = inspect.signature(unwrap(model).forward).parameters

@@ -33,7 +33,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT, collate_prompts, select_rows
 from geovlm.data.schema import Sample
-from geovlm.prefix import completion_positions, continue_from, encode_prompts, unwrap
+from geovlm.prefix import completion_positions, continue_from, encode_prompts, output_layer
 
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -45,6 +45,7 @@ class Rollouts:
     Attributes:
         prompt: the model-ready prompt batch repeated G times (``[N, P]`` sequence tensors,
             ``pixel_values`` / ``image_grid_thw`` of every row's images), left-padded.
+        unique_prompt: the same prompts once each (``[N / G, P]``), row ``i`` for sample ``i``.
         completion_ids: ``[N, Lc]`` sampled tokens, right-padded with the pad id.
         completion_mask: ``[N, Lc]`` int64, 1 on the tokens up to and including the first EOS.
         logprobs: ``[N, Lc]`` fp32 sampling log-probs at ``temperature``; 0 where masked.
@@ -56,6 +57,7 @@ class Rollouts:
     """
 
     prompt: dict[str, torch.Tensor]
+    unique_prompt: dict[str, torch.Tensor]
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     logprobs: torch.Tensor
@@ -275,7 +277,7 @@ def _sample_shared_prompts(
     warped by temperature and top-p, as HF generate does, and record the unwarped
     ``log_softmax(logits / temperature)`` at the chosen token. Finished rows emit the pad token.
     """
-    lm_head = unwrap(model).get_output_embeddings()
+    lm_head = output_layer(model)
     encoded = encode_prompts(model, prompts)
     logits = lm_head(encoded.last_hidden).float().repeat_interleave(num_generations, dim=0)
     encoded.cache.batch_repeat_interleave(num_generations)
@@ -353,6 +355,7 @@ def generate_rollouts(
     device = model.device
 
     prompts = collate_prompts(samples, processor, system_prompt)
+    unique = {key: value.to(device) for key, value in prompts.items()}
     sample_index = torch.arange(len(samples)).repeat_interleave(num_generations)
     batch = {
         key: value.to(device)
@@ -376,7 +379,6 @@ def generate_rollouts(
             if seed is not None:
                 torch.manual_seed(seed)
             if share_prompt:
-                unique = {key: value.to(device) for key, value in prompts.items()}
                 per_chunk = max(1, chunk // num_generations)
                 for start in range(0, len(samples), per_chunk):
                     rows = torch.arange(start, min(start + per_chunk, len(samples)), device=device)
@@ -416,6 +418,7 @@ def generate_rollouts(
     ]
     return Rollouts(
         prompt=batch,
+        unique_prompt=unique,
         completion_ids=completion_ids,
         completion_mask=mask,
         logprobs=logps,

@@ -70,6 +70,9 @@ def seeded_rollouts(original: Callable) -> Callable:
     def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):
         step_seed = torch.initial_seed()  # the step's seed (seed_everything), equal on all ranks
         kwargs.pop("seed", None)  # replaced by the per-prompt seeds below
+        # HF generate: the EOS bias below is a GenerationConfig.sequence_bias. The policy, reference
+        # and old-policy passes still share each prompt across its group.
+        kwargs["share_prompt"] = False
 
         def generation_config(*config_args):
             config = make_config(*config_args)
@@ -94,11 +97,11 @@ def seeded_rollouts(original: Callable) -> Callable:
         _, pad = _special_ids(processor.tokenizer)
         device = pieces[0].completion_ids.device
         index = torch.arange(len(samples)).repeat_interleave(num_generations)
-        prompt = select_rows(
-            collate_prompts(samples, processor), index, model.config.image_token_id
-        )
+        unique = collate_prompts(samples, processor)
+        prompt = select_rows(unique, index, model.config.image_token_id)
         return Rollouts(
             prompt={k: v.to(device) for k, v in prompt.items()},
+            unique_prompt={k: v.to(device) for k, v in unique.items()},
             completion_ids=_pad_right([p.completion_ids for p in pieces], pad),
             completion_mask=_pad_right([p.completion_mask for p in pieces], 0),
             logprobs=_pad_right([p.logprobs for p in pieces], 0.0),

@@ -72,8 +72,9 @@ def test_reference_logps_helper_matches_plain_forward(setup):
     batch = build_policy_batch(rollouts, torch.zeros(2 * G), torch.device("cpu"))
     got = completion_logps(model, batch, 0.7).double()
     mask = rollouts.completion_mask.bool()
-    torch.testing.assert_close(got[mask], plain_logps(model, rollouts, 0.7)[mask], atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        got[mask], plain_logps(model, rollouts, 0.7)[mask], atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
@@ -101,3 +102,61 @@ def test_nonzero_advantages_do_move_the_policy(setup):
     policy_loss(model, batch, ctx)[0].backward()
     assert any(torch.count_nonzero(p.grad) > 0 for p in model.parameters() if p.grad is not None)
     model.zero_grad()
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_logps_helper_matches_plain_forward_either_way(setup, share_prompt):
+    model, _, rollouts = setup
+    batch = build_policy_batch(rollouts, torch.zeros(2 * G), torch.device("cpu"))
+    got = completion_logps(model, batch, 0.9, share_prompt=share_prompt).double()
+    mask = rollouts.completion_mask.bool()
+    want = plain_logps(model, rollouts, 0.9)
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=0)
+
+
+def _loss_and_grads(model, batch, ctx):
+    model.zero_grad()
+    loss, _ = policy_loss(model, batch, ctx)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("fused_linear", ["off", "on"])
+def test_shared_prompt_policy_loss_equals_the_full_forward(setup, fused_linear):
+    """Same loss and gradients (vision tower included) with each prompt run once or G times."""
+    model, _, rollouts = setup
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25, 0.3, 0.9, 0.1, 0.7])
+    advantages, _ = group_advantages(rewards, G, "group")
+    batch = build_policy_batch(rollouts, advantages, torch.device("cpu"))
+    batch.ref_logps = completion_logps(model, batch, 1.0) - 0.05
+    results = []
+    for share in (True, False):
+        ctx = context(beta=0.04, loss_type="dapo", prompt_sharing=share)
+        ctx.config.model.fused_linear_loss = fused_linear
+        results.append(_loss_and_grads(model, batch, ctx))
+    (shared_loss, shared_grads), (full_loss, full_grads) = results
+    assert abs(shared_loss - full_loss) < 1e-6
+    assert shared_grads.keys() == full_grads.keys()
+    assert any(name.startswith("model.visual") for name in full_grads)
+    for name, grad in full_grads.items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-9)
+
+
+def test_policy_pass_falls_back_to_the_full_forward_under_checkpointing(setup):
+    from geovlm.grpo import shares_policy_prompt, shares_prompts
+    from geovlm.model import disable_checkpointing, enable_checkpointing
+
+    model, _, _ = setup
+    ctx = context()
+    assert shares_prompts(ctx) and shares_policy_prompt(model, ctx)
+    enable_checkpointing(model)
+    try:
+        assert shares_prompts(ctx) and not shares_policy_prompt(model, ctx)
+    finally:
+        disable_checkpointing(model)
+    ctx.extras["shards_parameters"] = True
+    assert not shares_prompts(ctx) and not shares_policy_prompt(model, ctx)
+    assert not shares_prompts(context(prompt_sharing=False))
