@@ -12,7 +12,7 @@ template with the project's system prompt) -> G sampled completions each, exactl
 - the prompts: the same P samples every step on both sides (the training set *is* those P
   samples); the parent checks both sides count the same prompt tokens;
 - the completion length: ``min_new_tokens = max_new_tokens = L`` on both sides (TRL through
-  ``generation_kwargs``; ours through the model's ``generate`` defaults, see
+  ``generation_kwargs``; ours through the generation config ``geovlm.rollout`` builds, see
   ``fix_completion_length``), and the image / video placeholder tokens are suppressed on both
   (TRL suppresses the image token by default; a sampled one breaks the next forward);
   both sides must report a mean completion length of exactly L;
@@ -61,7 +61,9 @@ import _timing  # benchmarks/_timing.py: the script's directory is on sys.path
 import torch
 
 DEFAULT_TASKS = ("scene_cls", "counting", "referred_det", "vqa")
-SIDES = ("ours", "trl")
+# "ours-unshared": our trainer with stage.prompt_sharing off (each prompt run G times, as TRL
+# does), to show what sharing the prompt across its group is worth on its own.
+SIDES = ("ours", "ours-unshared", "trl")
 QWEN25_VL_3B_VOCAB = 151_936
 
 
@@ -173,22 +175,23 @@ def placeholder_ids(model) -> list[int]:
     return [int(model.config.image_token_id), int(model.config.video_token_id)]
 
 
-def fix_completion_length(model, length: int) -> None:
-    """Every ``model.generate`` call emits exactly ``length`` tokens, never a vision placeholder.
+def fix_completion_length(length: int) -> None:
+    """Every rollout of our trainer emits exactly ``length`` tokens.
 
-    ``geovlm.rollout`` hands ``generate`` its own GenerationConfig; this sets
-    ``min_new_tokens`` and ``suppress_tokens`` on a copy of it and changes nothing else.
+    ``geovlm.rollout`` builds one GenerationConfig per call (vision placeholders suppressed) and
+    both of its decoders (the shared-prompt loop and HF generate) honour ``min_new_tokens``; this
+    sets it on that config and changes nothing else.
     """
-    original = model.generate
-    suppress = placeholder_ids(model)
+    from geovlm import rollout
 
-    def generate(*args, generation_config=None, **kwargs):
-        config = copy.deepcopy(generation_config or model.generation_config)
+    make_config = rollout._generation_config
+
+    def generation_config(*args, **kwargs):
+        config = copy.deepcopy(make_config(*args, **kwargs))
         config.min_new_tokens = length
-        config.suppress_tokens = suppress
-        return original(*args, generation_config=config, **kwargs)
+        return config
 
-    model.generate = generate
+    rollout._generation_config = generation_config
 
 
 def parameter_sum(model) -> float:
@@ -231,7 +234,7 @@ def prompt_tokens_ours(processor, samples) -> int:
 # --- the two sides ------------------------------------------------------------------------------
 
 
-def stage_context(spec: Spec, workdir: Path, log=None):
+def stage_context(spec: Spec, workdir: Path, log=None, prompt_sharing: bool = True):
     """The run/stage config both sides take their settings from, as a ``StageContext``."""
     from geovlm.config import RunConfig, StageConfig
     from geovlm.loop import StageContext
@@ -240,13 +243,13 @@ def stage_context(spec: Spec, workdir: Path, log=None):
         name="grpo", kind="grpo", steps=spec.warmup + spec.steps, batch_size=spec.prompts,
         lr=spec.lr, warmup_ratio=0.0, save_every=0, num_generations=spec.generations,
         max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, beta=spec.beta,
-        loss_type=spec.loss_type,
+        loss_type=spec.loss_type, prompt_sharing=prompt_sharing,
     )
     config = RunConfig(name="run", output_dir=str(workdir), device=spec.device, stages=[stage])
     return StageContext(config, stage, 0, torch.device(spec.device), log=log)
 
 
-def run_ours(spec: Spec, model_dir: Path, workdir: Path) -> dict:
+def run_ours(spec: Spec, model_dir: Path, workdir: Path, prompt_sharing: bool = True) -> dict:
     from geovlm.grpo import run_grpo
     from geovlm.model import enable_checkpointing
 
@@ -254,10 +257,10 @@ def run_ours(spec: Spec, model_dir: Path, workdir: Path) -> dict:
     checksum = parameter_sum(model)
     if spec.checkpointing:
         enable_checkpointing(model)
-    fix_completion_length(model, spec.max_new_tokens)
+    fix_completion_length(spec.max_new_tokens)
     _, samples = bench_samples(spec)
     clock = StepClock(spec.device, spec.warmup)
-    run_grpo(model, processor, samples, stage_context(spec, workdir, log=clock))
+    run_grpo(model, processor, samples, stage_context(spec, workdir, clock, prompt_sharing))
     lengths = [r["completion_length"] for r in clock.records]
     return {
         "step_s": clock.step_seconds(), "completion_length": lengths, "checksum": checksum,
@@ -357,7 +360,10 @@ def worker(side: str, spec: Spec, workdir: Path, result: Path) -> None:
         prepare(spec, model_dir)
         out: dict = {}
     else:
-        out = (run_ours if side == "ours" else run_trl)(spec, model_dir, workdir / side)
+        if side == "trl":
+            out = run_trl(spec, model_dir, workdir / side)
+        else:
+            out = run_ours(spec, model_dir, workdir / side, prompt_sharing=side == "ours")
         if spec.device == "cuda" and "skipped" not in out:
             out["peak_bytes"] = torch.cuda.max_memory_allocated()
     result.write_text(json.dumps(out))
@@ -403,14 +409,16 @@ def check_same_work(spec: Spec, results: dict[str, dict]) -> None:
                 f"{side}: completion lengths {r['completion_length']} are not all "
                 f"{spec.max_new_tokens}"
             )
-    if len(ran) == 2:
-        ours, trl = ran["ours"], ran["trl"]
-        if not math.isclose(ours["checksum"], trl["checksum"], rel_tol=1e-12):
-            raise RuntimeError(f"the sides loaded different weights: {ours['checksum']} vs "
-                               f"{trl['checksum']}")
-        if ours["prompt_tokens"] != trl["prompt_tokens"]:
-            raise RuntimeError(f"prompt tokens differ: ours {ours['prompt_tokens']}, TRL "
-                               f"{trl['prompt_tokens']}")
+    if "ours" not in ran:
+        return
+    ours = ran["ours"]
+    for side, other in ran.items():
+        if not math.isclose(ours["checksum"], other["checksum"], rel_tol=1e-12):
+            raise RuntimeError(f"the sides loaded different weights: ours {ours['checksum']} vs "
+                               f"{side} {other['checksum']}")
+        if ours["prompt_tokens"] != other["prompt_tokens"]:
+            raise RuntimeError(f"prompt tokens differ: ours {ours['prompt_tokens']}, {side} "
+                               f"{other['prompt_tokens']}")
 
 
 def report(spec: Spec, results: dict[str, dict], csv_path: str | None, rounds: int) -> None:
@@ -442,8 +450,10 @@ def report(spec: Spec, results: dict[str, dict], csv_path: str | None, rounds: i
             "tokens_per_s": tokens / medians[side], "peak_bytes": peak if peak is not None else "",
             "steps": ";".join(f"{t:.4f}" for t in r["step_s"]),
         })
-    if len(medians) == 2:
-        print(f"ratio TRL / ours (step time): {medians['trl'] / medians['ours']:.2f}x")
+    if "trl" in medians:
+        for side in medians:
+            if side != "trl":
+                print(f"ratio TRL / {side} (step time): {medians['trl'] / medians[side]:.2f}x")
     if csv_path and rows:
         with open(csv_path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -276,6 +276,7 @@ def _sample_shared_prompts(
     per token for all ``P*G`` rows: sample (argmax when greedy) from the suppressed logits
     warped by temperature and top-p, as HF generate does, and record the unwarped
     ``log_softmax(logits / temperature)`` at the chosen token. Finished rows emit the pad token.
+    Honours ``config.min_new_tokens`` (no EOS before it) like HF's min-length processor.
     """
     lm_head = output_layer(model)
     encoded = encode_prompts(model, prompts)
@@ -291,8 +292,11 @@ def _sample_shared_prompts(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
+    min_new_tokens = config.min_new_tokens or 0
     for step in range(config.max_new_tokens):
         logits[:, suppress] = float("-inf")
+        if step < min_new_tokens:  # as HF's MinNewTokensLengthLogitsProcessor
+            logits[:, eos] = float("-inf")
         if config.do_sample:
             warped = top_p_filter(logits / config.temperature, config.top_p)
             token = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(1)

@@ -363,3 +363,22 @@ def test_shared_prompt_runs_each_image_once(policy, samples):
         handle.remove()
     patches = int(collate_prompts(samples, processor)["image_grid_thw"].prod(dim=1).sum())
     assert shared == patches and repeated == 4 * patches
+
+
+def test_min_new_tokens_holds_back_the_eos(eos_prone, policy, samples, share, monkeypatch):
+    from geovlm import rollout
+
+    make_config = rollout._generation_config
+
+    def at_least_five(*args):
+        config = make_config(*args)
+        config.min_new_tokens = 5
+        return config
+
+    monkeypatch.setattr(rollout, "_generation_config", at_least_five)
+    _, processor = policy
+    rollouts = generate_rollouts(
+        eos_prone, processor, samples, G, max_new_tokens=9, seed=5, share_prompt=share
+    )
+    assert (rollouts.lengths >= 5).all()
+    assert (rollouts.lengths < 9).any()  # the boosted EOS still ends rows once allowed
