@@ -15,9 +15,9 @@ advantages and kernels are plain function calls on plain data.
 
 With ``stage.prompt_sharing`` (the default) every pass runs each prompt once per group, not G
 times (``geovlm.prefix``): the rollout's prefill, the reference / old log-probs, and the policy
-forward with grad, whose gradients reach the prompt through the repeated KV cache. The policy
-pass falls back to the full prompt + completion forward where that cannot work: under activation
-checkpointing (a checkpointed layer drops its cache) and with sharded parameters (FSDP2, ZeRO-3).
+forward with grad (activation checkpointing included), whose gradients reach the prompt through
+the repeated KV cache. With sharded parameters (FSDP2, ZeRO-3) every pass falls back to the full
+prompt + completion forward.
 """
 
 from __future__ import annotations
@@ -89,21 +89,12 @@ def use_fused_linear(ctx: StageContext) -> bool:
 
 
 def shares_prompts(ctx: StageContext) -> bool:
-    """Whether rollouts and the no-grad passes run each prompt once per group.
+    """Whether the rollouts and the teacher-forced passes run each prompt once per group.
 
     Not with sharded parameters: the shared passes call the model body and ``lm_head``
     separately, outside the root forward that gathers FSDP2's root / ZeRO-3's weights.
     """
     return ctx.stage.prompt_sharing and not ctx.extras.get("shards_parameters", False)
-
-
-def shares_policy_prompt(model, ctx: StageContext) -> bool:
-    """Whether the policy forward with grad runs each prompt once: not under activation
-    checkpointing, where each checkpointed layer drops the KV cache."""
-    from geovlm.model import is_checkpointing
-    from geovlm.prefix import unwrap
-
-    return shares_prompts(ctx) and not is_checkpointing(unwrap(model))
 
 
 def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device) -> PolicyBatch:
@@ -167,7 +158,7 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
     stage = ctx.stage
     start = batch.prompt_length - 1
     length = batch.completion_ids.shape[1]
-    shared = shares_policy_prompt(model, ctx)
+    shared = shares_prompts(ctx)
     if use_fused_linear(ctx):
         from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
 

@@ -9,6 +9,12 @@ once (``P`` rows), repeats the KV cache ``G`` times, and runs only the completio
 rows of ``Lc`` tokens) against it. With autograd through the cache, the policy's gradients reach
 the prompt positions exactly as in the full forward (the repeat sums the G rows' contributions).
 
+Activation checkpointing: a checkpointed layer normally drops the KV cache, because its replay
+in the backward pass would write the cache a second time. The teacher-forced passes here use
+caches that a replay cannot disturb (the prompt pass *replaces* its layer's keys and values;
+the completion pass reads a fixed, already repeated prefix and stores nothing), and tell the
+checkpointed layers so (``_can_checkpoint_with_cache``) for the duration of the call.
+
 The positions are computed explicitly (``rope_positions``), not left to the model's stateful
 ``rope_deltas``: the prompt keeps the 3-D mRoPE positions a full forward would give it, and
 completion token ``j`` gets the text position ``last prompt position + 1 + j`` on all three axes,
@@ -24,10 +30,14 @@ predict each completion token (``@ lm_head.weight.T`` gives its logits).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 _ROPE_ARGUMENTS = (
@@ -97,6 +107,53 @@ def _hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
     return model.base_model(**inputs, return_dict=True).last_hidden_state
 
 
+class _PromptLayer(DynamicLayer):
+    """The prompt pass's keys and values ``[P, heads, Lp, d]``: each update replaces them, so
+    the replay of a checkpointed layer leaves the same state."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class _PrefixedLayer(DynamicLayer):
+    """A fixed prefix ``[R, heads, Lp, d]``: each update returns prefix + the new states and
+    stores nothing, so a replay reads the same prefix."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return (
+            torch.cat([self.keys, key_states], dim=-2),
+            torch.cat([self.values, value_states], dim=-2),
+        )
+
+
+class _LayerCache(DynamicCache):
+    """A ``DynamicCache`` made of the given layers (or of ``layer_class``, one per model layer)."""
+
+    def __init__(self, layers=None, layer_class=None):
+        Cache.__init__(self, layers=layers, layer_class_to_replicate=layer_class)
+
+
+@contextmanager
+def _cache_through_checkpoints(model: torch.nn.Module) -> Iterator[None]:
+    """Checkpointed layers keep the cache argument (safe with the two layer kinds above)."""
+    layers = [m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache
+
+
 @dataclass
 class EncodedPrompts:
     """The prompts run once: what every completion row of their groups continues from.
@@ -114,13 +171,17 @@ class EncodedPrompts:
     positions: torch.Tensor
 
 
-def encode_prompts(model: torch.nn.Module, prompt: dict[str, torch.Tensor]) -> EncodedPrompts:
+def encode_prompts(
+    model: torch.nn.Module, prompt: dict[str, torch.Tensor], cache: Cache | None = None
+) -> EncodedPrompts:
     """One forward over the ``P`` prompts (images included), keeping their KV cache.
 
-    Runs with or without grad as the caller's mode says; under grad the cache carries it.
+    ``cache`` defaults to a growing ``DynamicCache`` (for decoding). Runs with or without grad
+    as the caller's mode says; under grad the cache carries it.
     """
     positions = rope_positions(model, prompt)
-    cache = DynamicCache(config=unwrap(model).config.get_text_config())
+    if cache is None:
+        cache = DynamicCache(config=unwrap(model).config.get_text_config())
     inputs = {k: v for k, v in prompt.items() if k != "labels"}
     hidden = _hidden(
         model,
@@ -164,7 +225,7 @@ def completion_hidden(
     """``[R, Lc, H]`` hidden states predicting each completion token, prompts run once.
 
     Equal (up to float rounding) to ``forward_hidden(model, prompt + completion)[:, Lp-1:-1]``
-    on the prompts repeated ``num_generations`` times.
+    on the prompts repeated ``num_generations`` times, with or without activation checkpointing.
     """
     rows, length = completion_ids.shape
     n_prompts = prompt["input_ids"].shape[0]
@@ -172,21 +233,32 @@ def completion_hidden(
         raise ValueError(
             f"{rows} completion rows for {n_prompts} prompts x {num_generations} generations"
         )
-    encoded = encode_prompts(model, prompt)
-    first = encoded.last_hidden.repeat_interleave(num_generations, dim=0)[:, None]
-    if length == 1:
-        return first
-    encoded.cache.batch_repeat_interleave(num_generations)
-    mask = torch.cat(
-        [
-            encoded.attention_mask.repeat_interleave(num_generations, dim=0),
-            completion_mask.to(encoded.attention_mask.dtype),
-        ],
-        dim=1,
-    )
-    positions = completion_positions(encoded.positions, length).repeat_interleave(
-        num_generations, dim=0
-    )
-    # The last completion token predicts nothing: feed tokens 0 .. Lc-2.
-    rest = continue_from(model, encoded, completion_ids[:, :-1], mask[:, :-1], positions[:, :-1])
+    with _cache_through_checkpoints(model):
+        encoded = encode_prompts(model, prompt, _LayerCache(layer_class=_PromptLayer))
+        first = encoded.last_hidden.repeat_interleave(num_generations, dim=0)[:, None]
+        if length == 1:
+            return first
+        encoded.cache = _LayerCache(
+            layers=[
+                _PrefixedLayer(
+                    layer.keys.repeat_interleave(num_generations, dim=0),
+                    layer.values.repeat_interleave(num_generations, dim=0),
+                )
+                for layer in encoded.cache.layers
+            ]
+        )
+        mask = torch.cat(
+            [
+                encoded.attention_mask.repeat_interleave(num_generations, dim=0),
+                completion_mask.to(encoded.attention_mask.dtype),
+            ],
+            dim=1,
+        )
+        positions = completion_positions(encoded.positions, length).repeat_interleave(
+            num_generations, dim=0
+        )
+        # The last completion token predicts nothing: feed tokens 0 .. Lc-2.
+        rest = continue_from(
+            model, encoded, completion_ids[:, :-1], mask[:, :-1], positions[:, :-1]
+        )
     return torch.cat([first, rest], dim=1)

@@ -123,9 +123,14 @@ def _loss_and_grads(model, batch, ctx):
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("fused_linear", ["off", "on"])
-def test_shared_prompt_policy_loss_equals_the_full_forward(setup, fused_linear):
-    """Same loss and gradients (vision tower included) with each prompt run once or G times."""
+@pytest.mark.parametrize(
+    ("fused_linear", "checkpointing"), [("off", False), ("on", False), ("off", True)]
+)
+def test_shared_prompt_policy_loss_equals_the_full_forward(setup, fused_linear, checkpointing):
+    """Same loss and gradients (vision tower included) with each prompt run once or G times,
+    with or without activation checkpointing."""
+    from geovlm.model import disable_checkpointing, enable_checkpointing
+
     model, _, rollouts = setup
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.25, 0.3, 0.9, 0.1, 0.7])
     advantages, _ = group_advantages(rewards, G, "group")
@@ -135,7 +140,12 @@ def test_shared_prompt_policy_loss_equals_the_full_forward(setup, fused_linear):
     for share in (True, False):
         ctx = context(beta=0.04, loss_type="dapo", prompt_sharing=share)
         ctx.config.model.fused_linear_loss = fused_linear
-        results.append(_loss_and_grads(model, batch, ctx))
+        if checkpointing and share:
+            enable_checkpointing(model)
+        try:
+            results.append(_loss_and_grads(model, batch, ctx))
+        finally:
+            disable_checkpointing(model)
     (shared_loss, shared_grads), (full_loss, full_grads) = results
     assert abs(shared_loss - full_loss) < 1e-6
     assert shared_grads.keys() == full_grads.keys()
@@ -145,18 +155,11 @@ def test_shared_prompt_policy_loss_equals_the_full_forward(setup, fused_linear):
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5 * scale + 1e-9)
 
 
-def test_policy_pass_falls_back_to_the_full_forward_under_checkpointing(setup):
-    from geovlm.grpo import shares_policy_prompt, shares_prompts
-    from geovlm.model import disable_checkpointing, enable_checkpointing
+def test_sharing_is_off_with_sharded_parameters_or_when_disabled():
+    from geovlm.grpo import shares_prompts
 
-    model, _, _ = setup
     ctx = context()
-    assert shares_prompts(ctx) and shares_policy_prompt(model, ctx)
-    enable_checkpointing(model)
-    try:
-        assert shares_prompts(ctx) and not shares_policy_prompt(model, ctx)
-    finally:
-        disable_checkpointing(model)
+    assert shares_prompts(ctx)
     ctx.extras["shards_parameters"] = True
-    assert not shares_prompts(ctx) and not shares_policy_prompt(model, ctx)
+    assert not shares_prompts(ctx)
     assert not shares_prompts(context(prompt_sharing=False))

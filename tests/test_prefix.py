@@ -124,3 +124,35 @@ def test_row_count_mismatch_is_a_clear_error(policy):
     ids = torch.full((3, 4), 20)
     with pytest.raises(ValueError, match="3 completion rows for 1 prompts x 2 generations"):
         completion_hidden(model, prompts, ids, torch.ones_like(ids), 2)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(policy):
+    """Checkpointed layers replay in the backward pass; the prompt and prefix caches must read
+    and write the same states on the replay (a plain cache would grow or be dropped)."""
+    from geovlm.model import disable_checkpointing, enable_checkpointing, is_checkpointing
+
+    model, processor = policy
+    rng = np.random.default_rng(7)
+    samples = [make_sample(rng, 0), make_sample(rng, 1, ((112, 112), (84, 140)))]
+    prompts = collate_prompts(samples, processor)
+    ids, mask = _completions(rng, model, 2 * 3, 6)
+    model.train()
+    expected = _full(model, prompts, ids, mask, 3)
+    weights = torch.as_tensor(rng.standard_normal(expected.shape))
+    params = [p for p in model.parameters() if p.requires_grad]
+    keep = mask.bool()
+    want = torch.autograd.grad((expected * weights)[keep].sum(), params, allow_unused=True)
+    enable_checkpointing(model)
+    try:
+        assert is_checkpointing(model)
+        shared = completion_hidden(model, prompts, ids, mask, 3)
+        got = torch.autograd.grad((shared * weights)[keep].sum(), params, allow_unused=True)
+    finally:
+        disable_checkpointing(model)
+    torch.testing.assert_close(shared[keep], expected[keep], rtol=0, atol=1e-10)
+    for a, b in zip(want, got, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+    # The layers are left as they were.
+    assert not any("_can_checkpoint_with_cache" in vars(m) for m in model.modules())
