@@ -4,6 +4,21 @@ Per optimizer step the loss is ``sum of token NLLs / number of assistant tokens`
 gradient-accumulation window (not a mean of per-micro-batch means, which would weight short
 samples more: the well-known gradient-accumulation bug). AdamW, warm-up + cosine schedule,
 periodic teacher-forced validation loss, atomic checkpoints with exact resume.
+
+Packing (``stage.packing``, see ``geovlm.data.packing``) puts several samples of a micro-batch
+into one row instead of padding each to the longest; the loss counts exactly the same labels.
+
+* ``"off"``: every micro-batch is padded.
+* ``"on"``: every micro-batch is packed into rows of at most ``max_length`` tokens (one row with
+  flash-attention 2, which is truly padding-free); an error at the start of the stage if the
+  model or the installed transformers cannot run packed sequences.
+* ``"auto"`` (default), when the model supports packing: with flash-attention 2 every
+  micro-batch is packed (one row; varlen attention costs what the samples cost alone, so
+  padding is pure waste). With SDPA or eager attention, packed rows carry a dense block-diagonal
+  mask whose cost grows with the square of the row width, so a micro-batch is packed only into
+  rows no wider than its longest sample, and only when that saves rows: never more attention
+  work than the padded batch, less MLP / projection work (measured on CPU in
+  benchmarks/RESULTS.md, "SFT packing"). Otherwise it stays padded.
 """
 
 from __future__ import annotations
@@ -12,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from geovlm.data.collate import collate_sft
+from geovlm.config import StageConfig
+from geovlm.data.collate import _pad_id, collate_sft
+from geovlm.data.packing import (
+    attention_implementation,
+    pack_for_model,
+    packing_unsupported,
+    plan_rows,
+    sequence_lengths,
+)
 from geovlm.data.schema import Sample
 from geovlm.distributed import Engine, all_reduce_sum, prepare_engine
 from geovlm.loop import (
@@ -47,6 +70,26 @@ def token_nll_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return nll, int((shift_labels != -100).sum())
 
 
+def check_packing(model, stage: StageConfig) -> None:
+    """Raise ValueError, naming the stage and the reason, if ``packing=on`` cannot pack."""
+    if stage.packing == "on" and (reason := packing_unsupported(model)) is not None:
+        raise ValueError(f"stage {stage.name!r}: packing=on, but {reason}; use packing=auto or off")
+
+
+def packing_capacity(model, batch: dict, stage: StageConfig) -> int | None:
+    """Row capacity to pack ``batch`` with under ``stage.packing``, or None to keep it padded.
+
+    The rule is the module docstring's (``check_packing`` vets ``"on"`` once per stage).
+    """
+    if stage.packing == "off" or (stage.packing == "auto" and packing_unsupported(model)):
+        return None
+    if stage.packing == "on" or attention_implementation(model) == "flash_attention_2":
+        return stage.max_length
+    lengths = sequence_lengths(batch)
+    capacity = max(lengths)
+    return capacity if len(plan_rows(lengths, capacity)) < len(lengths) else None
+
+
 @torch.no_grad()
 def validation_loss(model, processor, samples: list[Sample], ctx: StageContext) -> float:
     """Teacher-forced mean token NLL on ``samples`` (assistant tokens only)."""
@@ -78,6 +121,8 @@ def run_sft(
     stage = ctx.stage
     if not train:
         raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
+    check_packing(model, stage)
+    pad_id = _pad_id(processor)
     engine = prepare_engine(model, ctx.config, stage, ctx)
     start, _ = resume_if_possible(ctx, engine)
     model = engine.model
@@ -113,6 +158,10 @@ def run_sft(
         total_tokens = all_reduce_sum(local_tokens)
         loss_sum = 0.0
         for batch in windows:
+            capacity = packing_capacity(model, batch, stage)
+            if capacity is not None:
+                with nvtx_range("sft/pack"):
+                    batch = pack_for_model(model, batch, capacity, pad_id)
             with nvtx_range("sft/forward"):
                 nll, _ = token_nll_sum(model, _to_device(batch, ctx.device))
                 # Scale by world size: DDP averages gradients over ranks.

@@ -30,7 +30,7 @@ from geovlm.data.packing import (
     sequence_lengths,
 )
 from geovlm.model import forward_logits
-from geovlm.sft import packing_capacity, token_nll_sum
+from geovlm.sft import check_packing, packing_capacity, token_nll_sum
 from tests.test_model import make_sample, tiny_policy
 
 # Different image sizes (hence grids and token counts), one bi-temporal pair.
@@ -313,8 +313,9 @@ def test_sft_packing_rule(policy, batch, monkeypatch):
     # auto with SDPA: rows no wider than the longest sample, and only when that saves rows.
     assert packing_capacity(model, padded([40, 90, 50]), stage("auto")) == 90
     assert packing_capacity(model, padded([60, 90, 50]), stage("auto")) is None
-    with pytest.raises(ValueError, match="packing=on, but"):
-        packing_capacity(fake_model(), padded([40, 90]), stage("on"))
+    with pytest.raises(ValueError, match="stage 'sft': packing=on, but model_type 'llava'"):
+        check_packing(fake_model(model_type="llava"), stage("on"))
+    check_packing(fake_model(), stage("auto"))
     assert packing_capacity(fake_model(), padded([40, 90]), stage("auto")) is None
     # Flash-attention: always packed, into one row (transformers' varlen path needs batch 1).
     monkeypatch.setattr(packing, "attention_implementation", lambda model: "flash_attention_2")
