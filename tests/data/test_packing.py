@@ -9,6 +9,7 @@ sequences the mask builder sees in the packed positions), and the first-fit inva
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -106,6 +107,33 @@ def test_packed_nll_and_gradients_equal_the_padded_batch(model, batch, layout):
         scale = float(grad.abs().max()) + 1e-12
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=2e-5 * scale,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["flash_attention_2", "sdpa"])
+def test_cuda_packed_nll_and_gradients_equal_the_padded_batch(samples, attn):
+    """On a GPU: flash-attention 2 (bf16, varlen over the one packed row) and SDPA (float32,
+    block-diagonal mask over rows of the longest sample)."""
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash_attn is not installed")
+    dtype = torch.bfloat16 if attn == "flash_attention_2" else torch.float32
+    model, processor = tiny_policy(seed=3, device="cuda", attn_implementation=attn, dtype=dtype)
+    batch = {k: v.cuda() for k, v in collate_sft(samples, processor, 4096).items()}
+    lengths = sequence_lengths(batch)
+    packed = pack_for_model(model, batch, max(max(lengths), sum(lengths) // 2), PAD_ID)
+    assert packed["input_ids"].shape[0] == (1 if attn == "flash_attention_2" else 2)
+    nll, count, grads = nll_and_grads(model, batch)
+    packed_nll, packed_count, packed_grads = nll_and_grads(model, packed)
+    assert packed_count == count
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert packed_nll == pytest.approx(nll, rel=tol)
+    want = torch.cat([grads[name].flatten() for name in sorted(grads)])
+    got = torch.cat([packed_grads[name].flatten() for name in sorted(grads)])
+    assert float((got - want).norm() / want.norm()) < 10 * tol
 
 
 def test_packing_really_separates_the_samples(policy, batch):
