@@ -69,7 +69,7 @@ def packing_unsupported(model) -> str | None:
     if attn not in PACKABLE_ATTENTION:
         return f"attention implementation {attn!r} is not one of {PACKABLE_ATTENTION}"
     if not hasattr(masking_utils, "find_packed_sequence_indices"):
-        return "the installed transformers builds no packed-sequence masks (needs >= 5.0)"
+        return "the installed transformers builds no packed-sequence masks"
     if not callable(getattr(getattr(inner, "model", inner), "get_rope_index", None)):
         return f"{type(inner).__name__} has no get_rope_index"
     return None

@@ -30,9 +30,9 @@ from geovlm.data.packing import (
     plan_rows,
     sequence_lengths,
 )
-from geovlm.model import forward_logits
+from geovlm.model import build_policy, forward_logits
 from geovlm.sft import check_packing, packing_capacity, token_nll_sum
-from tests.test_model import make_sample, tiny_policy
+from tests.test_model import _save_tiny_qwen2_vl, make_sample, tiny_policy
 
 # Different image sizes (hence grids and token counts), one bi-temporal pair.
 IMAGE_SIZES = [((112, 112),), ((56, 84),), ((84, 140),), ((112, 112), (56, 84)), ((56, 56),)]
@@ -107,6 +107,24 @@ def test_packed_nll_and_gradients_equal_the_padded_batch(model, batch, layout):
         scale = float(grad.abs().max()) + 1e-12
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=2e-5 * scale,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_qwen2_vl_packs_too(policy, samples, tmp_path):
+    """Qwen2-VL (not 2.5): its own get_rope_index and text model, the same packed contract."""
+    _save_tiny_qwen2_vl(tmp_path, policy[1])
+    model, processor = build_policy(tmp_path)
+    assert model.config.model_type == "qwen2_vl"
+    batch = collate_sft(samples, processor, 4096)
+    lengths = sequence_lengths(batch)
+    packed = pack_for_model(model, batch, max(max(lengths), sum(lengths) // 2), PAD_ID)
+    assert packed["input_ids"].shape[0] < len(lengths)
+    nll, count, grads = nll_and_grads(model, batch)
+    packed_nll, packed_count, packed_grads = nll_and_grads(model, packed)
+    assert packed_count == count
+    assert packed_nll == pytest.approx(nll, rel=1e-5)
+    for name, grad in grads.items():
+        scale = float(grad.abs().max()) + 1e-12
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=2e-5 * scale)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
