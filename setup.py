@@ -5,7 +5,9 @@ from setuptools import find_packages, setup
 setup(
     name="geovlm",
     version="0.1.0",
-    description="Fast, faithful GeoVLM-R1 trainer: Triton GRPO kernels, Numba rewards, lean PyTorch",
+    description=(
+        "Fast, faithful GeoVLM-R1 trainer: Triton GRPO kernels, Numba rewards, lean PyTorch"
+    ),
     python_requires=">=3.10",
     packages=find_packages(include=["geovlm", "geovlm.*"]),
     package_data={"geovlm": ["configs/*.yaml", "configs/*.json"]},
@@ -49,5 +51,7 @@ setup(
         ],
         "deepspeed": ["deepspeed>=0.15"],
     },
-    entry_points={"console_scripts": ["geovlm-train=geovlm.train:main", "geovlm-eval=geovlm.eval:main"]},
+    entry_points={
+        "console_scripts": ["geovlm-train=geovlm.train:main", "geovlm-eval=geovlm.eval:main"]
+    },
 )

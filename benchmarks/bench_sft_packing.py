@@ -30,7 +30,7 @@ import _timing  # benchmarks/_timing.py: the script's directory is on sys.path
 import torch
 
 from geovlm.config import load_config
-from geovlm.data.collate import _pad_id, collate_sft
+from geovlm.data.collate import collate_sft, pad_token_id
 from geovlm.data.packing import pack_for_model, sequence_lengths
 from geovlm.data.sources import load_splits, select_tasks
 from geovlm.data.synthetic import corpus
@@ -66,7 +66,7 @@ def main() -> None:
         attn_implementation=args.attn, seed=config.seed,
     )
     torch.set_num_threads(config.threads or torch.get_num_threads())
-    pad_id = _pad_id(processor)
+    pad_id = pad_token_id(processor)
 
     def layout(mode: str):
         rule = dataclasses.replace(stage, packing=mode)

@@ -3,7 +3,8 @@
 # the lent GPU machine:  bash benchmarks/gpu_check.sh   (with `carry: [".whl"]`, timeout_s ~420).
 #
 # 1. installs the carried wheels (../shared/device/fetch-wheels.sh: liger-kernel, ...) into /tmp/site;
-# 2. runs the CUDA-marked tests (compiled kernels vs the float64 reference);
+# 2. runs the CUDA-marked tests (compiled kernels vs the float64 reference; shared-prompt
+#    passes and packed SFT batches in bf16 with SDPA / flash-attention 2);
 # 3. runs the kernel benchmarks (bench_grpo_loss.py, and bench_linear_grpo_loss.py when present);
 # 4. prints a short summary with the benchmark tables last.
 # Full logs and CSVs go to $OUT (at most 8 files come back): env.txt, cuda_tests.log,
@@ -27,7 +28,8 @@ unset TRITON_INTERPRET
   python3 -c "import liger_kernel, importlib.metadata as m; print('liger', m.version('liger-kernel'))" 2>&1
 } > "$OUT/env.txt" 2>&1
 
-timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/kernels > "$OUT/cuda_tests.log" 2>&1
+timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/kernels tests/test_prefix.py \
+  tests/data/test_packing.py > "$OUT/cuda_tests.log" 2>&1
 tests_rc=$?
 
 bench() {  # bench NAME: run benchmarks/NAME.py, log and CSV under $OUT

@@ -116,8 +116,9 @@ class StageConfig:
     max_length: int = 512
     eval_every: int = 0
     save_every: int = 50
-    # SFT only: pack samples into rows of up to max_length tokens without padding ("auto": when
-    # the model's attention supports packed sequences; see geovlm.data.packing).
+    # SFT only: pack samples into rows without padding (geovlm.data.packing). "auto": always with
+    # flash-attention 2, with SDPA / eager when rows no wider than the longest sample save rows
+    # (the rule is in geovlm.sft); "on": rows of up to max_length; "off": padded batches.
     packing: Literal["auto", "on", "off"] = "auto"
     # GRPO only.
     num_generations: int = 8

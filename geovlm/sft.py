@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from geovlm.config import StageConfig
-from geovlm.data.collate import _pad_id, collate_sft
+from geovlm.data.collate import collate_sft, pad_token_id
 from geovlm.data.packing import (
     attention_implementation,
     pack_for_model,
@@ -122,7 +122,7 @@ def run_sft(
     if not train:
         raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
     check_packing(model, stage)
-    pad_id = _pad_id(processor)
+    pad_id = pad_token_id(processor)
     engine = prepare_engine(model, ctx.config, stage, ctx)
     start, _ = resume_if_possible(ctx, engine)
     model = engine.model

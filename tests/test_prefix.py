@@ -156,3 +156,38 @@ def test_activation_checkpointing_gives_the_same_gradients(policy):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
     # The layers are left as they were.
     assert not any("_can_checkpoint_with_cache" in vars(m) for m in model.modules())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_cuda_bf16_shared_prompt_equals_the_full_forward(attn):
+    """On a GPU in bf16 (sdpa, and flash-attention 2's varlen path with left-padded prompts),
+    activation checkpointing on: hidden states and gradients agree within bf16 rounding."""
+    import importlib.util
+
+    from geovlm.model import enable_checkpointing
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash_attn is not installed")
+    model, processor = tiny_policy(
+        seed=5, device="cuda", dtype=torch.bfloat16, attn_implementation=attn
+    )
+    rng = np.random.default_rng(11)
+    samples = [make_sample(rng, 0), make_sample(rng, 1, ((112, 112), (84, 140)))]
+    prompts = {k: v.cuda() for k, v in collate_prompts(samples, processor).items()}
+    ids, mask = (t.cuda() for t in _completions(rng, model, 2 * 4, 9))
+    model.train()
+    expected = _full(model, prompts, ids, mask, 4)
+    weights = torch.randn(expected.shape, device="cuda", generator=None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    keep = mask.bool()
+    want = torch.autograd.grad((expected.float() * weights)[keep].sum(), params)
+    enable_checkpointing(model)
+    shared = completion_hidden(model, prompts, ids, mask, 4)
+    got = torch.autograd.grad((shared.float() * weights)[keep].sum(), params)
+    error = (shared - expected).float()[keep].norm() / expected.float()[keep].norm()
+    assert float(error) < 2e-2
+    flat_want = torch.cat([g.float().flatten() for g in want])
+    flat_got = torch.cat([g.float().flatten() for g in got])
+    assert float((flat_got - flat_want).norm() / flat_want.norm()) < 5e-2

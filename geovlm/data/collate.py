@@ -125,7 +125,7 @@ def _pad_batch(
     return batch
 
 
-def _pad_id(processor) -> int:
+def pad_token_id(processor) -> int:
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
@@ -177,7 +177,7 @@ def collate_sft(
         labels[0, -n:] = response_ids
         enc["labels"] = labels
         encodings.append(enc)
-    return _pad_batch(encodings, _pad_id(processor), side="right")
+    return _pad_batch(encodings, pad_token_id(processor), side="right")
 
 
 def collate_prompts(
@@ -192,7 +192,7 @@ def collate_prompts(
         messages = build_messages(sample, system_prompt)
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         encodings.append(_encode(processor, messages, prompt, budget))
-    return _pad_batch(encodings, _pad_id(processor), side="left")
+    return _pad_batch(encodings, pad_token_id(processor), side="left")
 
 
 def images_per_row(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
