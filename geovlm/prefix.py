@@ -29,6 +29,7 @@ predict each completion token (``@ lm_head.weight.T`` gives its logits).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,7 +62,13 @@ def output_layer(model: torch.nn.Module) -> torch.nn.Module:
 
 def _cache_argument(model: torch.nn.Module) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x)."""
-    parameters = inspect.signature(unwrap(model).forward).parameters
+    return _cache_argument_of(type(unwrap(model)))
+
+
+@functools.cache
+def _cache_argument_of(model_class: type) -> str:
+    # Once per class: inspect.signature costs as much as a decode step's attention mask.
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
