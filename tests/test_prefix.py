@@ -191,3 +191,22 @@ def test_cuda_bf16_shared_prompt_equals_the_full_forward(attn):
     flat_want = torch.cat([g.float().flatten() for g in want])
     flat_got = torch.cat([g.float().flatten() for g in got])
     assert float((flat_got - flat_want).norm() / flat_want.norm()) < 5e-2
+
+
+def test_qwen2_vl_shares_prompts_too(policy, tmp_path):
+    """Qwen2-VL (not 2.5): its own get_rope_index and text model; hidden states, gradients and
+    greedy rollouts equal the full path."""
+    from geovlm.model import build_policy
+    from geovlm.rollout import generate_rollouts
+    from tests.test_model import _save_tiny_qwen2_vl
+
+    _save_tiny_qwen2_vl(tmp_path, policy[1])
+    model, processor = build_policy(tmp_path, dtype=torch.float64)
+    assert model.config.model_type == "qwen2_vl"
+    rng = np.random.default_rng(2)
+    samples = [make_sample(rng, 0), make_sample(rng, 1, ((112, 112), (84, 140)))]
+    _check(model, collate_prompts(samples, processor), 3, 5, seed=2)
+    kwargs = {"num_generations": 2, "max_new_tokens": 6, "greedy": True}
+    shared = generate_rollouts(model, processor, samples, share_prompt=True, **kwargs)
+    full = generate_rollouts(model, processor, samples, share_prompt=False, **kwargs)
+    assert torch.equal(shared.completion_ids, full.completion_ids)
