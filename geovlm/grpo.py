@@ -16,8 +16,8 @@ advantages and kernels are plain function calls on plain data.
 With ``stage.prompt_sharing`` (the default) every pass runs each prompt once per group, not G
 times (``geovlm.prefix``): the rollout's prefill, the reference / old log-probs, and the policy
 forward with grad (activation checkpointing included), whose gradients reach the prompt through
-the repeated KV cache. With sharded parameters (FSDP2, ZeRO-3) every pass falls back to the full
-prompt + completion forward.
+the repeated KV cache. Under every engine: DDP, FSDP2 and DeepSpeed ZeRO-2/3 (each pass goes
+through the model's own forward there, see ``geovlm.prefix``).
 """
 
 from __future__ import annotations
@@ -89,12 +89,8 @@ def use_fused_linear(ctx: StageContext) -> bool:
 
 
 def shares_prompts(ctx: StageContext) -> bool:
-    """Whether the rollouts and the teacher-forced passes run each prompt once per group.
-
-    Not with sharded parameters: the shared passes call the model body and ``lm_head``
-    separately, outside the root forward that gathers FSDP2's root / ZeRO-3's weights.
-    """
-    return ctx.stage.prompt_sharing and not ctx.extras.get("shards_parameters", False)
+    """Whether the rollouts and the teacher-forced passes run each prompt once per group."""
+    return ctx.stage.prompt_sharing
 
 
 def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device) -> PolicyBatch:
@@ -115,11 +111,13 @@ def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device)
     )
 
 
-def shared_prompt_hidden(model, batch: PolicyBatch) -> torch.Tensor:
-    """``[R, Lc, H]`` hidden states predicting each completion token, each prompt run once."""
-    from geovlm.prefix import completion_hidden
+def shared_prompt_outputs(model, batch: PolicyBatch, logits: bool) -> torch.Tensor:
+    """``[R, Lc, V]`` logits (or ``[R, Lc, H]`` hidden states) predicting each completion
+    token, each prompt run once."""
+    from geovlm.prefix import completion_hidden, completion_logits
 
-    return completion_hidden(
+    run = completion_logits if logits else completion_hidden
+    return run(
         model, batch.prompts, batch.completion_ids, batch.completion_mask, batch.num_generations
     )
 
@@ -130,12 +128,11 @@ def completion_logps(
     """Per-token log-probs ``[R, Lc]`` (fp32, no grad) of the completions under ``model``."""
     from geovlm.kernels import selective_log_softmax
     from geovlm.model import forward_logits
-    from geovlm.prefix import output_layer
 
     length = batch.completion_ids.shape[1]
     with torch.no_grad():
         if share_prompt:
-            logits = output_layer(model)(shared_prompt_hidden(model, batch))
+            logits = shared_prompt_outputs(model, batch, logits=True)
         else:
             # Only positions P-1 .. P+L-1 are needed: keep the last L+1 (the prompt's logits
             # would be [R, P, V] of waste, 151,936 wide on a real Qwen).
@@ -153,7 +150,6 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
     from geovlm.kernels import fused_log_probs
     from geovlm.kernels.reference import grpo_loss_from_logps
     from geovlm.model import forward_hidden, forward_logits, lm_head_weight
-    from geovlm.prefix import output_layer
 
     stage = ctx.stage
     start = batch.prompt_length - 1
@@ -163,7 +159,7 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
         from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
 
         if shared:
-            hidden = shared_prompt_hidden(model, batch)
+            hidden = shared_prompt_outputs(model, batch, logits=False)
         else:
             hidden = forward_hidden(model, batch.inputs)[:, start : start + length]
         ids = batch.completion_ids * batch.completion_mask.to(batch.completion_ids.dtype)
@@ -172,7 +168,7 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
         )
     else:
         if shared:
-            logits = output_layer(model)(shared_prompt_hidden(model, batch))
+            logits = shared_prompt_outputs(model, batch, logits=True)
         else:
             logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
         logps, _ = fused_log_probs(

@@ -34,6 +34,7 @@ import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import DynamicCache
@@ -53,11 +54,6 @@ _ROPE_ARGUMENTS = (
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a DDP / DeepSpeed wrapper (itself when not wrapped)."""
     return getattr(model, "module", model)
-
-
-def output_layer(model: torch.nn.Module) -> torch.nn.Module:
-    """``lm_head``: hidden states ``[..., H]`` to logits ``[..., V]``."""
-    return unwrap(model).get_output_embeddings()
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -102,13 +98,34 @@ def _as_3d(positions: torch.Tensor) -> torch.Tensor:
     return positions[None].expand(3, -1, -1)
 
 
-def _hidden(model: torch.nn.Module, **inputs) -> torch.Tensor:
-    """Final-norm hidden states ``[B, T, H]``; through the wrapper when there is one.
+Output = Literal["hidden", "logits", "last_logits"]
 
-    A DDP / DeepSpeed wrapper must see the forward to synchronise gradients, so it runs the full
-    model with one position of logits and the last ``hidden_states`` entry is returned.
-    """
+
+def _needs_root_forward(model: torch.nn.Module) -> bool:
+    """Whether every pass must enter through the model's own forward: a DDP / DeepSpeed wrapper
+    synchronises gradients (and ZeRO-3 gathers weights) there, and FSDP2 gathers the root's
+    weights (embeddings, final norm, ``lm_head``) only in the root module's forward."""
     if hasattr(model, "module"):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _run(model: torch.nn.Module, output: Output, **inputs) -> torch.Tensor:
+    """One forward pass; ``output`` picks what comes back.
+
+    ``"hidden"``: final-norm hidden states ``[B, T, H]`` (the input of ``lm_head``);
+    ``"logits"``: ``[B, T, V]``; ``"last_logits"``: ``[B, 1, V]`` of the last position only.
+    Through the root forward when ``_needs_root_forward`` (hidden states then come from
+    ``output_hidden_states`` with a single position of logits), else the model body alone.
+    """
+    if output != "hidden":
+        keep = 1 if output == "last_logits" else 0
+        return model(**inputs, logits_to_keep=keep, return_dict=True).logits
+    if _needs_root_forward(model):
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, return_dict=True)
         return out.hidden_states[-1]
     return model.base_model(**inputs, return_dict=True).last_hidden_state
@@ -166,38 +183,44 @@ class EncodedPrompts:
     """The prompts run once: what every completion row of their groups continues from.
 
     Attributes:
-        last_hidden: ``[P, H]`` hidden state at each prompt's last token (predicts token 0).
+        last: ``[P, H]`` hidden state (or ``[P, V]`` logits) at each prompt's last token: what
+            predicts completion token 0.
         cache: the KV cache of the prompt positions (``P`` rows until ``repeat`` is called).
         attention_mask: ``[P, Lp]`` the prompts' padding mask.
         positions: ``[3, P, Lp]`` their mRoPE positions.
     """
 
-    last_hidden: torch.Tensor
+    last: torch.Tensor
     cache: DynamicCache
     attention_mask: torch.Tensor
     positions: torch.Tensor
 
 
 def encode_prompts(
-    model: torch.nn.Module, prompt: dict[str, torch.Tensor], cache: Cache | None = None
+    model: torch.nn.Module,
+    prompt: dict[str, torch.Tensor],
+    cache: Cache | None = None,
+    output: Output = "hidden",
 ) -> EncodedPrompts:
     """One forward over the ``P`` prompts (images included), keeping their KV cache.
 
-    ``cache`` defaults to a growing ``DynamicCache`` (for decoding). Runs with or without grad
-    as the caller's mode says; under grad the cache carries it.
+    ``cache`` defaults to a growing ``DynamicCache`` (for decoding); ``output`` is ``"hidden"``
+    or ``"last_logits"`` (what ``EncodedPrompts.last`` holds). Runs with or without grad as the
+    caller's mode says; under grad the cache carries it.
     """
     positions = rope_positions(model, prompt)
     if cache is None:
         cache = DynamicCache(config=unwrap(model).config.get_text_config())
     inputs = {k: v for k, v in prompt.items() if k != "labels"}
-    hidden = _hidden(
+    out = _run(
         model,
+        output,
         **inputs,
         position_ids=positions,
         use_cache=True,
         **{_cache_argument(model): cache},
     )
-    return EncodedPrompts(hidden[:, -1], cache, prompt["attention_mask"], positions)
+    return EncodedPrompts(out[:, -1], cache, prompt["attention_mask"], positions)
 
 
 def continue_from(
@@ -206,14 +229,16 @@ def continue_from(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
+    output: Output = "hidden",
 ) -> torch.Tensor:
-    """Hidden states ``[R, T, H]`` of ``input_ids`` ``[R, T]`` after the cached prompts.
+    """``output`` (see ``_run``) of ``input_ids`` ``[R, T]`` after the cached prompts.
 
     ``attention_mask`` ``[R, cached + T]`` covers the cache and the new tokens; ``positions``
-    ``[R, T]`` are the new tokens' text positions. The cache grows by the new tokens.
+    ``[R, T]`` are the new tokens' text positions. A decoding cache grows by the new tokens.
     """
-    return _hidden(
+    return _run(
         model,
+        output,
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=_as_3d(positions),
@@ -234,15 +259,48 @@ def completion_hidden(
     Equal (up to float rounding) to ``forward_hidden(model, prompt + completion)[:, Lp-1:-1]``
     on the prompts repeated ``num_generations`` times, with or without activation checkpointing.
     """
+    return _completion_outputs(
+        model, prompt, completion_ids, completion_mask, num_generations, "hidden"
+    )
+
+
+def completion_logits(
+    model: torch.nn.Module,
+    prompt: dict[str, torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    num_generations: int,
+) -> torch.Tensor:
+    """``[R, Lc, V]`` logits predicting each completion token, prompts run once.
+
+    ``completion_hidden`` through ``lm_head``, computed inside the model's forward (so it also
+    works where ``lm_head`` is sharded, under FSDP2 / ZeRO-3).
+    """
+    return _completion_outputs(
+        model, prompt, completion_ids, completion_mask, num_generations, "logits"
+    )
+
+
+def _completion_outputs(
+    model: torch.nn.Module,
+    prompt: dict[str, torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    num_generations: int,
+    output: Literal["hidden", "logits"],
+) -> torch.Tensor:
     rows, length = completion_ids.shape
     n_prompts = prompt["input_ids"].shape[0]
     if rows != n_prompts * num_generations:
         raise ValueError(
             f"{rows} completion rows for {n_prompts} prompts x {num_generations} generations"
         )
+    first_output = "hidden" if output == "hidden" else "last_logits"
     with _cache_through_checkpoints(model):
-        encoded = encode_prompts(model, prompt, _LayerCache(layer_class=_PromptLayer))
-        first = encoded.last_hidden.repeat_interleave(num_generations, dim=0)[:, None]
+        encoded = encode_prompts(
+            model, prompt, _LayerCache(layer_class=_PromptLayer), output=first_output
+        )
+        first = encoded.last.repeat_interleave(num_generations, dim=0)[:, None]
         if length == 1:
             return first
         encoded.cache = _LayerCache(
@@ -266,6 +324,6 @@ def completion_hidden(
         )
         # The last completion token predicts nothing: feed tokens 0 .. Lc-2.
         rest = continue_from(
-            model, encoded, completion_ids[:, :-1], mask[:, :-1], positions[:, :-1]
+            model, encoded, completion_ids[:, :-1], mask[:, :-1], positions[:, :-1], output
         )
     return torch.cat([first, rest], dim=1)

@@ -33,7 +33,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT, collate_prompts, select_rows
 from geovlm.data.schema import Sample
-from geovlm.prefix import completion_positions, continue_from, encode_prompts, output_layer
+from geovlm.prefix import completion_positions, continue_from, encode_prompts
 
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -278,9 +278,8 @@ def _sample_shared_prompts(
     ``log_softmax(logits / temperature)`` at the chosen token. Finished rows emit the pad token.
     Honours ``config.min_new_tokens`` (no EOS before it) like HF's min-length processor.
     """
-    lm_head = output_layer(model)
-    encoded = encode_prompts(model, prompts)
-    logits = lm_head(encoded.last_hidden).float().repeat_interleave(num_generations, dim=0)
+    encoded = encode_prompts(model, prompts, output="last_logits")
+    logits = encoded.last.float().repeat_interleave(num_generations, dim=0)
     encoded.cache.batch_repeat_interleave(num_generations)
     mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0)
     first_position = completion_positions(encoded.positions, 1).repeat_interleave(
@@ -311,8 +310,9 @@ def _sample_shared_prompts(
         if step + 1 == config.max_new_tokens or _all_done(done, synced_gpus):
             break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        hidden = continue_from(model, encoded, token[:, None], mask, first_position + step)
-        logits = lm_head(hidden[:, -1]).float()
+        logits = continue_from(
+            model, encoded, token[:, None], mask, first_position + step, "last_logits"
+        )[:, -1].float()
     completion = torch.stack(tokens, dim=1)
     completion_mask = _completion_mask(completion, eos_ids)
     return completion, completion_mask, torch.stack(logps, dim=1) * completion_mask

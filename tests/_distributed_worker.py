@@ -61,26 +61,24 @@ def _pad_right(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
 
 def seeded_rollouts(original: Callable) -> Callable:
     """``generate_rollouts`` with each prompt's group drawn from its own seeded generator."""
-    from geovlm import rollout
     from geovlm.data.collate import collate_prompts, select_rows
+    from geovlm.prefix import unwrap
     from geovlm.rollout import Rollouts, _special_ids
-
-    make_config = rollout._generation_config
 
     def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):
         step_seed = torch.initial_seed()  # the step's seed (seed_everything), equal on all ranks
         kwargs.pop("seed", None)  # replaced by the per-prompt seeds below
-        # HF generate: the EOS bias below is a GenerationConfig.sequence_bias. The policy, reference
-        # and old-policy passes still share each prompt across its group.
-        kwargs["share_prompt"] = False
+        eos, _ = _special_ids(processor.tokenizer)
 
-        def generation_config(*config_args):
-            config = make_config(*config_args)
-            # Favour the EOS so that completion lengths, hence per-rank token counts, differ.
-            config.sequence_bias = {(eos,): EOS_BIAS for eos in config.eos_token_id}
-            return config
+        def favour_eos(module, inputs, logits):
+            # While sampling only: completion lengths, hence per-rank token counts and the
+            # steps at which ranks finish decoding, differ.
+            logits = logits.clone()
+            logits[..., eos] += EOS_BIAS
+            return logits
 
-        with mock.patch.object(rollout, "_generation_config", generation_config):
+        hook = unwrap(model).get_output_embeddings().register_forward_hook(favour_eos)
+        try:
             pieces = [
                 original(
                     model,
@@ -94,6 +92,8 @@ def seeded_rollouts(original: Callable) -> Callable:
                 )
                 for sample in samples
             ]
+        finally:
+            hook.remove()
         _, pad = _special_ids(processor.tokenizer)
         device = pieces[0].completion_ids.device
         index = torch.arange(len(samples)).repeat_interleave(num_generations)
