@@ -15,7 +15,9 @@ setup(
         # The GPU image has torch 2.11 / triton 3.6 / transformers 5.17: keep ranges admitting both.
         "torch>=2.6",
         "torchvision>=0.21",
-        "transformers>=4.57",
+        # geovlm.prefix and geovlm.data.packing build on the 5.x cache-layer and packed-sequence
+        # APIs, read in 5.17 (the GPU image) and 5.24 (CI).
+        "transformers>=5.17,<6",
         "tokenizers>=0.21",
         "qwen-vl-utils>=0.0.10",
         "numpy>=1.26",

@@ -169,6 +169,14 @@ class _LayerCache(DynamicCache):
 def _cache_through_checkpoints(model: torch.nn.Module) -> Iterator[None]:
     """Checkpointed layers keep the cache argument (safe with the two layer kinds above)."""
     layers = [m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache") and any(
+        layer.gradient_checkpointing for layer in layers
+    ):
+        # An older transformers would silently drop the cache: completions without their prompt.
+        raise RuntimeError(
+            "this transformers version drops the KV cache in checkpointed layers; turn "
+            "activation checkpointing off or set the stage's prompt_sharing=false"
+        )
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:

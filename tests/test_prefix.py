@@ -210,3 +210,22 @@ def test_qwen2_vl_shares_prompts_too(policy, tmp_path):
     shared = generate_rollouts(model, processor, samples, share_prompt=True, **kwargs)
     full = generate_rollouts(model, processor, samples, share_prompt=False, **kwargs)
     assert torch.equal(shared.completion_ids, full.completion_ids)
+
+
+def test_a_transformers_that_drops_the_cache_is_refused(policy, monkeypatch):
+    """Without ``_can_checkpoint_with_cache`` a checkpointed layer would silently drop the cache
+    (completions computed without their prompt): refused with a clear error instead."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from geovlm.model import disable_checkpointing, enable_checkpointing
+
+    model, processor = policy
+    monkeypatch.delattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+    prompts = collate_prompts([_text_only(1)], processor)
+    ids = torch.full((2, 3), 20)
+    enable_checkpointing(model)
+    try:
+        with pytest.raises(RuntimeError, match="prompt_sharing=false"):
+            completion_hidden(model, prompts, ids, torch.ones_like(ids), 2)
+    finally:
+        disable_checkpointing(model)
