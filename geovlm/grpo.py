@@ -75,19 +75,6 @@ class PolicyBatch:
     ref_logps: torch.Tensor | None = None
 
 
-def use_fused_linear(ctx: StageContext) -> bool:
-    """Whether the loss takes the fused linear kernel on the last hidden state.
-
-    Not when parameters are sharded (FSDP2, ZeRO-3): the kernel reads ``lm_head.weight`` directly.
-    Under DDP / ZeRO-1/2 the model body still runs through the wrapper's forward
-    (``model.forward_hidden``), so gradients are synchronised as usual.
-    """
-    if ctx.extras.get("shards_parameters", False):
-        return False
-    setting = ctx.config.model.fused_linear_loss
-    return setting == "on" or (setting == "auto" and ctx.device.type == "cuda")
-
-
 def shares_prompts(ctx: StageContext) -> bool:
     """Whether the rollouts and the teacher-forced passes run each prompt once per group."""
     return ctx.stage.prompt_sharing
@@ -155,7 +142,7 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
     start = batch.prompt_length - 1
     length = batch.completion_ids.shape[1]
     shared = shares_prompts(ctx)
-    if use_fused_linear(ctx):
+    if ctx.uses_fused_linear:
         from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
 
         if shared:

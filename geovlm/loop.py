@@ -42,6 +42,22 @@ class StageContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def uses_fused_linear(self) -> bool:
+        """Whether losses take the fused linear kernel on the last hidden state and
+        ``lm_head.weight`` (no ``[tokens, V]`` logits): ``model.fused_linear_loss``, "auto" = on
+        CUDA.
+
+        Not when parameters are sharded (FSDP2, ZeRO-3; ``extras["shards_parameters"]``, set by
+        the stage once its engine exists): the kernel reads ``lm_head.weight`` directly. Under
+        DDP / ZeRO-1/2 the model body still runs through the wrapper's forward
+        (``model.forward_hidden``), so gradients are synchronised as usual.
+        """
+        if self.extras.get("shards_parameters", False):
+            return False
+        setting = self.config.model.fused_linear_loss
+        return setting == "on" or (setting == "auto" and self.device.type == "cuda")
+
 
 def step_seed(seed: int, stage_index: int, step: int) -> int:
     """A distinct, reproducible seed for every (stage, step)."""
@@ -149,9 +165,7 @@ def resume_if_possible(ctx: StageContext, engine) -> tuple[int, dict[str, Any]]:
     from geovlm.checkpoint import load_model_state
 
     state = load_trainer_state(path)
-    engine.load_state(
-        load_model_state(path, engine.policy), state["optimizer"], state["scheduler"]
-    )
+    engine.load_state(load_model_state(path, engine.policy), state["optimizer"], state["scheduler"])
     engine.load_optimizer_shards(path, ctx.rank, ctx.world_size)
     if ctx.log is not None:
         ctx.log.truncate(ctx.stage.name, state["step"] - 1)

@@ -46,7 +46,7 @@ from geovlm.loop import (
     seed_everything,
     step_seed,
 )
-from geovlm.model import forward_logits
+from geovlm.model import forward_hidden, forward_logits, lm_head_weight
 from geovlm.profiling import StepProfiler, nvtx_range
 
 
@@ -54,20 +54,36 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def token_nll_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLLs over positions whose label is not -100, and their count."""
+def token_nll_sum(model, batch: dict, fused_linear: bool = False) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLLs over positions whose label is not -100, and their count.
+
+    Only labelled positions reach ``lm_head``: the prompt (instruction and image tokens, most of
+    an EO sample) never becomes ``[T, V]`` logits. By default the model's own forward keeps the
+    positions where any row has a label (``logits_to_keep`` as an index tensor; works under
+    every engine); with ``fused_linear`` the NLL comes from
+    ``geovlm.kernels.linear_selective_log_softmax`` on the labelled hidden states and
+    ``lm_head.weight``, so no logits exist at all (the Triton kernel on CUDA).
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = forward_logits(model, inputs)
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    labelled = targets != -100
+    count = int(labelled.sum())
+    if fused_linear:
+        from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
+
+        hidden = forward_hidden(model, inputs)[:, :-1][labelled]  # [N, H]
+        logps = linear_selective_log_softmax(hidden, lm_head_weight(model), targets[labelled])
+        return -logps.sum(), count
+    positions = labelled.any(dim=0).nonzero().squeeze(1)  # [K]
+    logits = forward_logits(model, inputs, logits_to_keep=positions).float()  # [B, K, V]
     nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
+        logits.reshape(-1, logits.shape[-1]),
+        targets[:, positions].reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
-    return nll, int((shift_labels != -100).sum())
+    return nll, count
 
 
 def check_packing(model, stage: StageConfig) -> None:
@@ -99,7 +115,7 @@ def validation_loss(model, processor, samples: list[Sample], ctx: StageContext) 
     size = ctx.stage.batch_size
     for start in range(0, len(samples), size):
         batch = collate_sft(samples[start : start + size], processor, ctx.stage.max_length)
-        nll, n = token_nll_sum(model, _to_device(batch, ctx.device))
+        nll, n = token_nll_sum(model, _to_device(batch, ctx.device), ctx.uses_fused_linear)
         total += float(nll)
         count += n
     model.train(was_training)
@@ -124,6 +140,7 @@ def run_sft(
     check_packing(model, stage)
     pad_id = pad_token_id(processor)
     engine = prepare_engine(model, ctx.config, stage, ctx)
+    ctx.extras["shards_parameters"] = engine.shards_parameters
     start, _ = resume_if_possible(ctx, engine)
     model = engine.model
     model.train()
@@ -163,7 +180,7 @@ def run_sft(
                 with nvtx_range("sft/pack"):
                     batch = pack_for_model(model, batch, capacity, pad_id)
             with nvtx_range("sft/forward"):
-                nll, _ = token_nll_sum(model, _to_device(batch, ctx.device))
+                nll, _ = token_nll_sum(model, _to_device(batch, ctx.device), ctx.uses_fused_linear)
                 # Scale by world size: DDP averages gradients over ranks.
                 loss = nll * ctx.world_size / max(total_tokens, 1)
             with nvtx_range("sft/backward"):
