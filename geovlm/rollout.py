@@ -273,9 +273,10 @@ def _sample_shared_prompts(
     """``(completion_ids, completion_mask, logprobs)`` ``[P*G, L]`` from ``P`` prompts.
 
     One prefill of the ``P`` prompts, their KV cache repeated ``G`` times, then one decode step
-    per token for all ``P*G`` rows: sample (argmax when greedy) from the suppressed logits
-    warped by temperature and top-p, as HF generate does, and record the unwarped
-    ``log_softmax(logits / temperature)`` at the chosen token. Finished rows emit the pad token.
+    per token: sample (argmax when greedy) from the suppressed logits warped by temperature and
+    top-p, as HF generate does, and record the unwarped ``log_softmax(logits / temperature)`` at
+    the chosen token. A row that emits an EOS leaves the batch (its cache rows dropped), so the
+    decode steps cost what the unfinished rows cost; its remaining tokens are the pad token.
     Honours ``config.min_new_tokens`` (no EOS before it) like HF's min-length processor.
     """
     encoded = encode_prompts(model, prompts, output="last_logits")
@@ -288,11 +289,16 @@ def _sample_shared_prompts(
     rows, device = logits.shape[0], logits.device
     suppress = torch.tensor(config.suppress_tokens or [], dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    tokens: list[torch.Tensor] = []
-    logps: list[torch.Tensor] = []
+    width = config.max_new_tokens
+    completion = torch.full((rows, width), config.pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(rows, width, dtype=torch.float32, device=device)
+    # The batch shrinks as rows finish: ``active`` maps its rows to output rows, ``live`` marks
+    # those still decoding (finished rows stay only while a synced rank waits on others).
+    active = torch.arange(rows, device=device)
+    live = torch.ones(rows, dtype=torch.bool, device=device)
     min_new_tokens = config.min_new_tokens or 0
-    for step in range(config.max_new_tokens):
+    steps = 0
+    for step in range(width):
         logits[:, suppress] = float("-inf")
         if step < min_new_tokens:  # as HF's MinNewTokensLengthLogitsProcessor
             logits[:, eos] = float("-inf")
@@ -301,21 +307,25 @@ def _sample_shared_prompts(
             token = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(1)
         else:
             token = logits.argmax(dim=-1)
-        token = torch.where(done, torch.full_like(token, config.pad_token_id), token)
-        logps.append(
-            torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None])[:, 0]
-        )
-        tokens.append(token)
-        done |= torch.isin(token, eos)
-        if step + 1 == config.max_new_tokens or _all_done(done, synced_gpus):
+        logp = torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None])[:, 0]
+        completion[active[live], step] = token[live]
+        logps[active[live], step] = logp[live]
+        live &= ~torch.isin(token, eos)
+        steps = step + 1
+        if steps == width or _all_done(~live, synced_gpus):
             break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        if live.any() and not live.all():
+            keep = live.nonzero().squeeze(1)
+            encoded.cache.batch_select_indices(keep)
+            mask, first_position, active = mask[keep], first_position[keep], active[keep]
+            token, live = token[keep], live[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = continue_from(
             model, encoded, token[:, None], mask, first_position + step, "last_logits"
         )[:, -1].float()
-    completion = torch.stack(tokens, dim=1)
+    completion, logps = completion[:, :steps], logps[:, :steps]
     completion_mask = _completion_mask(completion, eos_ids)
-    return completion, completion_mask, torch.stack(logps, dim=1) * completion_mask
+    return completion, completion_mask, logps * completion_mask
 
 
 def _pad_right(tensors: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:

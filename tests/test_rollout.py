@@ -382,3 +382,19 @@ def test_min_new_tokens_holds_back_the_eos(eos_prone, policy, samples, share, mo
     )
     assert (rollouts.lengths >= 5).all()
     assert (rollouts.lengths < 9).any()  # the boosted EOS still ends rows once allowed
+
+
+def test_finished_rows_leave_the_decode_batch(eos_prone, policy, samples):
+    """Each decode step runs only the rows still decoding: lm_head sees as many rows as there
+    are completions longer than the step (the prompts' prefill first)."""
+    _, processor = policy
+    seen = []
+    handle = eos_prone.lm_head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0]))
+    try:
+        rollouts = generate_rollouts(eos_prone, processor, samples, G, max_new_tokens=10, seed=6)
+    finally:
+        handle.remove()
+    lengths = rollouts.lengths
+    assert lengths.min() < lengths.max()  # rows did finish at different steps
+    decode_rows = [int((lengths > step).sum()) for step in range(1, int(lengths.max()))]
+    assert seen == [len(samples), *decode_rows]
