@@ -33,7 +33,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT, collate_prompts, select_rows
 from geovlm.data.schema import Sample
-from geovlm.prefix import completion_positions, continue_from, encode_prompts
+from geovlm.prefix import EncodedPrompts, completion_positions, continue_from, encode_prompts
+from geovlm.profiling import nvtx_range
 
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -272,16 +273,40 @@ def _sample_shared_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(completion_ids, completion_mask, logprobs)`` ``[P*G, L]`` from ``P`` prompts.
 
-    One prefill of the ``P`` prompts, their KV cache repeated ``G`` times, then one decode step
-    per token: sample (argmax when greedy) from the suppressed logits warped by temperature and
-    top-p, as HF generate does, and record the unwarped ``log_softmax(logits / temperature)`` at
-    the chosen token. A row that emits an EOS leaves the batch (its cache rows dropped), so the
-    decode steps cost what the unfinished rows cost; its remaining tokens are the pad token.
+    One prefill of the ``P`` prompts (NVTX ``rollout/prefill``), their KV cache repeated ``G``
+    times, then ``_decode`` (``rollout/decode``).
+    """
+    with nvtx_range("rollout/prefill"):
+        encoded = encode_prompts(model, prompts, output="last_logits")
+        logits = encoded.last.float().repeat_interleave(num_generations, dim=0)
+        encoded.cache.batch_repeat_interleave(num_generations)
+    with nvtx_range("rollout/decode"):
+        completion, logps = _decode(
+            model, encoded, logits, num_generations, config, temperature, eos_ids, synced_gpus
+        )
+    completion_mask = _completion_mask(completion, eos_ids)
+    return completion, completion_mask, logps * completion_mask
+
+
+def _decode(
+    model: PreTrainedModel,
+    encoded: EncodedPrompts,
+    logits: torch.Tensor,
+    num_generations: int,
+    config: GenerationConfig,
+    temperature: float,
+    eos_ids: list[int],
+    synced_gpus: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled tokens and their log-probs ``[R, steps]``, one decode step per token.
+
+    ``logits`` ``[R, V]`` predict the first token; ``encoded.cache`` holds the repeated prompts.
+    Each step samples (argmax when greedy) from the suppressed logits warped by temperature and
+    top-p, as HF generate does, and records the unwarped ``log_softmax(logits / temperature)``
+    at the chosen token. A row that emits an EOS leaves the batch (its cache rows dropped), so
+    the steps cost what the unfinished rows cost; its remaining tokens are the pad token.
     Honours ``config.min_new_tokens`` (no EOS before it) like HF's min-length processor.
     """
-    encoded = encode_prompts(model, prompts, output="last_logits")
-    logits = encoded.last.float().repeat_interleave(num_generations, dim=0)
-    encoded.cache.batch_repeat_interleave(num_generations)
     mask = encoded.attention_mask.repeat_interleave(num_generations, dim=0)
     first_position = completion_positions(encoded.positions, 1).repeat_interleave(
         num_generations, dim=0
@@ -323,9 +348,7 @@ def _sample_shared_prompts(
         logits = continue_from(
             model, encoded, token[:, None], mask, first_position + step, "last_logits"
         )[:, -1].float()
-    completion, logps = completion[:, :steps], logps[:, :steps]
-    completion_mask = _completion_mask(completion, eos_ids)
-    return completion, completion_mask, logps * completion_mask
+    return completion[:, :steps], logps[:, :steps]
 
 
 def _pad_right(tensors: list[torch.Tensor], width: int, fill: float) -> torch.Tensor:

@@ -62,6 +62,11 @@ def test_profile_flag_writes_traces_naming_every_phase(tmp_path):
         and rollout[1] <= float(e["ts"]) <= rollout[2]
     ]
     assert inside, "no aten::linear recorded inside grpo/rollout"
+    # Its two parts: the prompts' prefill, then the decode steps.
+    events = annotations(profile_dir / "trace_grpo.json")
+    nested = [e for e in events if e[0].startswith("rollout/")]
+    assert [name for name, _, _ in nested] == ["rollout/prefill", "rollout/decode"]
+    assert all(rollout[1] <= start and end <= rollout[2] for _, start, end in nested)
 
 
 def test_step_profiler_records_the_steps_after_warm_up(tmp_path):
