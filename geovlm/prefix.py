@@ -41,15 +41,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-_ROPE_ARGUMENTS = (
-    "image_grid_thw",
-    "video_grid_thw",
-    "second_per_grid_ts",
-    "attention_mask",
-    "mm_token_type_ids",
-)
-
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a DDP / DeepSpeed wrapper (itself when not wrapped)."""
@@ -71,21 +62,17 @@ def _cache_argument_of(model_class: type) -> str:
 def rope_positions(model: torch.nn.Module, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[3, P, Lp]`` mRoPE positions of a left-padded prompt batch, as a full forward gives them.
 
-    With images: the model's ``get_rope_index`` (padding gets 0; it is masked). Text only: the
-    model then numbers positions ``0 .. Lp-1`` including the padding, and so does this.
+    With images: the model's ``get_rope_index`` (``geovlm.data.packing.mrope_positions``; padding
+    gets 0, it is masked). Text only: the model then numbers positions ``0 .. Lp-1`` including
+    the padding, and so does this.
     """
     ids = prompt["input_ids"]
     if prompt.get("image_grid_thw") is None and prompt.get("video_grid_thw") is None:
         positions = torch.arange(ids.shape[1], device=ids.device)
         return positions.view(1, 1, -1).expand(3, ids.shape[0], -1)
-    core = unwrap(model)
-    rope_index = getattr(getattr(core, "model", core), "get_rope_index", None)
-    if rope_index is None:
-        raise TypeError(f"{type(core).__name__} has no get_rope_index: not a Qwen2-VL model")
-    accepted = inspect.signature(rope_index).parameters
-    kwargs = {k: prompt[k] for k in _ROPE_ARGUMENTS if k in accepted and prompt.get(k) is not None}
-    positions, _ = rope_index(ids, **kwargs)
-    return positions
+    from geovlm.data.packing import mrope_positions
+
+    return mrope_positions(model, prompt)
 
 
 def completion_positions(prompt_positions: torch.Tensor, length: int) -> torch.Tensor:
