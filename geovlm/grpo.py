@@ -101,11 +101,15 @@ def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device)
 def shared_prompt_outputs(model, batch: PolicyBatch, logits: bool) -> torch.Tensor:
     """``[R, Lc, V]`` logits (or ``[R, Lc, H]`` hidden states) predicting each completion
     token, each prompt run once."""
-    from geovlm.prefix import completion_hidden, completion_logits
+    from geovlm.prefix import completion_outputs
 
-    run = completion_logits if logits else completion_hidden
-    return run(
-        model, batch.prompts, batch.completion_ids, batch.completion_mask, batch.num_generations
+    return completion_outputs(
+        model,
+        batch.prompts,
+        batch.completion_ids,
+        batch.completion_mask,
+        batch.num_generations,
+        "logits" if logits else "hidden",
     )
 
 

@@ -23,8 +23,10 @@ which is what ``get_rope_index`` assigns to text after the prompt.
 Shapes: ``prompt`` is a left-padded prompt batch of ``P`` rows (``input_ids`` ``[P, Lp]``,
 ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``);
 ``completion_ids`` / ``completion_mask`` are ``[R, Lc]`` with rows ``i*G .. i*G+G-1`` the group
-of prompt ``i``. ``completion_hidden`` returns ``[R, Lc, H]``: the final-norm hidden states that
-predict each completion token (``@ lm_head.weight.T`` gives its logits).
+of prompt ``i``. ``completion_outputs`` returns ``[R, Lc, H]``: the final-norm hidden states
+that predict each completion token (``@ lm_head.weight.T`` gives its logits), or those logits
+``[R, Lc, V]``. ``encode_prompts`` / ``continue_from`` are the two passes the rollout's decode
+loop uses too.
 """
 
 from __future__ import annotations
@@ -242,48 +244,22 @@ def continue_from(
     )
 
 
-def completion_hidden(
+def completion_outputs(
     model: torch.nn.Module,
     prompt: dict[str, torch.Tensor],
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     num_generations: int,
+    output: Literal["hidden", "logits"] = "hidden",
 ) -> torch.Tensor:
-    """``[R, Lc, H]`` hidden states predicting each completion token, prompts run once.
+    """What predicts each completion token, prompts run once: ``[R, Lc, H]`` hidden states or
+    ``[R, Lc, V]`` logits.
 
     Equal (up to float rounding) to ``forward_hidden(model, prompt + completion)[:, Lp-1:-1]``
-    on the prompts repeated ``num_generations`` times, with or without activation checkpointing.
+    (or the logits there) on the prompts repeated ``num_generations`` times, with or without
+    activation checkpointing. Logits are computed inside the model's forward, so they also work
+    where ``lm_head`` is sharded (FSDP2 / ZeRO-3).
     """
-    return _completion_outputs(
-        model, prompt, completion_ids, completion_mask, num_generations, "hidden"
-    )
-
-
-def completion_logits(
-    model: torch.nn.Module,
-    prompt: dict[str, torch.Tensor],
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    num_generations: int,
-) -> torch.Tensor:
-    """``[R, Lc, V]`` logits predicting each completion token, prompts run once.
-
-    ``completion_hidden`` through ``lm_head``, computed inside the model's forward (so it also
-    works where ``lm_head`` is sharded, under FSDP2 / ZeRO-3).
-    """
-    return _completion_outputs(
-        model, prompt, completion_ids, completion_mask, num_generations, "logits"
-    )
-
-
-def _completion_outputs(
-    model: torch.nn.Module,
-    prompt: dict[str, torch.Tensor],
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    num_generations: int,
-    output: Literal["hidden", "logits"],
-) -> torch.Tensor:
     rows, length = completion_ids.shape
     n_prompts = prompt["input_ids"].shape[0]
     if rows != n_prompts * num_generations:

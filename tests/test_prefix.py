@@ -14,7 +14,7 @@ import torch
 from geovlm.data.collate import collate_prompts, select_rows
 from geovlm.data.schema import Sample, Target
 from geovlm.model import forward_hidden
-from geovlm.prefix import completion_hidden, rope_positions
+from geovlm.prefix import completion_outputs, rope_positions
 from tests.test_model import make_sample, tiny_policy
 
 
@@ -63,7 +63,7 @@ def _check(model, prompts, groups, length, seed):
     ids, mask = _completions(rng, model, len(prompts["input_ids"]) * groups, length)
     model.train()
     expected = _full(model, prompts, ids, mask, groups)
-    shared = completion_hidden(model, prompts, ids, mask, groups)
+    shared = completion_outputs(model, prompts, ids, mask, groups)
     assert shared.shape == expected.shape
     keep = mask.bool()
     torch.testing.assert_close(shared[keep], expected[keep], rtol=0, atol=1e-10)
@@ -123,7 +123,7 @@ def test_row_count_mismatch_is_a_clear_error(policy):
     prompts = collate_prompts([_text_only(1)], processor)
     ids = torch.full((3, 4), 20)
     with pytest.raises(ValueError, match="3 completion rows for 1 prompts x 2 generations"):
-        completion_hidden(model, prompts, ids, torch.ones_like(ids), 2)
+        completion_outputs(model, prompts, ids, torch.ones_like(ids), 2)
 
 
 def test_activation_checkpointing_gives_the_same_gradients(policy):
@@ -145,7 +145,7 @@ def test_activation_checkpointing_gives_the_same_gradients(policy):
     enable_checkpointing(model)
     try:
         assert is_checkpointing(model)
-        shared = completion_hidden(model, prompts, ids, mask, 3)
+        shared = completion_outputs(model, prompts, ids, mask, 3)
         got = torch.autograd.grad((shared * weights)[keep].sum(), params, allow_unused=True)
     finally:
         disable_checkpointing(model)
@@ -184,7 +184,7 @@ def test_cuda_bf16_shared_prompt_equals_the_full_forward(attn):
     keep = mask.bool()
     want = torch.autograd.grad((expected.float() * weights)[keep].sum(), params)
     enable_checkpointing(model)
-    shared = completion_hidden(model, prompts, ids, mask, 4)
+    shared = completion_outputs(model, prompts, ids, mask, 4)
     got = torch.autograd.grad((shared.float() * weights)[keep].sum(), params)
     error = (shared - expected).float()[keep].norm() / expected.float()[keep].norm()
     assert float(error) < 2e-2
@@ -226,6 +226,6 @@ def test_a_transformers_that_drops_the_cache_is_refused(policy, monkeypatch):
     enable_checkpointing(model)
     try:
         with pytest.raises(RuntimeError, match="prompt_sharing=false"):
-            completion_hidden(model, prompts, ids, torch.ones_like(ids), 2)
+            completion_outputs(model, prompts, ids, torch.ones_like(ids), 2)
     finally:
         disable_checkpointing(model)
