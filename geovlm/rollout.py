@@ -252,13 +252,13 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
-def _all_done(done: torch.Tensor, synced_gpus: bool) -> bool:
-    """Whether every row is finished, on every rank when ranks must step together."""
+def _all_done(live_rows: int, synced_gpus: bool) -> bool:
+    """Whether no row is still decoding, on every rank when ranks must step together."""
     if not synced_gpus:
-        return bool(done.all())
+        return live_rows == 0
     from geovlm.distributed import all_reduce_sum
 
-    return all_reduce_sum(int(not bool(done.all()))) == 0
+    return all_reduce_sum(live_rows) == 0
 
 
 @torch.no_grad()
@@ -333,13 +333,15 @@ def _decode(
         else:
             token = logits.argmax(dim=-1)
         logp = torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None])[:, 0]
-        completion[active[live], step] = token[live]
-        logps[active[live], step] = logp[live]
+        # Indexed by ``active`` (no boolean mask): no host sync on a GPU.
+        completion[active, step] = torch.where(live, token, completion[active, step])
+        logps[active, step] = torch.where(live, logp, 0.0)
         live &= ~torch.isin(token, eos)
         steps = step + 1
-        if steps == width or _all_done(~live, synced_gpus):
+        n_live = int(live.sum())  # the step's one host sync
+        if steps == width or _all_done(n_live, synced_gpus):
             break
-        if live.any() and not live.all():
+        if 0 < n_live < live.shape[0]:
             keep = live.nonzero().squeeze(1)
             encoded.cache.batch_select_indices(keep)
             mask, first_position, active = mask[keep], first_position[keep], active[keep]
