@@ -83,7 +83,9 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        unwrapped = getattr(model, "module", model)
+        from geovlm.model import unwrap
+
+        unwrapped = unwrap(model)
         unwrapped.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)

@@ -348,7 +348,9 @@ def evaluate(
     todo = [s for s in mine if s.id not in done]
     out_file = None if path is None else (rank_file(path, rank) if dist else path)
     # A DDP-wrapped policy generates through its module (every rank holds full weights).
-    model = getattr(model, "module", model)
+    from geovlm.model import unwrap
+
+    model = unwrap(model)
     generate = generate_fn or greedy_generator(model, processor, max_new_tokens)
 
     was_training = getattr(model, "training", False)

@@ -350,43 +350,63 @@ def save_pretrained(model: PreTrainedModel, processor, directory: str | Path) ->
     return directory
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a DDP / DeepSpeed wrapper (itself when not wrapped; FSDP2 shards in
+    place)."""
+    return getattr(model, "module", model)
+
+
 def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
     """The ``[V, H]`` output-projection weight (tied to the embeddings when the config ties)."""
-    return getattr(model, "module", model).get_output_embeddings().weight
+    return unwrap(model).get_output_embeddings().weight
 
 
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key: value for key, value in batch.items() if key != "labels"}
+def needs_root_forward(model: torch.nn.Module) -> bool:
+    """Whether a forward must enter through the model's own ``forward``: a DDP / DeepSpeed
+    wrapper synchronises gradients (and ZeRO-3 gathers weights) there, and FSDP2 gathers the
+    root's weights (embeddings, final norm, ``lm_head``) only in the root module's forward."""
+    if hasattr(model, "module"):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
 
 
-def forward_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _model_inputs(batch: dict[str, torch.Tensor], extra: dict) -> dict[str, torch.Tensor]:
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    return {"use_cache": False, **inputs, **extra}
+
+
+def forward_hidden(model: PreTrainedModel, batch: dict[str, torch.Tensor], **extra) -> torch.Tensor:
     """Final hidden states ``[B, T, H]``: the policy forward up to, not including, ``lm_head``.
 
     ``hidden @ lm_head_weight(model).T`` are the logits. Works under gradient checkpointing
-    (the decoder layers checkpoint themselves) and ignores a ``labels`` entry.
+    (the decoder layers checkpoint themselves) and ignores a ``labels`` entry; ``extra``
+    arguments (a cache, position ids, ``use_cache``) go to the forward.
 
-    A data-parallel wrapper (DDP, DeepSpeed) must see the forward to synchronise gradients, so
-    a wrapped model runs its full forward with ``logits_to_keep=1`` (one position of logits)
-    and returns the last entry of ``hidden_states``, the same final-norm output.
+    Where ``needs_root_forward``, the model runs its full forward with ``logits_to_keep=1`` (one
+    position of logits) and the last entry of ``hidden_states``, the same final-norm output, is
+    returned; otherwise the model body alone runs.
     """
-    if hasattr(model, "module"):
-        outputs = model(
-            **_model_inputs(batch), use_cache=False, output_hidden_states=True,
-            logits_to_keep=1, return_dict=True,
-        )
+    inputs = _model_inputs(batch, extra)
+    if needs_root_forward(model):
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1, return_dict=True)
         return outputs.hidden_states[-1]
-    outputs = model.base_model(**_model_inputs(batch), use_cache=False, return_dict=True)
-    return outputs.last_hidden_state
+    return model.base_model(**inputs, return_dict=True).last_hidden_state
 
 
 def forward_logits(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor], logits_to_keep: int = 0
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    logits_to_keep: int | torch.Tensor = 0,
+    **extra,
 ) -> torch.Tensor:
-    """Logits ``[B, T, V]`` (``[B, logits_to_keep, V]`` for the last positions when > 0)."""
-    outputs = model(
-        **_model_inputs(batch), use_cache=False, logits_to_keep=logits_to_keep, return_dict=True
-    )
-    return outputs.logits
+    """Logits ``[B, T, V]``: ``[B, logits_to_keep, V]`` for the last positions when an int > 0,
+    ``[B, K, V]`` at the positions of a 1-D index tensor. ``extra`` as for ``forward_hidden``."""
+    inputs = _model_inputs(batch, extra)
+    return model(**inputs, logits_to_keep=logits_to_keep, return_dict=True).logits
 
 
 def apply_kernel_patches(model: PreTrainedModel, liger: bool = True) -> bool:

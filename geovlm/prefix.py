@@ -43,10 +43,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside a DDP / DeepSpeed wrapper (itself when not wrapped)."""
-    return getattr(model, "module", model)
+from geovlm.data.packing import mrope_positions
+from geovlm.model import forward_hidden, forward_logits, unwrap
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -72,8 +70,6 @@ def rope_positions(model: torch.nn.Module, prompt: dict[str, torch.Tensor]) -> t
     if prompt.get("image_grid_thw") is None and prompt.get("video_grid_thw") is None:
         positions = torch.arange(ids.shape[1], device=ids.device)
         return positions.view(1, 1, -1).expand(3, ids.shape[0], -1)
-    from geovlm.data.packing import mrope_positions
-
     return mrope_positions(model, prompt)
 
 
@@ -90,34 +86,17 @@ def _as_3d(positions: torch.Tensor) -> torch.Tensor:
 Output = Literal["hidden", "logits", "last_logits"]
 
 
-def _needs_root_forward(model: torch.nn.Module) -> bool:
-    """Whether every pass must enter through the model's own forward: a DDP / DeepSpeed wrapper
-    synchronises gradients (and ZeRO-3 gathers weights) there, and FSDP2 gathers the root's
-    weights (embeddings, final norm, ``lm_head``) only in the root module's forward."""
-    if hasattr(model, "module"):
-        return True
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
-
-
-def _run(model: torch.nn.Module, output: Output, **inputs) -> torch.Tensor:
-    """One forward pass; ``output`` picks what comes back.
+def _run(model: torch.nn.Module, output: Output, inputs: dict, cache: Cache) -> torch.Tensor:
+    """One forward pass with ``cache``; ``output`` picks what comes back.
 
     ``"hidden"``: final-norm hidden states ``[B, T, H]`` (the input of ``lm_head``);
     ``"logits"``: ``[B, T, V]``; ``"last_logits"``: ``[B, 1, V]`` of the last position only.
-    Through the root forward when ``_needs_root_forward`` (hidden states then come from
-    ``output_hidden_states`` with a single position of logits), else the model body alone.
+    ``geovlm.model``'s forwards, so wrappers and FSDP2 see the pass as any other.
     """
-    if output != "hidden":
-        keep = 1 if output == "last_logits" else 0
-        return model(**inputs, logits_to_keep=keep, return_dict=True).logits
-    if _needs_root_forward(model):
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, return_dict=True)
-        return out.hidden_states[-1]
-    return model.base_model(**inputs, return_dict=True).last_hidden_state
+    extra = {"use_cache": True, _cache_argument(model): cache}
+    if output == "hidden":
+        return forward_hidden(model, inputs, **extra)
+    return forward_logits(model, inputs, 1 if output == "last_logits" else 0, **extra)
 
 
 class _PromptLayer(DynamicLayer):
@@ -208,15 +187,7 @@ def encode_prompts(
     positions = rope_positions(model, prompt)
     if cache is None:
         cache = DynamicCache(config=unwrap(model).config.get_text_config())
-    inputs = {k: v for k, v in prompt.items() if k != "labels"}
-    out = _run(
-        model,
-        output,
-        **inputs,
-        position_ids=positions,
-        use_cache=True,
-        **{_cache_argument(model): cache},
-    )
+    out = _run(model, output, {**prompt, "position_ids": positions}, cache)
     return EncodedPrompts(out[:, -1], cache, prompt["attention_mask"], positions)
 
 
@@ -233,15 +204,12 @@ def continue_from(
     ``attention_mask`` ``[R, cached + T]`` covers the cache and the new tokens; ``positions``
     ``[R, T]`` are the new tokens' text positions. A decoding cache grows by the new tokens.
     """
-    return _run(
-        model,
-        output,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=_as_3d(positions),
-        use_cache=True,
-        **{_cache_argument(model): encoded.cache},
-    )
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": _as_3d(positions),
+    }
+    return _run(model, output, inputs, encoded.cache)
 
 
 def completion_outputs(

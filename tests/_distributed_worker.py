@@ -62,7 +62,7 @@ def _pad_right(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
 def seeded_rollouts(original: Callable) -> Callable:
     """``generate_rollouts`` with each prompt's group drawn from its own seeded generator."""
     from geovlm.data.collate import collate_prompts, select_rows
-    from geovlm.prefix import unwrap
+    from geovlm.model import unwrap
     from geovlm.rollout import Rollouts, _special_ids
 
     def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):

@@ -41,6 +41,7 @@ import torch
 from transformers import masking_utils
 
 from geovlm.data.collate import IGNORE_INDEX, VISION_KEYS, images_per_row
+from geovlm.model import unwrap
 
 PACKABLE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 PACKABLE_ATTENTION = ("eager", "sdpa", "flash_attention_2")
@@ -48,20 +49,15 @@ PACKABLE_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 _DROPPED_KEYS = ("attention_mask",)
 
 
-def _unwrap(model):
-    """The Hugging Face model inside a DDP / DeepSpeed wrapper (FSDP2 shards in place)."""
-    return getattr(model, "module", model)
-
-
 def attention_implementation(model) -> str:
     """The text model's attention backend (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``)."""
-    config = _unwrap(model).config
+    config = unwrap(model).config
     return str(config.get_text_config()._attn_implementation)
 
 
 def packing_unsupported(model) -> str | None:
     """Why ``model`` cannot train on packed sequences, or None when it can."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     model_type = getattr(inner.config, "model_type", None)
     if model_type not in PACKABLE_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {PACKABLE_MODEL_TYPES}"
@@ -135,7 +131,7 @@ def mrope_positions(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
     Calls the model's own ``get_rope_index`` with the arguments its signature takes.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     rope_index = getattr(inner, "model", inner).get_rope_index
     params = inspect.signature(rope_index).parameters
     positions, _ = rope_index(batch["input_ids"], **_rope_index_inputs(inner, batch, params))
@@ -234,5 +230,5 @@ def pack_for_model(
     if attention_implementation(model) == "flash_attention_2":
         capacity = max(capacity, sum(lengths))
     plan = plan_rows(lengths, capacity)
-    image_token_id = int(_unwrap(model).config.image_token_id)
+    image_token_id = int(unwrap(model).config.image_token_id)
     return pack_batch(batch, mrope_positions(model, batch), plan, pad_id, image_token_id)
