@@ -22,7 +22,9 @@ through the model's own forward there, see ``geovlm.prefix``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -47,32 +49,55 @@ from geovlm.loop import (
 )
 from geovlm.profiling import StepProfiler, nvtx_range
 
+if TYPE_CHECKING:
+    from geovlm.rollout import Rollouts
+
 
 @dataclass
 class PolicyBatch:
-    """Tensors of one optimisation batch; rows are completions, groups contiguous.
+    """One optimisation batch: the rollouts (rows are completions, groups contiguous), their
+    advantages and the log-probs the loss compares against.
 
     Attributes:
-        inputs: model inputs of prompt + completion (input_ids/attention_mask ``[R, P+Lc]``,
-            pixel_values, image_grid_thw).
-        prompts: the ``R / G`` distinct prompts (``[R / G, P]`` tensors and their images), for
-            the shared-prompt passes.
-        num_generations: ``G``.
-        prompt_length: ``P``, the (left-padded) prompt length.
-        completion_ids / completion_mask: ``[R, Lc]``.
+        rollouts: the ``Rollouts``; its tensors are used in place, nothing is copied.
         advantages: ``[R]`` float32.
         old_logps / ref_logps: ``[R, Lc]`` float32 or None.
     """
 
-    inputs: dict
-    prompts: dict
-    num_generations: int
-    prompt_length: int
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
+    rollouts: Rollouts
     advantages: torch.Tensor
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        """``[R, Lc]``."""
+        return self.rollouts.completion_ids
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        """``[R, Lc]``."""
+        return self.rollouts.completion_mask
+
+    @property
+    def prompts(self) -> dict:
+        """The ``R / G`` distinct prompts (``[R / G, P]`` tensors and their images)."""
+        return self.rollouts.unique_prompt
+
+    @property
+    def num_generations(self) -> int:
+        return self.rollouts.num_generations
+
+    @property
+    def prompt_length(self) -> int:
+        """``P``, the (left-padded) prompt length."""
+        return self.rollouts.prompt_length
+
+    @functools.cached_property
+    def inputs(self) -> dict:
+        """Prompt + completion per row (``[R, P + Lc]``, each row's images): the full forward's
+        input, built once and only when a pass runs without prompt sharing."""
+        return self.rollouts.model_inputs()
 
 
 def shares_prompts(ctx: StageContext) -> bool:
@@ -81,36 +106,34 @@ def shares_prompts(ctx: StageContext) -> bool:
 
 
 def build_policy_batch(rollouts, advantages: torch.Tensor, device: torch.device) -> PolicyBatch:
-    """Prompt + completion of every rollout row as one teacher-forced input, plus the distinct
-    prompts for the shared-prompt passes."""
-
-    def to_device(batch: dict) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    return PolicyBatch(
-        inputs=to_device(rollouts.model_inputs()),
-        prompts=to_device(rollouts.unique_prompt),
-        num_generations=rollouts.num_generations,
-        prompt_length=rollouts.prompt_length,
-        completion_ids=rollouts.completion_ids.to(device),
-        completion_mask=rollouts.completion_mask.to(device),
-        advantages=advantages.to(device=device, dtype=torch.float32),
-    )
+    """The rollouts (already on the model's device) with their advantages on ``device``."""
+    return PolicyBatch(rollouts, advantages.to(device=device, dtype=torch.float32))
 
 
-def shared_prompt_outputs(model, batch: PolicyBatch, logits: bool) -> torch.Tensor:
-    """``[R, Lc, V]`` logits (or ``[R, Lc, H]`` hidden states) predicting each completion
-    token, each prompt run once."""
-    from geovlm.prefix import completion_outputs
+def completion_outputs(
+    model, batch: PolicyBatch, share_prompt: bool, output: Literal["hidden", "logits"]
+) -> torch.Tensor:
+    """``[R, Lc, V]`` logits (or ``[R, Lc, H]`` hidden states) predicting each completion token:
+    each prompt run once (``geovlm.prefix``), or prompt + completion per row."""
+    from geovlm.model import forward_hidden, forward_logits
+    from geovlm.prefix import completion_outputs as shared_outputs
 
-    return completion_outputs(
-        model,
-        batch.prompts,
-        batch.completion_ids,
-        batch.completion_mask,
-        batch.num_generations,
-        "logits" if logits else "hidden",
-    )
+    if share_prompt:
+        return shared_outputs(
+            model,
+            batch.prompts,
+            batch.completion_ids,
+            batch.completion_mask,
+            batch.num_generations,
+            output,
+        )
+    length = batch.completion_ids.shape[1]
+    if output == "hidden":
+        start = batch.prompt_length - 1
+        return forward_hidden(model, batch.inputs)[:, start : start + length]
+    # Only positions P-1 .. P+L-1 are needed: keep the last L+1 (the prompt's logits would be
+    # [R, P, V] of waste, 151,936 wide on a real Qwen).
+    return forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
 
 
 def completion_logps(
@@ -118,16 +141,9 @@ def completion_logps(
 ) -> torch.Tensor:
     """Per-token log-probs ``[R, Lc]`` (fp32, no grad) of the completions under ``model``."""
     from geovlm.kernels import selective_log_softmax
-    from geovlm.model import forward_logits
 
-    length = batch.completion_ids.shape[1]
     with torch.no_grad():
-        if share_prompt:
-            logits = shared_prompt_outputs(model, batch, logits=True)
-        else:
-            # Only positions P-1 .. P+L-1 are needed: keep the last L+1 (the prompt's logits
-            # would be [R, P, V] of waste, 151,936 wide on a real Qwen).
-            logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
+        logits = completion_outputs(model, batch, share_prompt, "logits")
         return selective_log_softmax(logits, batch.completion_ids, temperature).float()
 
 
@@ -140,28 +156,20 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
     """
     from geovlm.kernels import fused_log_probs
     from geovlm.kernels.reference import grpo_loss_from_logps
-    from geovlm.model import forward_hidden, forward_logits, lm_head_weight
+    from geovlm.model import lm_head_weight
 
     stage = ctx.stage
-    start = batch.prompt_length - 1
-    length = batch.completion_ids.shape[1]
     shared = shares_prompts(ctx)
     if ctx.uses_fused_linear:
         from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
 
-        if shared:
-            hidden = shared_prompt_outputs(model, batch, logits=False)
-        else:
-            hidden = forward_hidden(model, batch.inputs)[:, start : start + length]
+        hidden = completion_outputs(model, batch, shared, "hidden")
         ids = batch.completion_ids * batch.completion_mask.to(batch.completion_ids.dtype)
         logps = linear_selective_log_softmax(
             hidden, lm_head_weight(model), ids, temperature=stage.temperature
         )
     else:
-        if shared:
-            logits = shared_prompt_outputs(model, batch, logits=True)
-        else:
-            logits = forward_logits(model, batch.inputs, logits_to_keep=length + 1)[:, :length]
+        logits = completion_outputs(model, batch, shared, "logits")
         logps, _ = fused_log_probs(
             logits, batch.completion_ids, batch.completion_mask, stage.temperature
         )

@@ -25,6 +25,7 @@ first EOS; ``logprobs`` ``[N, Lc]`` fp32 (0 where masked); ``sample_index`` ``[N
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,9 +45,10 @@ class Rollouts:
     """Completions of a batch of prompts, G per prompt, groups contiguous.
 
     Attributes:
-        prompt: the model-ready prompt batch repeated G times (``[N, P]`` sequence tensors,
-            ``pixel_values`` / ``image_grid_thw`` of every row's images), left-padded.
-        unique_prompt: the same prompts once each (``[N / G, P]``), row ``i`` for sample ``i``.
+        unique_prompt: the model-ready prompts, left-padded, once each (``[N / G, P]`` sequence
+            tensors, ``pixel_values`` / ``image_grid_thw`` of their images); row ``i`` is sample
+            ``i``. ``prompt`` repeats them G times, built only when asked for.
+        image_token_id: the model's image placeholder id (to gather a row's images).
         completion_ids: ``[N, Lc]`` sampled tokens, right-padded with the pad id.
         completion_mask: ``[N, Lc]`` int64, 1 on the tokens up to and including the first EOS.
         logprobs: ``[N, Lc]`` fp32 sampling log-probs at ``temperature``; 0 where masked.
@@ -57,8 +59,8 @@ class Rollouts:
         temperature: the temperature the log-probs are taken at.
     """
 
-    prompt: dict[str, torch.Tensor]
     unique_prompt: dict[str, torch.Tensor]
+    image_token_id: int
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     logprobs: torch.Tensor
@@ -68,10 +70,16 @@ class Rollouts:
     num_generations: int
     temperature: float
 
+    @functools.cached_property
+    def prompt(self) -> dict[str, torch.Tensor]:
+        """The prompts repeated G times (``[N, P]``, each row's images): row ``r`` is sample
+        ``sample_index[r]``'s prompt. Only the full (unshared) forward passes need it."""
+        return select_rows(self.unique_prompt, self.sample_index, self.image_token_id)
+
     @property
     def prompt_length(self) -> int:
         """P: completion token ``j`` sits at position ``P + j`` of ``model_inputs()``."""
-        return self.prompt["input_ids"].shape[1]
+        return self.unique_prompt["input_ids"].shape[1]
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -395,11 +403,7 @@ def generate_rollouts(
 
     prompts = collate_prompts(samples, processor, system_prompt)
     unique = {key: value.to(device) for key, value in prompts.items()}
-    sample_index = torch.arange(len(samples)).repeat_interleave(num_generations)
-    batch = {
-        key: value.to(device)
-        for key, value in select_rows(prompts, sample_index, image_token_id).items()
-    }
+    sample_index = torch.arange(len(samples), device=device).repeat_interleave(num_generations)
     n_rows = sample_index.numel()
     chunk = n_rows if batch_size is None else int(batch_size)
     if chunk < 1:
@@ -434,8 +438,8 @@ def generate_rollouts(
                     )
             else:
                 for start in range(0, n_rows, chunk):
-                    rows = torch.arange(start, min(start + chunk, n_rows), device=device)
-                    inputs = select_rows(batch, rows, image_token_id)
+                    rows = sample_index[start : start + chunk]
+                    inputs = select_rows(unique, rows, image_token_id)
                     pieces.append(
                         _generate_chunk(model, inputs, config, temperature, eos, synced_gpus)
                     )
@@ -456,13 +460,13 @@ def generate_rollouts(
         for row, keep in zip(completion_ids.cpu(), content_mask, strict=True)
     ]
     return Rollouts(
-        prompt=batch,
         unique_prompt=unique,
+        image_token_id=int(image_token_id),
         completion_ids=completion_ids,
         completion_mask=mask,
         logprobs=logps,
         texts=texts,
-        sample_index=sample_index.to(device),
+        sample_index=sample_index,
         finished=finished,
         num_generations=num_generations,
         temperature=float(temperature),

@@ -61,7 +61,7 @@ def _pad_right(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
 
 def seeded_rollouts(original: Callable) -> Callable:
     """``generate_rollouts`` with each prompt's group drawn from its own seeded generator."""
-    from geovlm.data.collate import collate_prompts, select_rows
+    from geovlm.data.collate import collate_prompts
     from geovlm.model import unwrap
     from geovlm.rollout import Rollouts, _special_ids
 
@@ -98,10 +98,9 @@ def seeded_rollouts(original: Callable) -> Callable:
         device = pieces[0].completion_ids.device
         index = torch.arange(len(samples)).repeat_interleave(num_generations)
         unique = collate_prompts(samples, processor)
-        prompt = select_rows(unique, index, model.config.image_token_id)
         return Rollouts(
-            prompt={k: v.to(device) for k, v in prompt.items()},
             unique_prompt={k: v.to(device) for k, v in unique.items()},
+            image_token_id=int(model.config.image_token_id),
             completion_ids=_pad_right([p.completion_ids for p in pieces], pad),
             completion_mask=_pad_right([p.completion_mask for p in pieces], 0),
             logprobs=_pad_right([p.logprobs for p in pieces], 0.0),
