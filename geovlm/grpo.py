@@ -45,6 +45,7 @@ from geovlm.loop import (
     checkpoint_stage,
     resume_if_possible,
     seed_everything,
+    step_progress,
     step_seed,
 )
 from geovlm.profiling import StepProfiler, nvtx_range
@@ -295,8 +296,6 @@ def run_grpo(
 
     Returns the engine holding the trained (possibly wrapped or sharded) model.
     """
-    from tqdm.auto import tqdm
-
     from geovlm.rollout import generate_rollouts
 
     stage = ctx.stage
@@ -321,14 +320,7 @@ def run_grpo(
     per_rank = stage.batch_size // ctx.world_size
     options = reward_options(ctx, processor)
     profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
-    bar = tqdm(
-        range(start, stage.steps),
-        initial=start,
-        total=stage.steps,
-        desc=f"[{ctx.index}] {stage.name}",
-        disable=not ctx.is_main,
-        dynamic_ncols=True,
-    )
+    bar = step_progress(ctx, start)
     for step in bar:
         profiler.step()
         seed_everything(step_seed(ctx.config.seed, ctx.index, step))

@@ -59,6 +59,20 @@ class StageContext:
         return setting == "on" or (setting == "auto" and self.device.type == "cuda")
 
 
+def step_progress(ctx: StageContext, start: int):
+    """The stage's steps ``start .. steps-1`` as a progress bar (rank 0 only draws it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        range(start, ctx.stage.steps),
+        initial=start,
+        total=ctx.stage.steps,
+        desc=f"[{ctx.index}] {ctx.stage.name}",
+        disable=not ctx.is_main,
+        dynamic_ncols=True,
+    )
+
+
 def step_seed(seed: int, stage_index: int, step: int) -> int:
     """A distinct, reproducible seed for every (stage, step)."""
     return (seed * 1_000_003 + stage_index * 10_007 + step) % (2**31 - 1)

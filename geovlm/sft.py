@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from geovlm.config import StageConfig
 from geovlm.data.collate import collate_sft, pad_token_id
@@ -44,6 +43,7 @@ from geovlm.loop import (
     checkpoint_stage,
     resume_if_possible,
     seed_everything,
+    step_progress,
     step_seed,
 )
 from geovlm.model import forward_hidden, forward_logits, lm_head_weight
@@ -150,14 +150,7 @@ def run_sft(
             f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of "
             f"the world size {ctx.world_size}"
         )
-    bar = tqdm(
-        range(start, stage.steps),
-        initial=start,
-        total=stage.steps,
-        desc=f"[{ctx.index}] {stage.name}",
-        disable=not ctx.is_main,
-        dynamic_ncols=True,
-    )
+    bar = step_progress(ctx, start)
     profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
     for step in bar:
         profiler.step()
