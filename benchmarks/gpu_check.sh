@@ -28,8 +28,8 @@ unset TRITON_INTERPRET
   python3 -c "import liger_kernel, importlib.metadata as m; print('liger', m.version('liger-kernel'))" 2>&1
 } > "$OUT/env.txt" 2>&1
 
-timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/kernels tests/test_prefix.py \
-  tests/data/test_packing.py > "$OUT/cuda_tests.log" 2>&1
+timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_kernels tests/test_prefix.py \
+  tests/test_data/test_packing.py > "$OUT/cuda_tests.log" 2>&1
 tests_rc=$?
 
 bench() {  # bench NAME: run benchmarks/NAME.py, log and CSV under $OUT

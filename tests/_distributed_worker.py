@@ -1,11 +1,12 @@
 """Runs of ``geovlm.train`` under torchrun for tests/test_distributed.py, and the probes both the
 torchrun worker and the single-process baseline install.
 
-Launched as ``python -m torch.distributed.run --nproc_per_node N tests/_distributed_worker.py
-SPEC.json``, SPEC being ``{"collectives": OUT.json, "runs": [{"argv": [...], "crash_after": k}]}``
-(``crash_after`` optional). ``check_collectives`` first reduces known per-rank values into
-OUT.json; then every run is ``geovlm.train.main(argv)`` (the code path of ``python -m
-geovlm.train``), all in one process group so that the interpreter and the process group start
+Launched as ``python -m torch.distributed.run --nproc_per_node N --module tests._distributed_worker
+SPEC.json``: as a module, so that ``tests/`` never lands on ``sys.path`` (where a test folder could
+shadow an installed package). SPEC is ``{"collectives": OUT.json, "runs": [{"argv": [...],
+"crash_after": k}]}`` (``crash_after`` optional). ``check_collectives`` first reduces known per-
+rank values into OUT.json; then every run is ``geovlm.train.main(argv)`` (the code path of ``python
+-m geovlm.train``), all in one process group so that the interpreter and the process group start
 once. A run with ``crash_after=k`` raises on every rank at its k-th optimizer step (as if killed
 there) and is then run again, which resumes from its last checkpoint.
 

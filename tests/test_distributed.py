@@ -111,7 +111,7 @@ def runs(tmp_path_factory):
     (tmp / "spec.json").write_text(json.dumps({"collectives": str(collectives), "runs": spec}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--standalone", str(ROOT / "tests" / "_distributed_worker.py")]
+                "--standalone", "--module", "tests._distributed_worker"]
     worker = subprocess.Popen(
         [*launcher, str(tmp / "spec.json")], cwd=tmp, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -21,7 +21,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from rouge_score import rouge_scorer
 
 from geovlm.rewards import _text_tokenize, _text_words, text
-from tests.rewards.rsicd import captions_by_category, sample_batch
+from tests.test_rewards.rsicd import captions_by_category, sample_batch
 
 EDGE_CANDIDATES = [
     "",

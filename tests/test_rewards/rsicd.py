@@ -1,4 +1,4 @@
-"""Real RSICD captions for the text-metric tests (``../shared/data`` beside the repository)."""
+"""Real RSICD captions for the text-metric tests (``tests/fixtures/rsicd_test_captions.json``)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,12 @@ import secrets
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-RSICD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rsicd_test_captions.json"
+RSICD = Path(__file__).resolve().parents[1] / "fixtures" / "rsicd_test_captions.json"
 
 
 def captions_by_category() -> dict[str, list[str]]:
     """RSICD test captions grouped by scene category (the image name's prefix)."""
-    if not RSICD.exists():
-        pytest.fail(f"{RSICD} is missing: the shared data folder must sit beside the repository")
     groups: dict[str, list[str]] = collections.defaultdict(list)
     for pair in json.loads(RSICD.read_text())["pairs"]:
         name = pair["image_filename"]

@@ -15,7 +15,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from geovlm.rewards import semantic
-from tests.rewards.rsicd import sample_batch
+from tests.test_rewards.rsicd import sample_batch
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from geovlm.rewards import _wordnet, meteor, text
-from tests.rewards.rsicd import sample_batch
+from tests.test_rewards.rsicd import sample_batch
 
 
 @pytest.fixture(scope="module")
