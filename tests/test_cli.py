@@ -209,7 +209,8 @@ def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypat
     run_dir = tmp_path / "run"
     assert (run_dir / "stages" / "1-grpo" / "final" / "config.json").is_file()
     assert not (run_dir / "summary.md").exists()
-    (run_dir / "training_curves.png").unlink(missing_ok=True)
+    for plot in ("training_curves.png", "held_out.png"):
+        (run_dir / plot).unlink(missing_ok=True)
     monkeypatch.setattr(geovlm.grpo, "sampled_reward", original)
     assert main(args) == 0
     summary = (run_dir / "summary.md").read_text()
@@ -218,3 +219,7 @@ def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypat
     assert set(saved["held_out"]) == {"init", "sft", "grpo"}
     assert saved["grpo_objective"]["grpo"]["before"]["reward"] >= 0
     assert (run_dir / "training_curves.png").is_file()
+    assert (run_dir / "held_out.png").is_file()  # redrawn from the saved evaluations
+    assert saved["trained"] == {"sft": ["scene_cls"], "grpo": ["scene_cls"]}
+    assert 0 < saved["majority"]["scene_cls"] <= 1
+    assert "| scene_cls | accuracy |" in summary
