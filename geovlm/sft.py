@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from geovlm.config import StageConfig
 from geovlm.data.collate import collate_sft, pad_token_id
+from geovlm.data.loader import auto_workers, prefetched
 from geovlm.data.packing import (
     attention_implementation,
     pack_for_model,
@@ -151,19 +152,24 @@ def run_sft(
             f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of "
             f"the world size {ctx.world_size}"
         )
-    bar = step_progress(ctx, start)
-    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
-    for step in bar:
-        profiler.step()
-        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
-        # Collate the whole accumulation window first so the loss is normalised by its
-        # total token count.
-        windows = []
+    def window(step: int) -> list[dict]:
+        """This rank's micro-batches of ``step``'s accumulation window, collated. The whole
+        window comes first so that the loss is normalised by its total token count."""
+        out = []
         for accum in range(stage.grad_accum):
             global_step = step * stage.grad_accum + accum
             idx = batch_indices(len(train), stage.batch_size, global_step, ctx.config.seed)
             mine = idx[ctx.rank * micro : (ctx.rank + 1) * micro]
-            windows.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
+            out.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
+        return out
+
+    workers = auto_workers(ctx.device, ctx.config.data.workers)
+    batches = prefetched(window, range(start, stage.steps), workers)
+    bar = step_progress(ctx, start)
+    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
+    for step, windows in zip(bar, batches, strict=True):
+        profiler.step()
+        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in windows)
         # The global batch's token count: every rank normalises by the same number.
         total_tokens = all_reduce_sum(local_tokens)
