@@ -5,6 +5,14 @@ and its anchors (the established implementation, or the path ours replaces), eac
 zero-argument callable on inputs built once in a module-scoped fixture. One test per group is
 parametrized over the case's method names and calls :func:`time_method`::
 
+    @pytest.fixture(scope="module")
+    def rotated_pairs(boxes):
+        a, b = boxes
+        return Case("rotated iou_pairs", f"{len(a):,} pairs", {
+            "ours": ours(lambda: geo.iou_pairs(a, b)),
+            "shapely": anchor(lambda: shapely_iou(a, b)),
+        }, close(atol=1e-9))
+
     @pytest.mark.parametrize("method", ["ours", "shapely"])
     def test_rotated_iou_pairs(benchmark, rotated_pairs, method):
         time_method(benchmark, rotated_pairs, method)
@@ -28,6 +36,7 @@ import _provenance
 import numpy as np
 
 Role = Literal["ours", "anchor"]
+_UNSET = object()  # Case._expected before the reference anchor has run
 
 
 @dataclass(frozen=True)
@@ -66,20 +75,20 @@ def anchor(fn: Callable[[], object], rounds: int | None = None) -> Method:
 
 @dataclass
 class Case:
-    """One benchmark group: ``methods`` (name -> Method, at least one of each role) on the same
-    inputs. ``agree(got, expected)`` returns the largest absolute difference between two results
-    and raises ``AssertionError`` when they disagree."""
+    """One benchmark group: the case ``name`` at ``shape``, its ``methods`` (name -> Method, at
+    least one of each role) on the same inputs. ``agree(got, expected)`` returns the largest
+    absolute difference between two results and raises ``AssertionError`` when they disagree."""
 
-    group: str
+    name: str
     shape: str
     methods: dict[str, Method]
     agree: Callable[[object, object], float]
-    _expected: list = field(default_factory=list, repr=False)
+    _expected: object = field(default=_UNSET, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         roles = {m.role for m in self.methods.values()}
         if roles != {"ours", "anchor"}:
-            raise ValueError(f"{self.group}: needs ours and at least one anchor, got {roles}")
+            raise ValueError(f"{self.name}: needs ours and at least one anchor, got {roles}")
 
     @property
     def reference(self) -> str:
@@ -88,19 +97,19 @@ class Case:
 
     def expected(self) -> object:
         """The reference anchor's result, computed on first use only."""
-        if not self._expected:
-            self._expected.append(self.methods[self.reference].call())
-        return self._expected[0]
+        if self._expected is _UNSET:
+            self._expected = self.methods[self.reference].call()
+        return self._expected
 
 
 def time_method(benchmark, case: Case, name: str) -> None:
     """Check ``case.methods[name]`` against the reference anchor, then time it with
     pytest-benchmark's ``benchmark`` fixture (see the module docstring)."""
     if name not in case.methods:
-        raise KeyError(f"{case.group}: no method {name!r} (have {sorted(case.methods)})")
+        raise KeyError(f"{case.name}: no method {name!r} (have {sorted(case.methods)})")
     method = case.methods[name]
-    benchmark.group = f"{case.group} [{case.shape}]"
-    benchmark.extra_info.update(case=case.group, shape=case.shape, method=name, role=method.role,
+    benchmark.group = f"{case.name} [{case.shape}]"
+    benchmark.extra_info.update(case=case.name, shape=case.shape, method=name, role=method.role,
                                 load=_provenance.load())
     if name == case.reference:
         case.expected()  # the warm-up call, and the result the others are checked against
@@ -109,7 +118,7 @@ def time_method(benchmark, case: Case, name: str) -> None:
         try:
             diff = case.agree(got, case.expected())
         except AssertionError as err:
-            raise AssertionError(f"{case.group}: {name} disagrees with {case.reference}: "
+            raise AssertionError(f"{case.name}: {name} disagrees with {case.reference}: "
                                  f"{err}") from None
         benchmark.extra_info["max_abs_diff"] = diff
     if method.rounds is None:

@@ -171,7 +171,10 @@ def test_a_real_pytest_benchmark_run(tmp_path):
     pytest.importorskip("pytest_benchmark")
     (tmp_path / "bench_sort.py").write_text(BENCH_MODULE)
     out = tmp_path / "out.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(ROOT)]))
+    # Not this run's PYTEST_* variables: under xdist, PYTEST_XDIST_WORKER would make
+    # pytest-benchmark disable itself in the child.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCHMARKS), str(ROOT)])
     run = subprocess.run(
         [sys.executable, "-m", "pytest", str(tmp_path / "bench_sort.py"), "-q",
          "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir", str(tmp_path),
