@@ -6,8 +6,8 @@
 - One torch thread: every method of a group runs single-threaded, as the Numba rewards and the
   Python anchors do, so that a ratio compares algorithms, not thread pools fighting over a shared
   machine's cores.
-- Records in pytest-benchmark's JSON (``machine_info["geovlm"]``) what ``report.py`` prints in a
-  table's header: the CPU, the torch threads, the versions of ours and of the anchors.
+- Records in pytest-benchmark's JSON (``machine_info["geovlm"]``) what ``report.py`` prints above
+  the tables: the CPU, the torch threads, the versions of ours and of the anchors.
 """
 
 from __future__ import annotations
