@@ -18,6 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from geovlm.rewards.options import RewardChoices
+
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "tiny-cpu"
 
@@ -76,6 +78,7 @@ class DataConfig:
     image_root: str | None = None
     format: Literal["auto", "llava", "vlmr1"] = "auto"
     tasks: list[str] | None = None
+    task_modules: list[str] = field(default_factory=list)  # imported to register their tasks
     n_train_scenes: int = 600
     n_val_scenes: int = 24
     n_test_scenes: int = 60
@@ -83,19 +86,9 @@ class DataConfig:
     seed: int = 0
 
 
-@dataclass
-class RewardConfig:
-    """Choices of the task rewards (``geovlm.rewards.RewardOptions``); defaults follow the paper."""
-
-    rotated_iou: Literal["hbb", "rotated"] = "hbb"
-    referred_reward: Literal["multibox", "first_box"] = "multibox"
-    counting: Literal["exact", "smooth"] = "exact"
-    vqa: Literal["jaccard", "exact"] = "jaccard"
-    caption_metric: Literal["levenshtein", "cider_d"] = "levenshtein"
-    use_embeddings: bool = True
-    semantic_weight: float = 0.5
-    lexical: str = "rouge_l_f1"
-    grounding_text_weight: float = 0.5
+# The reward choices of a stage (stages.<i>.rewards.*) are the rewards' own dataclass, so that
+# their defaults live once, next to the code that reads them.
+RewardConfig = RewardChoices
 
 
 @dataclass

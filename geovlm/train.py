@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from geovlm.config import ConfigError, RunConfig, describe_options, load_config, save_config
-from geovlm.data.schema import TASKS
 from geovlm.loop import MetricsLog, StageContext, seed_everything
+from geovlm.tasks import registry as task_registry
 
 HELP_EPILOG = """Overrides are key=value, e.g.  stages.sft.steps=20  model.path=/models/Qwen2.5-VL
 Options (key = default [type]):
@@ -178,7 +178,7 @@ def run(config: RunConfig, profile: bool = False) -> dict:
     if config.eval.max_samples_per_task:
         eval_samples = _cap_per_task(eval_samples, config.eval.max_samples_per_task)
     # Batches of one task have similar answer lengths, so generation stops together.
-    eval_samples.sort(key=lambda sample: list(TASKS).index(sample.task))
+    eval_samples.sort(key=lambda sample: task_registry.index(sample.task))
 
     def held_out(label: str, out_dir: Path, get_model) -> None:
         summary = held_out_summary(config, get_model, eval_samples, out_dir, label, rank, world)
@@ -315,7 +315,7 @@ def write_summary(
     """``summary.md``/``summary.json``: the headline metric of every task after every stage,
     and each GRPO stage's objective (sampled reward on held-out prompts) before and after it."""
     labels = list(summaries)
-    tasks = [t for t in TASKS if any(t in s for s in summaries.values())]
+    tasks = [t for t in task_registry.names() if any(t in s for s in summaries.values())]
     lines = [
         "| task | metric | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),

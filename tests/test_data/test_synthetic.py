@@ -23,9 +23,10 @@ from geovlm.data.scenes import (
     make_object,
     render,
 )
-from geovlm.data.schema import TASKS, Sample
+from geovlm.data.schema import Sample
 from geovlm.data.splits import size_bucket
 from geovlm.data.synthetic import corpus, embedded_splits, generate_scenes, samples_from_scene
+from geovlm.tasks import registry
 
 BOX = re.compile(r"\[(-?\d+(?:, -?\d+){3,4})\]")
 RESPONSE = re.compile(r"<think>([^<]+)</think><answer>([^<]+)</answer>")
@@ -193,7 +194,7 @@ def test_objects_are_visible_and_not_tiny(scenes):
 
 def test_every_task_family_with_valid_targets(scenes, samples):
     by_scene = {scene.id: scene for scene in scenes}
-    assert {s.task for s in samples} == set(TASKS)
+    assert {s.task for s in samples} == set(registry.names())
     assert len({s.id for s in samples}) == len(samples)
     for sample in samples:
         scene = by_scene[sample.target.meta["scene_id"]]
