@@ -55,13 +55,29 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHANGE_KINDS",
+    "COVER_CUES",
+    "COVER_NOUN",
+    "COVER_PLACE",
     "LAND_COVERS",
     "OBJECT_CLASSES",
+    "REGION_PHRASE",
     "SceneContext",
+    "change_summary",
+    "class_counts",
+    "colored_inventory",
     "corpus",
+    "detection_meta",
     "embedded_splits",
     "generate_scenes",
+    "inventory",
+    "join_phrases",
+    "noun",
+    "objects_phrase",
+    "reading_order",
+    "region_of",
     "samples_from_scene",
+    "scene_captions",
+    "was_were",
 ]
 
 # Qwen2.5-VL's default pixel budget (qwen_vl_utils). Within a budget, smart_resize keeps a size
@@ -145,6 +161,7 @@ def objects_phrase(n: int) -> str:
 
 
 def was_were(n: int) -> str:
+    """``was`` for one, ``were`` otherwise."""
     return "was" if n == 1 else "were"
 
 

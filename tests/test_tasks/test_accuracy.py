@@ -26,6 +26,7 @@ from geovlm.tasks import registry
 from geovlm.tasks._labels import classification_accuracy
 from geovlm.tasks.counting import counting_accuracy
 from geovlm.tasks.multilabel_cls import multilabel_accuracy
+from tests.test_tasks import PAPER_TASKS
 
 PIX = RewardOptions(convention="pixels", use_embeddings=False)
 SIZE = (640, 480)
@@ -97,23 +98,6 @@ def jitter(rng, boxes: np.ndarray, scale: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- registry, options
-
-
-PAPER_TASKS = (
-    "scene_cls",
-    "multilabel_cls",
-    "referred_det",
-    "referred_det_rot",
-    "multi_det",
-    "counting",
-    "vqa",
-    "region_caption",
-    "grounding_desc",
-    "image_caption",
-    "change_det",
-    "change_caption",
-    "temporal_cls",
-)
 
 
 def test_registry_covers_every_task_with_paper_weights():
