@@ -136,6 +136,8 @@ def import_task_modules(modules: Iterable[str]) -> list[TaskSpec]:
     Importing twice is harmless (the same spec objects register once). A module that cannot be
     imported or has no ``SPECS`` of ``TaskSpec`` s is an error naming it.
     """
+    if isinstance(modules, str):
+        raise TypeError(f"import_task_modules takes a list of module paths, got {modules!r}")
     added: list[TaskSpec] = []
     for module_name in modules:
         try:

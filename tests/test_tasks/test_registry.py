@@ -156,6 +156,8 @@ def test_import_task_modules_errors_name_the_module(restored):
     with pytest.raises(ValueError, match="'geovlm.metrics' must define SPECS"):
         registry.import_task_modules(["geovlm.metrics"])
     assert registry.import_task_modules(["geovlm.tasks.vqa"]) == [registry.get("vqa")]
+    with pytest.raises(TypeError, match="list of module paths"):
+        registry.import_task_modules("geovlm.tasks.vqa")
     assert registry.names() == PAPER_TASKS
 
 
