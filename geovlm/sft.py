@@ -36,18 +36,18 @@ from geovlm.data.packing import (
     sequence_lengths,
 )
 from geovlm.data.schema import Sample
-from geovlm.distributed import Engine, all_reduce_sum, prepare_engine
+from geovlm.distributed import Engine, prepare_engine
 from geovlm.loop import (
     StageContext,
     batch_indices,
     checkpoint_stage,
     resume_if_possible,
-    seed_everything,
     step_progress,
     step_seed,
 )
 from geovlm.model import forward_hidden, forward_logits, lm_head_weight
 from geovlm.profiling import StepProfiler, nvtx_range
+from geovlm.runtime import all_reduce_sum, seed_everything
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -107,7 +107,9 @@ def packing_capacity(model, batch: dict, stage: StageConfig) -> int | None:
 
 
 @torch.no_grad()
-def validation_loss(model, processor, samples: list[Sample], ctx: StageContext) -> float:
+def validation_loss(
+    model, processor, samples: list[Sample], ctx: StageContext, fused_linear: bool = False
+) -> float:
     """Teacher-forced mean token NLL on ``samples`` (assistant tokens only)."""
     was_training = model.training
     model.eval()
@@ -115,7 +117,7 @@ def validation_loss(model, processor, samples: list[Sample], ctx: StageContext) 
     size = ctx.stage.batch_size
     for start in range(0, len(samples), size):
         batch = collate_sft(samples[start : start + size], processor, ctx.stage.max_length)
-        nll, n = token_nll_sum(model, _to_device(batch, ctx.device), ctx.uses_fused_linear)
+        nll, n = token_nll_sum(model, _to_device(batch, ctx.device), fused_linear)
         total += float(nll)
         count += n
     model.train(was_training)
@@ -139,8 +141,7 @@ def run_sft(
         raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
     check_packing(model, stage)
     pad_id = pad_token_id(processor)
-    engine = prepare_engine(model, ctx.config, stage, ctx)
-    ctx.extras["shards_parameters"] = engine.shards_parameters
+    engine = prepare_engine(model, ctx.config, stage, ctx.runtime)
     start, _ = resume_if_possible(ctx, engine)
     model = engine.model
     model.train()
@@ -173,7 +174,8 @@ def run_sft(
                 with nvtx_range("sft/pack"):
                     batch = pack_for_model(model, batch, capacity, pad_id)
             with nvtx_range("sft/forward"):
-                nll, _ = token_nll_sum(model, _to_device(batch, ctx.device), ctx.uses_fused_linear)
+                batch = _to_device(batch, ctx.device)
+                nll, _ = token_nll_sum(model, batch, engine.uses_fused_linear)
                 # Scale by world size: DDP averages gradients over ranks.
                 loss = nll * ctx.world_size / max(total_tokens, 1)
             with nvtx_range("sft/backward"):
@@ -193,7 +195,9 @@ def run_sft(
         }
         last = step + 1 == stage.steps
         if stage.eval_every and ((step + 1) % stage.eval_every == 0 or last) and val:
-            record["val_loss"] = validation_loss(model, processor, val, ctx)
+            record["val_loss"] = validation_loss(
+                model, processor, val, ctx, engine.uses_fused_linear
+            )
         if ctx.log is not None and ctx.is_main:
             ctx.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")

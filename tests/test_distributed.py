@@ -35,7 +35,8 @@ import pytest
 import torch
 
 from geovlm.config import ConfigError, load_config
-from geovlm.distributed import deepspeed_config, gather_rows, reduce_metrics
+from geovlm.distributed import deepspeed_config
+from geovlm.runtime import gather_rows, reduce_metrics
 from geovlm.train import main as train_main
 from tests._distributed_worker import install_probes
 from tests.test_train import TINY as TRAIN_TINY

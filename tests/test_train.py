@@ -125,7 +125,8 @@ def test_a_malformed_data_file_is_a_clear_error_not_a_traceback(tmp_path, capsys
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "problem": "where?"}\n{not json\n')
-    code = main([f"output_dir={tmp_path}", "name=bad", f"data.train={bad}", *TINY])
+    code = main([f"output_dir={tmp_path}", "name=bad", f"data.train={bad}", *TINY,
+                 "data.val=null", "data.test=null"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: data:") and "bad.jsonl" in err

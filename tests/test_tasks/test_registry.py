@@ -274,3 +274,15 @@ def test_config_imports_the_reward_options_without_numba():
 )
 def test_every_entry_point_loads_the_registry_without_a_cycle(code):
     assert "geovlm.tasks.temporal_cls" in _modules_after(code)
+
+
+def test_a_run_config_registers_its_task_modules_before_checking_task_names(restored):
+    from geovlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.tasks: unknown task"):
+        load_config(None, ["data.tasks=[largest_color]"])
+    with pytest.raises(ConfigError, match="data.task_modules: task module 'no_such.mod'"):
+        load_config(None, ["data.task_modules=[no_such.mod]"])
+    module = "tests.test_tasks.test_register_task"
+    cfg = load_config(None, [f"data.task_modules=[{module}]", "stages.sft.tasks=[largest_color]"])
+    assert cfg.data.task_modules == [module] and registry.names()[-1] == "largest_color"
