@@ -31,11 +31,12 @@ import torch
 
 from geovlm.config import load_config
 from geovlm.data.collate import collate_sft, pad_token_id
-from geovlm.data.packing import pack_for_model, sequence_lengths
+from geovlm.data.packing import sequence_lengths
 from geovlm.data.sources import load_splits, select_tasks
 from geovlm.data.synthetic import corpus
 from geovlm.loop import batch_indices
 from geovlm.model import build_policy
+from geovlm.packed import pack_for_model
 from geovlm.sft import packing_capacity, token_nll_sum
 
 

@@ -87,6 +87,9 @@ class DataConfig:
     n_test_scenes: int = 60
     image_size: int = 112
     seed: int = 0
+    # Background processes preparing batches ahead of the loop (geovlm.data.loader); null: up to
+    # 4 on CUDA, 1 on CPU when 3+ cores are free for it, else 0 (inline).
+    workers: int | None = None
 
 
 # The reward choices of a stage (stages.<i>.rewards.*) are the rewards' own dataclass, so that
