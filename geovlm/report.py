@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from geovlm.data.schema import TASKS
+from geovlm.tasks import registry
 
 # Metrics reported next to a task's headline wherever its evaluation computes them: mean IoU
 # shows how far the boxes moved when acc@0.5 (a threshold) barely moves.
@@ -62,7 +62,7 @@ def summary_table(
     """
     trained, majority = trained or {}, majority or {}
     labels = list(summaries)
-    tasks = [t for t in TASKS if any(t in s for s in summaries.values())]
+    tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
     bold = _marked(summaries, trained)
     lines = [
         "| task | metric | majority | " + " | ".join(labels) + " | trained by |",
