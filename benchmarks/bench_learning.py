@@ -16,7 +16,7 @@ Printed (Markdown, for benchmarks/RESULTS.md):
   the last stage, each as mean ± sd over the seeds; the paired changes Δ from SFT (same seed) as
   mean ± sd with their min..max; the majority baseline; a verdict per change: ``improves`` when
   every seed's Δ is positive and the mean Δ exceeds the seed-to-seed sd of both metrics,
-  ``regresses`` when the mirror holds, else ``within spread``;
+  ``regresses`` when the mirror holds, else ``within spread`` (no verdict from one seed);
 * the wall time of every run with the 1-minute load average at its start and end.
 """
 
@@ -66,7 +66,9 @@ def compare(before: list[float], after: list[float]) -> dict:
     deltas = [a - b for a, b in zip(after, before, strict=True)]
     mean, sd = _mean_sd(deltas)
     spread = max(_mean_sd(before)[1], _mean_sd(after)[1])
-    if min(deltas) > 0 and mean > spread:
+    if len(deltas) < 2:
+        verdict = "one seed: no spread"
+    elif min(deltas) > 0 and mean > spread:
         verdict = "improves"
     elif max(deltas) < 0 and -mean > spread:
         verdict = "regresses"

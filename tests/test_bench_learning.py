@@ -36,6 +36,7 @@ def test_compare_improves_only_beyond_the_spread(bench):
     mixed = bench.compare([0.20, 0.20, 0.20], [0.50, 0.50, 0.10])
     assert mixed["verdict"] == "within spread"
     assert bench.compare([0.5, 0.52, 0.5], [0.3, 0.31, 0.29])["verdict"] == "regresses"
+    assert bench.compare([0.2], [0.5])["verdict"] == "one seed: no spread"
 
 
 def _run(seed: int, sft: float, det: float, labels: float) -> dict:
