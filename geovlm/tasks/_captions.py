@@ -3,7 +3,7 @@ reads its references likewise): the answer is a sentence.
 
 * parse: the answer text (at least one word).
 * accuracy: ``hybrid_caption_accuracy`` (region and change captioning); image captioning has its
-  own.
+  own. Both go through the caption guard (``rewards.caption_guard``).
 * records: the answer without boxes is the first reference; a ``captions`` / ``references`` field
   adds more.
 """
@@ -30,14 +30,17 @@ def parse_caption(answer: str, target: Target, options: ParseOptions) -> str | N
 def hybrid_caption_accuracy(
     parsed: Sequence[str | None], targets: Sequence[Target], options: RewardOptions
 ) -> np.ndarray:
-    """Region and change captioning: ``w * S + (1 - w) * L``.
+    """Region and change captioning: ``g * (w * S + (1 - w) * L)``.
 
     ``S`` is the largest cosine similarity (clipped to [0, 1]) of the sentence embeddings of the
     answer and a reference (MiniLM), ``L`` the lexical metric ``options.lexical`` (ROUGE-L F1 by
-    default), ``w = options.semantic_weight``. With ``use_embeddings=False`` the reward is ``L``.
+    default), ``w = options.semantic_weight``. With ``use_embeddings=False`` the reward is
+    ``g * L``. ``g`` is the caption guard (``rewards.caption_guard``: 0 without a content word,
+    less for an answer longer than its references), 1 with ``options.caption_guard=False``.
     """
+    guard = options.caption_guard
     if not options.use_embeddings:
-        return text_scores(parsed, targets, semantic.LEXICAL_METRICS[options.lexical])
+        return text_scores(parsed, targets, semantic.LEXICAL_METRICS[options.lexical], guard)
 
     def hybrid(candidates: list[str], refs: list[list[str]]) -> np.ndarray:
         # The embedder (torch + MiniLM) loads here, on the first caption that needs it.
@@ -49,7 +52,7 @@ def hybrid_caption_accuracy(
             embedder=semantic.get_embedder(options.embedding_device),
         )
 
-    return text_scores(parsed, targets, hybrid)
+    return text_scores(parsed, targets, hybrid, guard)
 
 
 def record_captions(exchange: Exchange, plain: str) -> tuple[str, ...]:
