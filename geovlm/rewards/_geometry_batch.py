@@ -140,6 +140,22 @@ def above_chance(iou: float, chance: float) -> float:
     return value if value > 0.0 else 0.0
 
 
+# The most a blind layout of several boxes is credited with: objects about one grid tile in size
+# are as well boxed by a grid as by an honest answer, and a chance near 1 would crush both.
+MAX_LAYOUT_CHANCE = 0.5
+
+
+@numba.njit(cache=True)
+def blind_chance(whole: float, n_pred: int) -> float:
+    """The IoU a blind layout of ``n_pred`` boxes reaches with a true box whose whole-image IoU is
+    ``whole`` (its share of the image): an ``n_pred``-tile grid, whose tile holding the box has
+    IoU ``n_pred * whole`` (the box fits in a tile) or ``1 / (n_pred * whole)`` (a tile fits in
+    the box), capped at ``MAX_LAYOUT_CHANCE``, never below ``whole`` (one box: the whole image)."""
+    x = n_pred * whole
+    tile = x if x <= 1.0 else 1.0 / x
+    return max(whole, min(tile, MAX_LAYOUT_CHANCE))
+
+
 @numba.njit(cache=True)
 def first_box_kernel(
     pred: np.ndarray,
@@ -178,8 +194,8 @@ def multibox_kernel(
 ) -> np.ndarray:
     """Optimal-assignment credit sum per candidate: divided by ``max(n_pred, n_gt)``, or with
     ``extra_penalty`` minus ``max(n_pred - n_gt, 0)`` and divided by ``n_gt``. A pair's credit is
-    its IoU, rescaled by ``above_chance`` with ``chance[G]`` (one per true box) unless ``chance``
-    is empty."""
+    its IoU, rescaled by ``above_chance`` with ``blind_chance(chance[g], n_pred)`` (``chance[G]``
+    the whole-image IoU of each true box) unless ``chance`` is empty."""
     n_cand = pred_offsets.shape[0] - 1
     out = np.zeros(n_cand)
     max_n, max_m = _block_sizes(pred_offsets, gt_offsets, gt_index, max_pred)
@@ -216,7 +232,7 @@ def multibox_kernel(
         if rescale:
             for j in range(m):
                 for i in range(n):
-                    iou[i, j] = above_chance(iou[i, j], chance[g0 + j])
+                    iou[i, j] = above_chance(iou[i, j], blind_chance(chance[g0 + j], n_total))
         r = 0
         for i in range(n):
             for j in range(m):

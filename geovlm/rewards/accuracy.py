@@ -119,9 +119,10 @@ def box_reward(
     ``pred`` holds ``[K, 4]`` xyxy or ``[K, 5]`` rotated pixel boxes (or ``None``) per candidate;
     predicted and true boxes are compared as ``width`` 4 (axis-aligned hulls) or 5 (rotated).
     A pair's credit is its IoU; with ``options.box_credit == "above_chance"`` (default) its IoU
-    above the whole-image box's, ``max(0, (IoU - c) / (1 - c))`` with ``c`` the IoU of the whole
-    image with the true box, so boxing the whole image (or the hull of an image-diagonal box)
-    earns nothing.
+    above a blind layout's, ``max(0, (IoU - b) / (1 - b))`` with ``b`` the IoU of the whole image
+    with the true box (one predicted box; ``"first_box"``), or for ``n`` predicted boxes the IoU
+    the tile of an ``n``-tile grid holding it reaches (``geometry.multibox_reward``), so boxing
+    the whole image (or the hull of an image-diagonal box) or tiling it earns nothing.
 
     ``"multibox"``: the optimal one-to-one matching of the credits; ``"above_chance"`` divides
     their sum, less one for every box beyond the true count, by the true count (a second box for

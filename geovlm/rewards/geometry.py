@@ -276,7 +276,10 @@ def multibox_reward(
     """Matched credit penalised for missing and extra boxes -> ``[C]`` in ``[0, 1]``.
 
     A pair's credit is its IoU, or with ``chance [G]`` (one per gt box, e.g.
-    ``whole_image_iou``) ``max(0, (IoU - chance) / (1 - chance))``. Over the optimal (Hungarian)
+    ``whole_image_iou``) ``max(0, (IoU - b) / (1 - b))``, ``b`` what a blind layout of as many
+    boxes reaches: ``max(chance, min(n * chance, 1 / (n * chance), 0.5))`` for ``n`` predicted
+    boxes (the tile of an ``n``-tile grid that holds the true box; one box: the whole image). A
+    whole-image box or a grid earns nothing. Over the optimal (Hungarian)
     one-to-one matching of the credits:
 
     * default: ``sum of credit / max(n_pred, n_gt)``: a missing box adds 0 to the sum, an extra one
