@@ -1,7 +1,7 @@
 """What the captioning tasks share (region_caption, image_caption, change_caption; grounding_desc
 reads its references likewise): the answer is a sentence.
 
-* parse: the answer text (at least one word).
+* parse: the answer text (at least one word, not only the question's words).
 * accuracy: ``hybrid_caption_accuracy`` (region and change captioning); image captioning has its
   own. Both go through the caption guard (``rewards.caption_guard``).
 * records: the answer without boxes is the first reference; a ``captions`` / ``references`` field
@@ -18,13 +18,17 @@ from geovlm.data.readers import Exchange
 from geovlm.data.schema import Target
 from geovlm.rewards import semantic
 from geovlm.rewards.accuracy import text_scores
+from geovlm.rewards.caption_guard import copies_question
 from geovlm.rewards.options import RewardOptions
 from geovlm.rewards.parse import ParseOptions, normalize_text
 
 
 def parse_caption(answer: str, target: Target, options: ParseOptions) -> str | None:
-    """The answer sentence, stripped, or ``None`` when it has no word."""
-    return answer.strip() if normalize_text(answer) else None
+    """The answer sentence, stripped, or ``None`` when it has no word or only copies the question
+    (``caption_guard.copies_question``)."""
+    if not normalize_text(answer) or copies_question(answer, options.prompt):
+        return None
+    return answer.strip()
 
 
 def hybrid_caption_accuracy(
