@@ -151,15 +151,19 @@ def score(
         valid_unicode(p) if isinstance(p, str) else None for p in (prompts or [None] * len(targets))
     ]
     parsed: list[object | None] = []
+    # A group's completions often give the same answer ("yes", one box): each distinct (answer,
+    # target, prompt) is parsed once and its typed answer shared (rewards never mutate it).
+    seen: dict[tuple[str | None, int, str | None], object | None] = {}
     for completion, target, prompt in zip(completions, targets, prompt_texts, strict=True):
         answer = extract_answer(completion, prompt)
-        resized = None
-        if options.convention == "qwen25vl":
-            resized = resized_size_for(
-                tuple(target.image_size), options.min_pixels, options.max_pixels
-            )
-        parsed.append(
-            parse_for_task(
+        key = (answer, id(target), prompt)
+        if key not in seen:
+            resized = None
+            if options.convention == "qwen25vl":
+                resized = resized_size_for(
+                    tuple(target.image_size), options.min_pixels, options.max_pixels
+                )
+            seen[key] = parse_for_task(
                 answer,
                 target,
                 convention=options.convention,
@@ -167,7 +171,7 @@ def score(
                 synonyms=options.synonyms,
                 prompt=prompt,
             )
-        )
+        parsed.append(seen[key])
     fmt = format_reward(completions, targets, parsed=parsed)
 
     accuracy = np.zeros(len(completions))
