@@ -18,6 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from geovlm.kernels.options import GRPOLossOptions, ImportanceSamplingLevel, LossType
+
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "tiny-cpu"
 
@@ -134,14 +136,28 @@ class StageConfig:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     delta: float | None = None
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = (
-        "dapo"
-    )
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    # Allowed values: geovlm.kernels.options (LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS).
+    loss_type: LossType = "dapo"
+    importance_sampling_level: ImportanceSamplingLevel = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     use_bias_correction_kl: bool = False
     reward_weights: dict[str, float] = field(default_factory=dict)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+
+    def loss_options(self) -> GRPOLossOptions:
+        """The GRPO loss options of this stage (the sampling temperature, TRL's epsilon names,
+        ``max_new_tokens`` as dr_grpo's length); sapo / vespo keep the kernels' defaults."""
+        return GRPOLossOptions(
+            temperature=self.temperature,
+            beta=self.beta,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_new_tokens,
+            delta=self.delta,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+        )
 
 
 @dataclass
@@ -193,6 +209,8 @@ class RunConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(str(choice) for choice in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
