@@ -5,6 +5,7 @@ where the options overlap."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import zlib
@@ -278,9 +279,9 @@ def test_bad_inputs_raise_clear_errors():
         grpo_loss(c["logits"], c["old"], c["ref"], c["ids"].float(), c["adv"], c["mask"])
 
 
-# Liger's triton_grpo_loss as a second oracle, where the options overlap. Two documented
-# differences keep some options out: Liger reduces luspo differently from TRL
-# (mean over B * L of loss * seq_len), and rejects vespo / cispo / sapo at sequence level.
+# Liger's triton_grpo_loss as a second oracle, where the options overlap. The documented
+# differences (luspo's reduction, vespo / cispo / sapo at sequence level, delta outside PPO
+# clipping) are tested below, after the overlap.
 LIGER_CASES = [
     ("grpo", "token", {}), ("bnpo", "token", {"delta": 1.3}), ("dr_grpo", "token", {}),
     ("dapo", "token", {"vllm_is_ratio": "token", "use_bias_correction_kl": True}),
@@ -317,6 +318,108 @@ def test_matches_liger(loss_type, level, extra):
         else:
             _close(ours[1], theirs[1], rtol=1e-4)
             _close(ours[2], theirs[2], atol_scale=0)
+
+
+# How far the drop-in goes: each documented difference from Liger (grpo_loss's docstring), with
+# Liger's installed implementation showing it and the float64 oracle (TRL's math, checked against
+# TRL in test_reference.py) showing that ours is TRL's.
+
+
+def test_signature_is_liger_triton_grpo_loss():
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    ours = inspect.signature(grpo_loss).parameters.values()
+    theirs = inspect.signature(liger.triton_grpo_loss).parameters.values()
+    shared = [(p.name, p.default) for p in ours if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert shared == [(p.name, p.default) for p in theirs]
+    extra = [p.name for p in ours if p.kind is p.KEYWORD_ONLY]
+    assert extra == ["options", "named_metrics", "backend"]
+
+
+def _liger_and_ours(liger, c, opts, reduce=True):
+    out = []
+    for fn in (grpo_loss, liger.triton_grpo_loss):
+        kw = dict(opts)
+        out.append(fn(c["logits"].clone(), kw.pop("old"), kw.pop("ref"), c["ids"], c["adv"],
+                      c["mask"], temperature=0.9, inplace=False, reduce=reduce, **kw)[0])
+    return out
+
+
+@needs_interpreter
+def test_luspo_reduces_as_trl_where_liger_differs():
+    """TRL 1.16 (and we): the masked sum per sequence, averaged over sequences. Liger 0.8.5: the
+    mean over all B * L positions of loss * completion length. Equal without padding only."""
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    for level in ("token", "sequence"):
+        c = _case(_seed("luspo", level), temperature=0.9)
+        opts = _options(c, "luspo", level, {})
+        ours, theirs = _liger_and_ours(liger, c, opts)
+        want, _, _ = _oracle(c, 0.9, True, None, **dict(opts))
+        _close(ours, want)
+        assert abs(ours.item() - theirs.item()) > 1e-3 * abs(want.item()), level
+        c["mask"].fill_(1)
+        ours, theirs = _liger_and_ours(liger, c, _options(c, "luspo", level, {}))
+        _close(ours, theirs, rtol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_sequence_level_cispo_sapo_vespo_are_computed_where_liger_refuses(loss_type):
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    # fp64 logits: the spec path then computes in fp64, as exact as the oracle.
+    c = _case(_seed("sequence-only", loss_type), temperature=0.9, dtype=torch.float64)
+    opts = _options(c, loss_type, "sequence", {})
+    kw = dict(opts)
+    with pytest.raises(ValueError, match="(?i)sequence|level='token'"):
+        liger.triton_grpo_loss(c["logits"].clone(), kw.pop("old"), kw.pop("ref"), c["ids"],
+                               c["adv"], c["mask"], temperature=0.9, reduce=True, **kw)
+    want, _, _ = _oracle(c, 0.9, True, None, **dict(opts))
+    out, _ = _run(c, "torch", 0.9, True, None, **opts)
+    _close(out[0].detach(), want, rtol=1e-10, atol_scale=1e-12)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_delta_is_ignored_outside_ppo_clipping_where_liger_refuses_it(loss_type):
+    """TRL clamps the ratio with delta only for the PPO-clipped loss types (test_reference)."""
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    c = _case(_seed("delta", loss_type), temperature=0.9)
+    opts = _options(c, loss_type, "token", {"delta": 1.05})
+    kw = dict(opts)
+    with pytest.raises(ValueError, match="delta"):
+        liger.triton_grpo_loss(c["logits"].clone(), kw.pop("old"), kw.pop("ref"), c["ids"],
+                               c["adv"], c["mask"], temperature=0.9, reduce=True, **kw)
+    with_delta, _ = _run(c, "torch", 0.9, True, None, **opts)
+    without, _ = _run(c, "torch", 0.9, True, None, **_options(c, loss_type, "token", {}))
+    assert with_delta[0].item() == without[0].item()
+
+
+@needs_interpreter
+def test_token_normaliser_needs_num_items_in_batch_under_data_parallelism(monkeypatch):
+    """In a (faked) two-process world, Liger all-reduces the dapo normaliser inside the loss; ours
+    communicates nothing: without num_items_in_batch it is this call's token count, with the
+    global count (the caller's all-reduce) it is Liger's."""
+    liger = pytest.importorskip("liger_kernel.transformers.grpo_loss")
+    other_rank_tokens = 23.0
+    collectives = []
+
+    def all_reduce(t, op=None):
+        collectives.append(op)
+        t.add_(other_rank_tokens)
+
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    c = _case(_seed("world"), temperature=0.9)
+    opts = _options(c, "dapo", "token", {})
+    ours, theirs = _liger_and_ours(liger, c, opts)
+    assert len(collectives) == 1  # Liger's
+    n = float(c["mask"].sum())
+    _close(ours * n / ((n + other_rank_tokens) / 2), theirs, rtol=1e-4)
+    ours, _ = _liger_and_ours(liger, c, dict(opts, num_items_in_batch=n + other_rank_tokens))
+    assert len(collectives) == 1  # given the count, neither communicates
+    _close(ours, theirs, rtol=1e-4)
 
 
 @needs_cuda

@@ -138,6 +138,10 @@ def test_matches_trl_every_loss_type(loss_type, level):
         ("grpo", "token", dict(old=False, beta=0.0)),
         ("dapo", "sequence", dict(old=False, beta=0.0)),
         ("sapo", "sequence", dict(beta=0.0)),
+        # delta clamps only the PPO-clipped types' ratio; Liger refuses it for these three.
+        ("cispo", "sequence", dict(delta=1.1)),
+        ("sapo", "token", dict(delta=1.1)),
+        ("vespo", "token", dict(delta=1.1)),
     ],
 )
 def test_matches_trl_options(loss_type, level, extra):
