@@ -18,7 +18,7 @@ template with the project's system prompt) -> G sampled completions each, exactl
   both sides must report a mean completion length of exactly L;
 - the optimisation: one optimizer step per batch (TRL: gradient_accumulation_steps = 1,
   steps_per_generation = 1, num_iterations = 1), the same AdamW with the same parameter groups
-  and schedule (``geovlm.loop.make_optimizer`` / ``make_scheduler``, handed to TRL), gradient
+  and schedule (``geovlm.optim.make_optimizer`` / ``make_scheduler``, handed to TRL), gradient
   clipping at 1.0, the same loss_type / beta / epsilon / temperature / top_p;
 - the reward: TRL's reward function calls the very ``geovlm.rewards.score`` our trainer calls,
   with the same options;
@@ -57,7 +57,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import _timing  # benchmarks/_timing.py: the script's directory is on sys.path
+import _provenance  # benchmarks/_provenance.py: the script's directory is on sys.path
 import torch
 
 DEFAULT_TASKS = ("scene_cls", "counting", "referred_det", "vqa")
@@ -246,7 +246,10 @@ def stage_context(spec: Spec, workdir: Path, log=None, prompt_sharing: bool = Tr
         loss_type=spec.loss_type, prompt_sharing=prompt_sharing,
     )
     config = RunConfig(name="run", output_dir=str(workdir), device=spec.device, stages=[stage])
-    return StageContext(config, stage, 0, torch.device(spec.device), log=log)
+    from geovlm.runtime import Runtime
+
+    runtime = Runtime(0, 1, 0, torch.device(spec.device), torch.get_num_threads())
+    return StageContext(config, stage, 0, runtime, log=log)
 
 
 def run_ours(spec: Spec, model_dir: Path, workdir: Path, prompt_sharing: bool = True) -> dict:
@@ -279,7 +282,7 @@ def run_trl(spec: Spec, model_dir: Path, workdir: Path) -> dict:
 
     from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT
     from geovlm.grpo import reward_options
-    from geovlm.loop import make_optimizer, make_scheduler
+    from geovlm.optim import make_optimizer, make_scheduler
     from geovlm.rewards import score
 
     model, processor = load_model(spec, model_dir)
@@ -427,10 +430,10 @@ def report(spec: Spec, results: dict[str, dict], csv_path: str | None, rounds: i
              f", {results['ours']['prompt_tokens']} prompt tokens, {spec.loss_type}, "
              f"beta={spec.beta}, ckpt={'on' if spec.checkpointing else 'off'}, "
              f"vision {'frozen' if spec.freeze_vision else 'trained'}")
-    machine = _timing.machine()
+    machine = _provenance.machine(spec.device)
     print(f"# GRPO step: geovlm trainer vs TRL {_trl_version()} GRPOTrainer ({spec.device})")
-    print(f"machine: {machine}; load {_timing.load()}; commit {_timing.commit()}; {shape}; "
-          f"median of {rounds} x {spec.steps} steps, each run after {spec.warmup} warm-up")
+    print(f"machine: {machine}; load {_provenance.load_text()}; commit {_provenance.commit()}; "
+          f"{shape}; median of {rounds} x {spec.steps} steps, each run after {spec.warmup} warm-up")
     medians = {s: statistics.median(r["step_s"]) for s, r in results.items() if "skipped" not in r}
     rows = []
     print("| side | step median (min) s | completion tokens/s | peak memory GiB |")
@@ -445,7 +448,8 @@ def report(spec: Spec, results: dict[str, dict], csv_path: str | None, rounds: i
               f"{tokens / medians[side]:.1f} | {peak_text} |")
         rows.append({
             "machine": machine, "date": datetime.date.today().isoformat(),
-            "commit": _timing.commit(), "load": _timing.load(), "side": side, "shape": shape,
+            "commit": _provenance.commit(), "load": _provenance.load_text(), "side": side,
+            "shape": shape,
             "median_s": medians[side], "min_s": min(r["step_s"]),
             "tokens_per_s": tokens / medians[side], "peak_bytes": peak if peak is not None else "",
             "steps": ";".join(f"{t:.4f}" for t in r["step_s"]),

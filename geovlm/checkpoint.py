@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from geovlm.atomic import replace_dir, staging_dir
 from geovlm.config import RunConfig, save_config
 
 STATE_FILE = "trainer_state.pt"
@@ -49,19 +49,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``; an older ``final`` is replaced without a window of none."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
 def save_checkpoint(
     directory: Path,
     model: torch.nn.Module,
@@ -81,7 +68,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_dir(directory.parent, f".{directory.name}.tmp-")
     try:
         from geovlm.model import unwrap
 
@@ -98,7 +85,7 @@ def save_checkpoint(
         }
         torch.save(state, tmp / STATE_FILE)
         save_config(config, tmp / "run_config.yaml")
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

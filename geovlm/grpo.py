@@ -32,23 +32,17 @@ import torch
 from geovlm.advantages import group_advantages
 from geovlm.config import StageConfig
 from geovlm.data.schema import Sample
-from geovlm.distributed import (
-    Engine,
-    gather_rows,
-    prepare_engine,
-    prepare_reference,
-    reduce_metrics,
-)
+from geovlm.distributed import Engine, prepare_engine, prepare_reference
 from geovlm.loop import (
     StageContext,
     batch_indices,
     checkpoint_stage,
     resume_if_possible,
-    seed_everything,
     step_progress,
     step_seed,
 )
 from geovlm.profiling import StepProfiler, nvtx_range
+from geovlm.runtime import gather_rows, reduce_metrics, seed_everything
 
 if TYPE_CHECKING:
     from geovlm.rollout import Rollouts
@@ -148,24 +142,26 @@ def completion_logps(
         return selective_log_softmax(logits, batch.completion_ids, temperature).float()
 
 
-def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Tensor, dict]:
+def policy_loss(
+    model, batch: PolicyBatch, ctx: StageContext, fused_linear: bool = False
+) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of ``batch`` under ``model`` (with grad) and TRL's metrics.
 
-    ``linear_grpo_loss`` on the last hidden state and ``lm_head.weight`` where the stage uses the
-    fused linear kernel, else ``grpo_loss`` on the completion logits: both the one GRPO math of
+    ``linear_grpo_loss`` on the last hidden state and ``lm_head.weight`` with ``fused_linear``
+    (the engine's choice), else ``grpo_loss`` on the completion logits: both the one GRPO math of
     ``geovlm.kernels.reference``, with the stage's ``loss_options()``. The kernels never
     communicate: the dapo / cispo / vespo normaliser gets the completion-token count of the
     whole step over every rank (``num_items_in_batch``), summed here.
     """
-    from geovlm.distributed import all_reduce_sum
     from geovlm.kernels import grpo_loss, linear_grpo_loss
     from geovlm.model import lm_head_weight
+    from geovlm.runtime import all_reduce_sum
 
     options = ctx.stage.loss_options()
     shared = shares_prompts(ctx)
     mask = batch.completion_mask
     num_items = all_reduce_sum(int(mask.sum())) if options.normalises_by_batch_tokens else None
-    if ctx.uses_fused_linear:
+    if fused_linear:
         hidden = completion_outputs(model, batch, shared, "hidden")
         return linear_grpo_loss(
             hidden,
@@ -313,9 +309,8 @@ def run_grpo(
     if stage.beta != 0.0:
         # The frozen reference is the model this stage starts from (the SFT / previous stage),
         # copied before the policy is wrapped, and sharded like the policy.
-        reference = prepare_reference(model, ctx.config, stage, ctx)
-    engine = prepare_engine(model, ctx.config, stage, ctx)
-    ctx.extras["shards_parameters"] = engine.shards_parameters
+        reference = prepare_reference(model, ctx.config, stage, ctx.runtime)
+    engine = prepare_engine(model, ctx.config, stage, ctx.runtime)
     start, _ = resume_if_possible(ctx, engine)
     policy, model = engine.policy, engine.model
     # Sharded parameters need every rank in every forward of generate().
@@ -375,7 +370,7 @@ def run_grpo(
         loss_metrics: dict[str, float] = {}
         for iteration in range(stage.num_iterations):
             with nvtx_range("grpo/loss"):
-                loss, metrics = policy_loss(model, batch, ctx)
+                loss, metrics = policy_loss(model, batch, ctx, engine.uses_fused_linear)
             with nvtx_range("grpo/backward"):
                 engine.backward(loss)
             with nvtx_range("grpo/optimizer"):

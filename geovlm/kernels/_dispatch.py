@@ -8,9 +8,10 @@ forces the spec on any device.
 
 ``TRITON_INTERPRET`` is read in one place, ``interpreting()``, which asks Triton itself (so
 ``1``, ``true``, ``on`` and ``yes`` mean the same here as to Triton). Triton reads it when
-``triton.jit`` decorates a kernel, i.e. when ``geovlm.kernels`` is first imported: a kernel
-decorated under the interpreter is an ``InterpretedFunction`` and runs on CPU tensors, and
-``is_interpreted`` asks the kernel rather than the environment, which may have changed since.
+``triton.jit`` decorates a kernel, i.e. when an op's module is first imported (the package loads
+them on first use): a kernel decorated under the interpreter is an ``InterpretedFunction`` and
+runs on CPU tensors, and ``is_interpreted`` asks the kernel rather than the environment, which
+may have changed since.
 """
 
 from __future__ import annotations

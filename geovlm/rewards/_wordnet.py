@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from functools import cache
 from pathlib import Path
+
+from geovlm.atomic import staging_dir
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
 INSTALL_HINT = (
@@ -89,7 +90,7 @@ def assemble(source: Path, target: Path) -> Path:
             f"install it with {INSTALL_HINT}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=target.parent))
+    staging = staging_dir(target.parent, ".wordnet-")
     try:
         for name in _DATABASE_FILES:
             shutil.copyfile(source / name, staging / name)
