@@ -63,8 +63,9 @@ _INTERPRET = interpreting()
 _UPCAST_DOT = tl.constexpr(_INTERPRET)
 
 # Width of a K tile in bytes: BLOCK_K = 64 for bf16 / fp16, 32 for fp32. One 128-byte line per
-# row of a tile, and the same shared memory per pipeline stage for every dtype (fp32 tiles with
-# BLOCK_K = 64 would need up to 240 KB, over an A100's 163 KB and an H100's 227 KB).
+# row of a tile, and the same shared memory per pipeline stage for every dtype: fp32 tiles with
+# BLOCK_K = 64 would need up to 320 KB of cp.async buffers, over an A100's 163 KB and an H100's
+# 227 KB (tests/test_kernels/test_compile.py measures every config).
 K_TILE_BYTES = 128
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): Hopper-friendly tiles (two warpgroups on 128x256);
 # smaller ones for older cards and for the register-heavier backward epilogue.

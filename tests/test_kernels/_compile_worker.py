@@ -13,10 +13,13 @@ fresh interpreter-free process sees exactly the kernels and configs a GPU run wo
 
 The launch matrix (``KERNELS``): for each kernel, every autotune config the autotuner can try for
 the dtype (after the kernel's own ``early_config_prune``), every dtype it is launched with
-(``_dispatch.TRITON_DTYPES``), and every constexpr branch its launcher can pass. Integer
-arguments get the types a large launch gives them (i64 strides where rows can pass 2**31
-elements) and pointers, vocab sizes and strides the 16-divisibility a real model's shapes have.
-Compiling needs only Triton's bundled ptxas, no driver.
+(``_dispatch.TRITON_DTYPES``), and every constexpr branch its launcher can pass. The arguments
+are specialised as Triton specialises a launch on a real model: integers get the types a large
+launch gives them (i64 strides where rows can pass 2**31 elements), the unit strides of
+contiguous rows are the constant 1, and pointers (torch allocations), hidden sizes, vocab sizes
+and row strides are 16-divisible. That is also the specialisation that needs the most shared
+memory: only with contiguous, aligned rows does Triton pipeline the matmul loads through
+``cp.async`` buffers. Compiling needs only Triton's bundled ptxas, no driver.
 """
 
 from __future__ import annotations
@@ -45,36 +48,37 @@ class KernelSpec:
     signature: Callable[[str], dict[str, str]]
     branches: Callable[[str], dict[str, tuple]]
     aligned: tuple[str, ...]
+    unit: tuple[str, ...] = ()  # integer arguments that are 1 (Triton makes them constants)
     launchable: Callable[[dict], bool] = lambda constexprs: True
 
 
 def _logits_fwd_signature(dt: str) -> dict[str, str]:
     return dict(logits_ptr=f"*{dt}", ids_ptr="*i64", mask_ptr="*u8", logp_ptr="*fp32",
                 max_ptr="*fp32", logsum_ptr="*fp32", entropy_ptr="*fp32", seq_len="i32",
-                vocab="i32", stride_lb="i64", stride_lt="i64", stride_ib="i64", stride_il="i32",
-                stride_mb="i64", stride_ml="i32", inv_temperature="fp32")
+                vocab="i32", stride_lb="i64", stride_lt="i64", stride_ib="i64", stride_mb="i64",
+                inv_temperature="fp32")
 
 
 def _logits_bwd_signature(dt: str) -> dict[str, str]:
     return dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", ids_ptr="*i64", g_ptr="*fp32",
                 max_ptr="*fp32", logsum_ptr="*fp32", seq_len="i32", n_pos="i32", vocab="i32",
                 stride_lb="i64", stride_lt="i64", stride_gb="i64", stride_gt="i64",
-                stride_ib="i64", stride_il="i32", inv_temperature="fp32")
+                stride_ib="i64", inv_temperature="fp32")
 
 
 def _linear_fwd_signature(dt: str) -> dict[str, str]:
     return dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", ids_ptr="*i64",
                 pmax_ptr="*fp32", psum_ptr="*fp32", pdot_ptr="*fp32", tgt_ptr="*fp32",
-                N="i32", H="i32", v0="i32", VC="i32", stride_hn="i64", stride_hk="i32",
-                stride_wv="i64", stride_wk="i32", inv_temp="fp32")
+                N="i32", H="i32", v0="i32", VC="i32", stride_hn="i64", stride_wv="i64",
+                inv_temp="fp32")
 
 
 def _linear_bwd_signature(dt: str) -> dict[str, str]:
     return dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", ids_ptr="*i64",
                 lse_ptr="*fp32", glogp_ptr="*fp32", gent_ptr="*fp32", mean_ptr="*fp32",
                 g_ptr=f"*{dt}", gbias_ptr="*fp32", N="i32", H="i32", v0="i32", VC="i32",
-                stride_hn="i64", stride_hk="i32", stride_wv="i64", stride_wk="i32",
-                stride_gn="i64", stride_gb="i64", inv_temp="fp32")
+                stride_hn="i64", stride_wv="i64", stride_gn="i64", stride_gb="i64",
+                inv_temp="fp32")
 
 
 def _dot_precisions(dt: str) -> tuple[str, ...]:
@@ -82,25 +86,33 @@ def _dot_precisions(dt: str) -> tuple[str, ...]:
     return ("ieee", "tf32") if dt == "fp32" else ("tf32",)
 
 
+def _pointers(signature: Callable[[str], dict[str, str]]) -> tuple[str, ...]:
+    return tuple(name for name, kind in signature("bf16").items() if kind.startswith("*"))
+
+
 KERNELS = (
     KernelSpec("geovlm.kernels.logprobs", "_logsoftmax_fwd_kernel", _logits_fwd_signature,
                lambda dt: dict(HAS_MASK=(False, True), WITH_ENTROPY=(False, True)),
-               aligned=("logits_ptr", "vocab", "stride_lb", "stride_lt")),
+               aligned=_pointers(_logits_fwd_signature) + ("vocab", "stride_lb", "stride_lt"),
+               unit=("stride_il", "stride_ml")),
     KernelSpec("geovlm.kernels.logprobs", "_grad_logits_kernel", _logits_bwd_signature,
                lambda dt: {},
-               aligned=("logits_ptr", "grad_ptr", "vocab", "stride_lb", "stride_lt",
-                        "stride_gb", "stride_gt")),
+               aligned=_pointers(_logits_bwd_signature) + ("vocab", "stride_lb", "stride_lt",
+                                                           "stride_gb", "stride_gt"),
+               unit=("stride_il",)),
     KernelSpec("geovlm.kernels.linear_logprobs", "_forward_chunk_kernel", _linear_fwd_signature,
                lambda dt: dict(HAS_BIAS=(False, True), WITH_ENTROPY=(False, True),
                                DOT_PRECISION=_dot_precisions(dt), EVEN_K=(False, True)),
-               aligned=("h_ptr", "w_ptr", "b_ptr", "stride_hn", "stride_wv")),
+               aligned=_pointers(_linear_fwd_signature) + ("H", "VC", "stride_hn", "stride_wv"),
+               unit=("stride_hk", "stride_wk")),
     KernelSpec("geovlm.kernels.linear_logprobs", "_grad_logits_chunk_kernel",
                _linear_bwd_signature,
                lambda dt: dict(HAS_BIAS=(False, True), BIAS_GRAD=(False, True),
                                ENTROPY_GRAD=(False, True), DOT_PRECISION=_dot_precisions(dt),
                                EVEN_K=(False, True)),
-               aligned=("h_ptr", "w_ptr", "b_ptr", "g_ptr", "stride_hn", "stride_wv",
-                        "stride_gn"),
+               aligned=_pointers(_linear_bwd_signature) + ("H", "VC", "stride_hn", "stride_wv",
+                                                           "stride_gn", "stride_gb"),
+               unit=("stride_hk", "stride_wk"),
                # The bias gradient is only asked for when there is a bias.
                launchable=lambda c: c["HAS_BIAS"] or not c["BIAS_GRAD"]),
 )
@@ -193,7 +205,7 @@ def compile_one(job: dict) -> dict:
     # A config holds the kernel's tile constexprs and compile options (num_warps, num_stages...).
     options = {k: v for k, v in job["config"].items() if k not in jit.arg_names}
     constexprs = {**{k: v for k, v in job["config"].items() if k in jit.arg_names},
-                  **job["constexprs"]}
+                  **job["constexprs"], **dict.fromkeys(spec.unit, 1)}
     runtime = spec.signature(job["dtype"])
     signature = {name: runtime.get(name, "constexpr") for name in jit.arg_names}
     missing = sorted(n for n, t in signature.items() if t == "constexpr" and n not in constexprs)

@@ -94,7 +94,7 @@ def test_every_kernel_config_compiles_for_a100_and_h100():
 )
 def test_linear_configs_are_pruned_to_128_byte_k_tiles(dtype, block_k):
     """The autotuner of the linear kernels tries only the tiles whose K slice is 128 bytes for the
-    activations' dtype: fp32 tiles with BLOCK_K = 64 would need up to 240 KB of shared memory."""
+    activations' dtype: fp32 tiles with BLOCK_K = 64 would need up to 320 KB of shared memory."""
     configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8})
                for bk in (8, 32, 64) for bn in (64, 256)]
     kept = linear_logprobs.prune_to_dtype(configs, {"h_ptr": torch.empty(0, dtype=dtype)})
