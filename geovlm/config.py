@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from geovlm.kernels.options import GRPOLossOptions, ImportanceSamplingLevel, LossType
 from geovlm.rewards.options import RewardChoices
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -133,14 +134,28 @@ class StageConfig:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     delta: float | None = None
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = (
-        "dapo"
-    )
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    # Allowed values: geovlm.kernels.options (LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS).
+    loss_type: LossType = "dapo"
+    importance_sampling_level: ImportanceSamplingLevel = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     use_bias_correction_kl: bool = False
     reward_weights: dict[str, float] = field(default_factory=dict)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+
+    def loss_options(self) -> GRPOLossOptions:
+        """The GRPO loss options of this stage (the sampling temperature, TRL's epsilon names,
+        ``max_new_tokens`` as dr_grpo's length); sapo / vespo keep the kernels' defaults."""
+        return GRPOLossOptions(
+            temperature=self.temperature,
+            beta=self.beta,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_new_tokens,
+            delta=self.delta,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+        )
 
 
 @dataclass

@@ -147,43 +147,46 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of ``batch`` under ``model`` (with grad) and TRL's metrics.
 
-    Per-token log-probs come from a fused kernel (the linear one on the last hidden state and
-    ``lm_head.weight``, or the logits one), then ``reference.grpo_loss_from_logps`` (the one
-    definition of the GRPO math, shared by both kernels) turns them into the loss.
+    ``linear_grpo_loss`` on the last hidden state and ``lm_head.weight`` with ``fused_linear``
+    (the engine's choice), else ``grpo_loss`` on the completion logits: both the one GRPO math of
+    ``geovlm.kernels.reference``, with the stage's ``loss_options()``. The kernels never
+    communicate: the dapo / cispo / vespo normaliser gets the completion-token count of the
+    whole step over every rank (``num_items_in_batch``), summed here.
     """
-    from geovlm.kernels import fused_log_probs
-    from geovlm.kernels.reference import grpo_loss_from_logps
+    from geovlm.kernels import grpo_loss, linear_grpo_loss
     from geovlm.model import lm_head_weight
+    from geovlm.runtime import all_reduce_sum
 
-    stage = ctx.stage
+    options = ctx.stage.loss_options()
     shared = shares_prompts(ctx)
+    mask = batch.completion_mask
+    num_items = all_reduce_sum(int(mask.sum())) if options.normalises_by_batch_tokens else None
     if fused_linear:
-        from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
-
         hidden = completion_outputs(model, batch, shared, "hidden")
-        ids = batch.completion_ids * batch.completion_mask.to(batch.completion_ids.dtype)
-        logps = linear_selective_log_softmax(
-            hidden, lm_head_weight(model), ids, temperature=stage.temperature
+        return linear_grpo_loss(
+            hidden,
+            lm_head_weight(model),
+            batch.completion_ids,
+            batch.advantages,
+            old_logp=batch.old_logps,
+            ref_logp=batch.ref_logps,
+            completion_mask=mask,
+            options=options,
+            num_items_in_batch=num_items,
         )
-    else:
-        logits = completion_outputs(model, batch, shared, "logits")
-        logps, _ = fused_log_probs(
-            logits, batch.completion_ids, batch.completion_mask, stage.temperature
-        )
-    return grpo_loss_from_logps(
-        logps,
+    logits = completion_outputs(model, batch, shared, "logits")
+    return grpo_loss(
+        logits,
         batch.old_logps,
         batch.ref_logps,
+        batch.completion_ids,
         batch.advantages,
-        batch.completion_mask,
-        beta=stage.beta,
-        eps_low=stage.epsilon_low,
-        eps_high=stage.epsilon_high,
-        loss_type=stage.loss_type,
-        importance_sampling_level=stage.importance_sampling_level,
-        max_completion_length=stage.max_new_tokens,
-        delta=stage.delta,
-        use_bias_correction_kl=stage.use_bias_correction_kl,
+        mask,
+        inplace=False,
+        reduce=True,
+        num_items_in_batch=num_items,
+        options=options,
+        named_metrics=True,
     )
 
 
