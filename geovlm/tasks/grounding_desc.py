@@ -4,7 +4,8 @@
 * accuracy: ``(1 - v) * box reward + v * lexical score`` (``RewardOptions.grounding_text_weight``).
 * metrics: acc@0.5 / acc@0.25 and EarthDial's box precision of the boxes, ROUGE and METEOR of
   the text; headline ``acc@0.5``.
-* records: the answer with its boxes (as axis-aligned boxes) and its text as the first reference.
+* records: the answer with its boxes (as axis-aligned boxes) and its text as the first reference;
+  an EarthDial record's boxes are its ``obj_ids``.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def grounding_metrics(
 
 def from_record(exchange: Exchange) -> Target:
     captions = record_captions(exchange, exchange.plain_answer())
-    found = exchange.answer_boxes
+    # EarthDial's grounding records list the grounded objects' boxes in obj_ids (its script
+    # scores against those); elsewhere they are the boxes written in the answer.
+    found = exchange.field_boxes("obj_ids") or exchange.answer_boxes
     arr = np.stack([enclosing_box(b) for b in found]) if found else np.zeros((0, 4))
     return Target(
         task="grounding_desc",

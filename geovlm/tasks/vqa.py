@@ -153,6 +153,7 @@ VQA = TaskSpec(
     },
     generate=generate,
     from_record=label_target,
+    aliases=("visual_question_answering",),
     tags=("vqa",),
 )
 
