@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange, enclosing_box
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import (
@@ -128,7 +129,10 @@ GROUNDING_DESC = TaskSpec(
     description="grounding description: describe the image and box the objects mentioned",
     parse=parse,
     accuracy=grounding_accuracy,
-    metrics={"geovlm": grounding_metrics},
+    metrics={
+        "geovlm": grounding_metrics,
+        "earthdial": earthdial_metrics.grounding_metrics,
+    },
     headline="acc@0.5",
     prompts={
         "default": (
