@@ -596,9 +596,15 @@ def _section(run_config: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def embedded_samples(split: str, run_config: dict[str, Any], convention: str) -> list[Sample]:
+def embedded_samples(
+    split: str,
+    run_config: dict[str, Any],
+    convention: str,
+    pixel_budget: tuple[int | None, int | None] = (None, None),
+) -> list[Sample]:
     """A split of the embedded world: its defaults, or the data settings of the checkpoint's run
-    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``)."""
+    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``), boxes in
+    the frame of the processor's ``pixel_budget``."""
     import inspect
 
     from geovlm.data.synthetic import embedded_splits
@@ -607,7 +613,9 @@ def embedded_samples(split: str, run_config: dict[str, Any], convention: str) ->
         raise EvalInputError(f"--data embedded:{split}: split must be train, val or test")
     data = _section(run_config, "data")
     defaults = inspect.signature(embedded_splits).parameters
-    kwargs: dict[str, Any] = {"convention": convention}
+    kwargs: dict[str, Any] = {
+        "convention": convention, "min_pixels": pixel_budget[0], "max_pixels": pixel_budget[1]
+    }
     for key in ("seed", "image_size", "tasks"):
         if data.get(key) is not None:
             kwargs[key] = data[key]
@@ -666,7 +674,8 @@ def load_samples(
     the model's ``convention`` with the processor's ``pixel_budget``; ``task`` for every
     record)."""
     if data == "embedded" or data.startswith("embedded:"):
-        return embedded_samples(data.partition(":")[2] or "test", run_config, convention)
+        split = data.partition(":")[2] or "test"
+        return embedded_samples(split, run_config, convention, pixel_budget)
     from geovlm.data.readers import read_samples
 
     path = Path(data)
