@@ -175,8 +175,9 @@ def _text_field(record: dict, name: str, where: _Where) -> str:
 
 def normalise_geochat(record: dict) -> dict:
     """A GeoChat-Bench record in the result files' fields: ``ground_truth`` holding boxes ->
-    ``gt_bbox`` (``type`` -> ``task_type``), other text -> ``annotation``."""
-    out = {k: v for k, v in record.items() if k != "ground_truth"}
+    ``gt_bbox`` (``type`` -> ``task_type``), other text -> ``annotation``. Its ``obj_ids`` (object
+    ids, not EarthDial's grounding boxes) are left out."""
+    out = {k: v for k, v in record.items() if k not in ("ground_truth", "obj_ids")}
     if "question" not in out and isinstance(record.get("text"), str):
         out["question"] = record["text"]
     truth = record["ground_truth"]
