@@ -7,6 +7,13 @@ scores the predictions per task family with ``geovlm.metrics`` plus the mean tas
 The trainer calls ``evaluate`` at the end of every stage; the CLI calls the same function, so
 both print the same table.
 
+The CLI scores with the ``geovlm`` protocol (the project's metrics and rewards) or the
+``earthdial`` one (the paper's columns as EarthDial's scripts compute them, ``--earthdial-fixes``
+for their bugs corrected; ``docs/evaluation.md``), and ``--predictions`` scores existing answers
+without a model: EarthDial's result files as they are, or this project's predictions with the
+``--data`` they answer. ``score_benchmarks`` / ``write_tables`` give the paper's layout, one row
+per benchmark (``tables.md``, ``table_<task>.csv``).
+
 Predictions file: one JSON object per line, ``{"id", "task", "prediction", "reference"}``.
 A rerun skips every sample whose id is already there and reuses its stored prediction. Under
 torchrun each rank appends to ``<stem>.rank<r>.jsonl`` beside it while generating; rank 0 merges
