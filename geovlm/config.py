@@ -80,7 +80,12 @@ class DataConfig:
     val: str | None = "embedded"
     test: str | None = "embedded"
     image_root: str | None = None
-    format: Literal["auto", "llava", "vlmr1"] = "auto"
+    format: Literal["auto", "llava", "vlmr1", "earthdial"] = "auto"
+    # How bracketed boxes in the files are written (geovlm.data.boxes): their units (null: the
+    # format's, 0..100 "geochat" for EarthDial / GeoChat benchmarks, else pixels) and what five
+    # numbers mean (null: the format's, corners + angle for EarthDial / GeoChat, else centre).
+    source_convention: Literal["pixels", "qwen2vl", "qwen25vl", "geochat"] | None = None
+    box_layout: Literal["corners", "centre", "xyxy"] | None = None
     tasks: list[str] | None = None
     task_modules: list[str] = field(default_factory=list)  # imported to register their tasks
     n_train_scenes: int = 600

@@ -35,7 +35,7 @@ from geovlm.rundir import EXISTING_RUN_CHOICES, ExistingRun
 def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resume") -> dict:
     """Run every stage of ``config``; returns {stage label: held-out summary}."""
     from geovlm import heldout, report
-    from geovlm.data.sources import load_splits, select_tasks
+    from geovlm.data.sources import load_splits, model_pixel_budget, select_tasks
     from geovlm.data.synthetic import corpus
     from geovlm.loop import MetricsLog, StageContext
     from geovlm.model import initial_policy, load_policy
@@ -51,7 +51,9 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     seed_everything(config.seed)
     log = MetricsLog(config.run_dir / "metrics.jsonl", enabled=runtime.is_main)
     try:
-        splits = load_splits(config.data, config.model.box_convention)
+        splits = load_splits(
+            config.data, config.model.box_convention, model_pixel_budget(config.model)
+        )
     except (ValueError, FileNotFoundError) as err:
         # Readers name the file, record and field; say it without a traceback.
         raise ConfigError(f"data: {err}") from err

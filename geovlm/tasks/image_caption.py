@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import COVER_CUES, SceneContext, inventory, scene_captions
 from geovlm.metrics import MetricOptions, caption_metrics
@@ -73,7 +74,10 @@ IMAGE_CAPTION = TaskSpec(
     description="image captioning: a sentence about the whole scene",
     parse=parse_caption,
     accuracy=image_caption_accuracy,
-    metrics={"geovlm": full_caption_metrics},
+    metrics={
+        "geovlm": full_caption_metrics,
+        "earthdial": earthdial_metrics.caption_metrics,
+    },
     headline="rouge_l",
     prompts={
         "default": (
