@@ -53,8 +53,36 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through PEFT (``geovlm.lora``): each stage trains its own adapters on top of
+    the model it starts from, and a GRPO stage's reference is that model (the adapters disabled).
+
+    ``target_modules`` are module names (the last part of a dotted name) adapted in the language
+    model's decoder layers; with ``vision`` also ``vision_target_modules`` in the vision tower's
+    blocks. ``merge_on_save`` also writes each stage's merged weights to ``final/merged/``.
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )
+    vision: bool = False
+    vision_target_modules: list[str] = field(
+        default_factory=lambda: ["qkv", "proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_on_save: bool = False
+
+
+@dataclass
 class ModelConfig:
-    """Which policy to build and how to run it."""
+    """Which policy to build and how to run it. ``path``: a local model folder (HF format, or a
+    PEFT adapter folder), or a Hugging Face hub id resolved through the local HF cache (and
+    downloaded where the network allows); unset: the embedded tiny model."""
 
     path: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -65,6 +93,7 @@ class ModelConfig:
     liger_kernels: bool = True
     fused_linear_loss: Literal["auto", "on", "off"] = "auto"
     box_convention: Literal["pixels", "qwen2vl", "qwen25vl", "geochat"] = "qwen25vl"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -171,9 +200,19 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
+# Experiment trackers ``report_to`` may name (as HF ``TrainingArguments.report_to``).
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "mlflow")
+
+
 @dataclass
 class RunConfig:
-    """Everything one ``python -m geovlm.train`` run needs."""
+    """Everything one ``python -m geovlm.train`` run needs.
+
+    ``report_to``: the experiment trackers that receive the run's metrics, config and held-out
+    tables (``geovlm.trackers``): one of ``REPORT_TO``, several as a list or a comma-separated
+    string. TensorBoard by default: it writes local files only (``<run>/tensorboard``), needs no
+    account or network, and is what most users open first.
+    """
 
     name: str = "tiny-cpu"
     output_dir: str = "runs"
@@ -181,6 +220,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
     profile: bool = False
+    report_to: str | list[str] = "tensorboard"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -379,9 +419,26 @@ def known_tasks() -> list[str]:
     return list(TASKS)
 
 
+def report_targets(value: str | list[str]) -> list[str]:
+    """``report_to`` as the list of trackers to open (``[]`` for ``none``), in the given order.
+
+    ``"tensorboard,wandb"`` and ``["tensorboard", "wandb"]`` are the same; ``none`` may not be
+    combined with a tracker; an unknown name is a ``ConfigError``.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [item.strip().lower() for item in items if item.strip()]
+    unknown = [name for name in names if name not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"report_to: unknown tracker(s) {unknown}; choose from {list(REPORT_TO)}")
+    if "none" in names and len(set(names)) > 1:
+        raise ConfigError(f"report_to: 'none' cannot be combined with trackers ({names})")
+    return list(dict.fromkeys(name for name in names if name != "none"))
+
+
 def check(config: RunConfig) -> RunConfig:
     """Checks across fields, before anything is built: task names, the data splits' sources,
-    unique stage names. Raises ``ConfigError`` naming the key."""
+    unique stage names, tracker names. Raises ``ConfigError`` naming the key."""
+    report_targets(config.report_to)
     known = known_tasks()
     lists = [("data.tasks", config.data.tasks)] + [
         (f"stages.{stage.name}.tasks", stage.tasks) for stage in config.stages
