@@ -264,7 +264,7 @@ def _all_done(live_rows: int, synced_gpus: bool) -> bool:
     """Whether no row is still decoding, on every rank when ranks must step together."""
     if not synced_gpus:
         return live_rows == 0
-    from geovlm.distributed import all_reduce_sum
+    from geovlm.runtime import all_reduce_sum
 
     return all_reduce_sum(live_rows) == 0
 

@@ -11,8 +11,10 @@ the caller says what it wants:
 - ``"resume-changed"``: keep the checkpoints and continue under the new config (finished
   stages stay as they were); the earlier config is kept as ``config.<n>.yaml`` beside it.
 
-Keys that do not change what is trained or how it is evaluated (``RESUMABLE_KEYS``: progress
-and profiling switches, thread counts, evaluation batch size) may differ freely.
+Keys that do not change what is trained or how it is evaluated (``RESUMABLE_KEYS``: the run's
+name and folder, profiling, thread counts, the evaluation batch size, trackers, and how the work
+is spread over processes: a run started under torchrun may be resumed in one process and vice
+versa) may differ freely.
 """
 
 from __future__ import annotations
@@ -30,7 +32,19 @@ EXISTING_RUN_CHOICES: tuple[str, ...] = ("resume", "overwrite", "resume-changed"
 CONFIG_FILE = "config.yaml"
 
 # Dotted keys whose value never changes the trained weights or the held-out numbers.
-RESUMABLE_KEYS = frozenset({"profile", "threads", "eval.batch_size", "report_to"})
+RESUMABLE_KEYS = frozenset(
+    {
+        "name",
+        "output_dir",
+        "profile",
+        "threads",
+        "eval.batch_size",
+        "report_to",
+        "distributed.strategy",
+        "distributed.deepspeed",
+        "distributed.backend",
+    }
+)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -199,6 +199,8 @@ def test_fsdp2_checkpoint_resumes_in_one_process(runs):
     source = runs / "sft_fsdp2_resumed" / "stages" / "0-sft" / "checkpoint-2"
     target = runs / name / "stages" / "0-sft" / "checkpoint-2"
     shutil.copytree(source, target)
+    # The run folder's config says which run the checkpoint belongs to (geovlm.rundir).
+    shutil.copy(runs / "sft_fsdp2_resumed" / "config.yaml", runs / name / "config.yaml")
     init = runs / "init" / "init"
     with ExitStack() as probes:
         install_probes(probes)
@@ -216,6 +218,7 @@ def test_deepspeed_checkpoint_refuses_another_world_size(runs, tmp_path):
     name = "grpo_from_zero2"
     source = runs / "grpo_zero2_resumed" / "stages" / "0-grpo" / "checkpoint-2"
     shutil.copytree(source, tmp_path / name / "stages" / "0-grpo" / "checkpoint-2")
+    shutil.copy(runs / "grpo_zero2_resumed" / "config.yaml", tmp_path / name / "config.yaml")
     init = runs / "init" / "init"
     with pytest.raises(RuntimeError, match="ZeRO optimizer partitions"):
         train_main(argv(tmp_path, init, name, "grpo", None, save=1))
