@@ -429,7 +429,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "per-task metrics, predictions.jsonl + metrics.json, a markdown table.",
     )
     parser.add_argument("--checkpoint", required=True,
-                        help="HF model directory (a geovlm checkpoint or a Qwen2/2.5-VL model)")
+                        help="HF model directory (a geovlm checkpoint or a Qwen2/2.5-VL model), "
+                        "or LoRA adapters (merged into the base they name)")
     parser.add_argument("--data", default="embedded",
                         help="benchmark file (LLaVA/GeoChat JSON or VLM-R1 JSONL), or 'embedded' "
                         "(the embedded world's test split; 'embedded:val' for another split)")
@@ -592,9 +593,14 @@ def select_samples(
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
     """Checks and data loading before any model is built: (checkpoint, convention, samples, out)."""
+    from geovlm.checkpoint import holds_model
+
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise EvalInputError(f"--checkpoint {checkpoint}: not a model directory (no config.json)")
+    if not holds_model(checkpoint):
+        raise EvalInputError(
+            f"--checkpoint {checkpoint}: not a model directory (no config.json, nor the "
+            "adapter_config.json of LoRA adapters)"
+        )
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise EvalInputError(f"--{name.replace('_', '-')} must be >= 1")

@@ -36,16 +36,22 @@ from geovlm.rundir import EXISTING_RUN_CHOICES, ExistingRun
 def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resume") -> dict:
     """Run every stage of ``config``; returns {stage label: held-out summary}."""
     from geovlm import heldout, report
+    from geovlm.checkpoint import holds_model
     from geovlm.data.sources import load_splits, select_tasks
     from geovlm.data.synthetic import corpus
     from geovlm.loop import MetricsLog, StageContext
-    from geovlm.model import initial_policy, load_policy
+    from geovlm.model import initial_policy, load_policy, resolve_model_source
     from geovlm.runtime import RuntimeSetupError, barrier, seed_everything, start
     from geovlm.trackers import check_trackers, open_trackers
 
     started = time.time()
     check_stage_tasks(config)
     check_trackers(config)
+    if config.model.path:
+        try:
+            resolve_model_source(config.model.path)  # a missing model is named before any work
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from err
     try:
         runtime = start(config.device, config.distributed.backend, config.threads)
     except RuntimeSetupError as err:
@@ -85,7 +91,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
         ctx = StageContext(config, stage, index, runtime, log)
         final = ctx.stage_dir / "final"
         tasks = stage.tasks or config.data.tasks
-        if (final / "config.json").is_file():
+        if holds_model(final):
             if runtime.is_main:
                 print(f"[{index}] {stage.name}: already finished ({final})", flush=True)
             model = None
@@ -103,11 +109,10 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
 
                 engine = run_grpo(model, processor, train, ctx, profile or config.profile)
             engine.save_final(final, processor, config, stage.steps)
-            model = engine.policy
+            # LoRA adapters merged; None when sharded: evaluate (and start the next stage) from
+            # the saved checkpoint.
+            model = engine.release_model(final)
             del engine
-            if runtime.world_size > 1 and config.distributed.strategy != "ddp":
-                # Sharded weights: evaluate (and start the next stage) from the full checkpoint.
-                model = None
 
         def current(final=final):
             nonlocal model, processor
