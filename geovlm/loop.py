@@ -138,13 +138,11 @@ class MetricsLog:
 def resume_if_possible(ctx: StageContext, engine: Engine) -> tuple[int, dict[str, Any]]:
     """Load the newest checkpoint of this stage into ``engine``; returns (next step, extras).
 
-    Records of this stage from step ``next step`` on (an interrupted attempt's, also one that
-    crashed before its first checkpoint) are dropped: the stage recomputes them.
+    Records of this stage after the checkpoint (an interrupted attempt's) are dropped: the
+    stage recomputes them.
     """
     path = latest_checkpoint(ctx.stage_dir)
     if path is None:
-        if ctx.log is not None:
-            ctx.log.truncate(ctx.stage.name, -1)
         return 0, {}
     step, extra = engine.load_checkpoint(path)
     if ctx.log is not None:
