@@ -435,10 +435,23 @@ def report_targets(value: str | list[str]) -> list[str]:
     return list(dict.fromkeys(name for name in names if name != "none"))
 
 
+def _check_lora(lora: LoraConfig) -> None:
+    if not lora.enabled:
+        return
+    if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise ConfigError(
+            f"model.lora: r={lora.r} must be >= 1, alpha={lora.alpha} > 0 and "
+            f"dropout={lora.dropout} in [0, 1)"
+        )
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: name at least one module (e.g. q_proj)")
+
+
 def check(config: RunConfig) -> RunConfig:
     """Checks across fields, before anything is built: task names, the data splits' sources,
-    unique stage names, tracker names. Raises ``ConfigError`` naming the key."""
+    unique stage names, tracker names, LoRA sizes. Raises ``ConfigError`` naming the key."""
     report_targets(config.report_to)
+    _check_lora(config.model.lora)
     known = known_tasks()
     lists = [("data.tasks", config.data.tasks)] + [
         (f"stages.{stage.name}.tasks", stage.tasks) for stage in config.stages

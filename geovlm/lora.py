@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from geovlm.config import LoraConfig
+from geovlm.config import ConfigError, LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,7 +53,7 @@ def target_module_names(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
     names = _linear_names(body.language_model.layers, "model.language_model.layers",
                           lora.target_modules)
     if not names:
-        raise ValueError(
+        raise ConfigError(
             f"model.lora.target_modules={lora.target_modules} name no Linear module of the "
             f"language model's layers; they are named {_leaf_names(body.language_model.layers)}"
         )
@@ -61,7 +61,7 @@ def target_module_names(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
         vision = _linear_names(body.visual.blocks, "model.visual.blocks",
                                lora.vision_target_modules)
         if not vision:
-            raise ValueError(
+            raise ConfigError(
                 f"model.lora.vision_target_modules={lora.vision_target_modules} name no Linear "
                 f"module of the vision blocks; they are named {_leaf_names(body.visual.blocks)}"
             )

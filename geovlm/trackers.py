@@ -116,19 +116,14 @@ def heldout_rows(summaries: dict[str, dict]) -> tuple[list[str], list[list[Any]]
     return ["task", "metric", *labels], rows
 
 
-def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """The config as ``{"stages.0.lr": 1e-5, ...}`` (lists of scalars kept as their text)."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flat_config(value, f"{prefix}{key}."))
-        return out
-    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
-        out = {}
-        for index, value in enumerate(tree):
-            out.update(flat_config(value, f"{prefix}{index}."))
-        return out
-    return {prefix[:-1]: tree if isinstance(tree, int | float | str | bool) else str(tree)}
+def flat_config(config: dict) -> dict[str, Any]:
+    """The config as ``{"stages.0.lr": 1e-5, ...}``, non-scalar leaves (lists, null) as text."""
+    from geovlm.rundir import flatten
+
+    return {
+        key: value if isinstance(value, int | float | str | bool) else str(value)
+        for key, value in flatten(config).items()
+    }
 
 
 # --------------------------------------------------------------------------- backends

@@ -3,8 +3,9 @@
 One ``torchrun --nproc_per_node 2`` launch (tests/_distributed_worker.py) runs SFT and GRPO under
 DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, SFT under ZeRO-2 with the optimizer offloaded to the CPU
 (DeepSpeed's CPU Adam, built from the JSON's optimizer section and by geovlm without one), GRPO
-under a DeepSpeed JSON schedule, plus interrupted-and-resumed sharded runs; the single-process
-baselines run in this process. All start from one saved tiny model.
+under a DeepSpeed JSON schedule, GRPO with LoRA adapters under FSDP2, plus interrupted-and-resumed
+sharded runs; the single-process baselines run in this process. All start from one saved tiny
+model.
 
 What must be equal, and why it can be:
 - SFT: every step's loss, gradient norm and token count. Rank r trains on its contiguous half of
@@ -80,6 +81,8 @@ OPTIONS = {
 OFFLOAD = ("zero2_offload", "zero2_offload_stage_adam")
 # The cosine schedule's warm-up: round(0.67 x 3 steps) = 2 steps.
 COSINE_WARMUP = "stages.grpo.warmup_ratio=0.67"
+# LoRA adapters (geovlm.lora): their checkpoints gathered from FSDP2 shards and loaded back.
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.0"]
 # Sharded runs interrupted in step 2 (after checkpoint-2 with mu = 2 iterations), then resumed.
 RESUMED = [("sft", "fsdp2"), ("sft", "zero3"), ("grpo", "zero2")]
 RTOL = 1e-4
@@ -131,9 +134,11 @@ def runs(tmp_path_factory):
         # The crash hits the first optimizer step of step 2 (SFT: 1 per step; GRPO: mu = 2).
         crash = 3 if stage == "sft" else 5
         spec.append({"argv": argv(tmp, init, name, stage, strategy, save=1), "crash_after": crash})
-    # The JSON's schedule, interrupted and resumed like the runs above.
+    # The JSON's schedule, and LoRA under FSDP2, interrupted and resumed like the runs above.
     cosine = argv(tmp, init, "grpo_zero2_cosine_resumed", "grpo", "zero2_cosine", save=1)
     spec.append({"argv": [*cosine, COSINE_WARMUP], "crash_after": 5})
+    lora = argv(tmp, init, "grpo_lora_fsdp2_resumed", "grpo", "fsdp2", save=1)
+    spec.append({"argv": [*lora, *LORA], "crash_after": 5})
     collectives, optimizers = tmp / "collectives.json", tmp / "optimizers.json"
     (tmp / "spec.json").write_text(json.dumps(
         {"collectives": str(collectives), "optimizers": str(optimizers), "runs": spec}
@@ -155,6 +160,7 @@ def runs(tmp_path_factory):
         install_probes(probes)
         for stage in ("sft", "grpo"):
             assert train_main(argv(tmp, init, f"{stage}_single", stage, None)) == 0
+        assert train_main([*argv(tmp, init, "grpo_lora_single", "grpo", None), *LORA]) == 0
     try:
         # A deadlock guard, generous enough for a machine shared with other jobs.
         output, _ = worker.communicate(timeout=900)
@@ -227,6 +233,24 @@ def test_a_deepspeed_json_schedule_steps_once_per_stage_step_and_resumes(runs):
     got = [r["lr"] for r in metrics(runs, "grpo_zero2_cosine_resumed")]
     assert got == pytest.approx(want, abs=1e-12)
     assert len(set(want)) == 3
+
+
+def test_lora_adapters_under_fsdp2_resume_and_match_one_process(runs):
+    """Adapters only train, their state is gathered from the shards into PEFT-format
+    checkpoints, loaded back into the shards on resume, and the run is the one-process run."""
+    from safetensors.torch import load_file
+
+    want = metrics(runs, "grpo_lora_single")
+    assert_same(metrics(runs, "grpo_lora_fsdp2_resumed"), want, GRPO_KEYS)
+    assert want[-1]["kl"] > 0
+    stage_dir = runs / "grpo_lora_fsdp2_resumed" / "stages" / "0-grpo"
+    assert not (stage_dir / "final" / "model.safetensors").exists()
+    got = load_file(stage_dir / "final" / "adapter_model.safetensors")
+    single = load_file(runs / "grpo_lora_single" / "stages" / "0-grpo" / "final"
+                       / "adapter_model.safetensors")
+    assert got.keys() == single.keys() and len(got) > 0
+    for key, value in single.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("name", SHARDED_EVAL)

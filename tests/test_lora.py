@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from geovlm.advantages import group_advantages
-from geovlm.config import LoraConfig, RunConfig, StageConfig, load_config
+from geovlm.config import ConfigError, LoraConfig, RunConfig, StageConfig, load_config
 from geovlm.data.collate import collate_prompts
 from geovlm.distributed import prepare_engine
 from geovlm.grpo import build_policy_batch, completion_logps, policy_loss, reference_logps
@@ -69,8 +69,18 @@ def test_default_targets_are_the_language_models_attention_and_mlp_projections()
     vision = [n for n in with_vision if n.startswith("model.visual.")]
     assert len(vision) == 5 * model.config.vision_config.depth
     assert all(".blocks." in n for n in vision)  # never the merger, never lm_head
-    with pytest.raises(ValueError, match="q_proj"):
+    with pytest.raises(ConfigError, match="q_proj"):
         target_module_names(model, LoraConfig(target_modules=["query"]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("model.lora.r=0", "r=0"), ("model.lora.dropout=1.0", "dropout"),
+     ("model.lora.target_modules=[]", "at least one")],
+)
+def test_bad_lora_settings_are_refused_before_anything_is_built(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.lora.enabled=true", override])
 
 
 def test_only_the_adapters_train_and_they_start_at_the_base():
