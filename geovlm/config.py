@@ -527,7 +527,11 @@ def describe_options(config: RunConfig | None = None) -> str:
             elif f.name == "stages":
                 continue
             else:
-                note = "   (the run folder is output_dir/name)" if key == "name" else ""
+                notes = {
+                    "name": "the run folder is output_dir/name",
+                    "report_to": " | ".join(REPORT_TO) + "; several: a list or a,b",
+                }
+                note = f"   ({notes[key]})" if key in notes else ""
                 lines.append(f"  {key} = {value!r}   [{_choices(tp)}]{note}")
 
     walk(RunConfig, "", config)
