@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from geovlm.data.schema import TASKS
+from geovlm.tasks import registry
 
 if TYPE_CHECKING:
     from geovlm.trackers import Trackers
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def summary_table(summaries: dict[str, dict], objective: dict[str, dict]) -> str:
     """Markdown: ``| task | metric | <label> ... |`` and the GRPO-objective table under it."""
     labels = list(summaries)
-    tasks = [t for t in TASKS if any(t in s for s in summaries.values())]
+    tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
     lines = [
         "| task | metric | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),

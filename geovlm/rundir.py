@@ -43,6 +43,7 @@ RESUMABLE_KEYS = frozenset(
         "distributed.strategy",
         "distributed.deepspeed",
         "distributed.backend",
+        "data.workers",
     }
 )
 

@@ -5,8 +5,9 @@ gradient-accumulation window (not a mean of per-micro-batch means, which would w
 samples more: the well-known gradient-accumulation bug). AdamW, warm-up + cosine schedule,
 periodic teacher-forced validation loss, atomic checkpoints with exact resume.
 
-Packing (``stage.packing``, see ``geovlm.data.packing``) puts several samples of a micro-batch
-into one row instead of padding each to the longest; the loss counts exactly the same labels.
+Packing (``stage.packing``, see ``geovlm.data.packing`` and ``geovlm.packed``) puts several
+samples of a micro-batch into one row instead of padding each to the longest; the loss counts
+exactly the same labels.
 
 * ``"off"``: every micro-batch is padded.
 * ``"on"``: every micro-batch is packed into rows of at most ``max_length`` tokens (one row with
@@ -28,13 +29,8 @@ import torch.nn.functional as F
 
 from geovlm.config import StageConfig
 from geovlm.data.collate import collate_sft, pad_token_id
-from geovlm.data.packing import (
-    attention_implementation,
-    pack_for_model,
-    packing_unsupported,
-    plan_rows,
-    sequence_lengths,
-)
+from geovlm.data.loader import auto_workers, prefetched
+from geovlm.data.packing import plan_rows, sequence_lengths
 from geovlm.data.schema import Sample
 from geovlm.distributed import Engine, prepare_engine
 from geovlm.loop import (
@@ -46,6 +42,7 @@ from geovlm.loop import (
     step_seed,
 )
 from geovlm.model import forward_hidden, forward_logits, lm_head_weight
+from geovlm.packed import attention_implementation, pack_for_model, packing_unsupported
 from geovlm.profiling import StepProfiler, nvtx_range
 from geovlm.runtime import all_reduce_sum, seed_everything
 
@@ -151,19 +148,24 @@ def run_sft(
             f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of "
             f"the world size {ctx.world_size}"
         )
-    bar = step_progress(ctx, start)
-    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
-    for step in bar:
-        profiler.step()
-        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
-        # Collate the whole accumulation window first so the loss is normalised by its
-        # total token count.
-        windows = []
+    def window(step: int) -> list[dict]:
+        """This rank's micro-batches of ``step``'s accumulation window, collated. The whole
+        window comes first so that the loss is normalised by its total token count."""
+        out = []
         for accum in range(stage.grad_accum):
             global_step = step * stage.grad_accum + accum
             idx = batch_indices(len(train), stage.batch_size, global_step, ctx.config.seed)
             mine = idx[ctx.rank * micro : (ctx.rank + 1) * micro]
-            windows.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
+            out.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
+        return out
+
+    workers = auto_workers(ctx.device, ctx.config.data.workers)
+    batches = prefetched(window, range(start, stage.steps), workers)
+    bar = step_progress(ctx, start)
+    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
+    for step, windows in zip(bar, batches, strict=True):
+        profiler.step()
+        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in windows)
         # The global batch's token count: every rank normalises by the same number.
         total_tokens = all_reduce_sum(local_tokens)

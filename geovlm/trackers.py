@@ -101,10 +101,10 @@ def heldout_scalars(summary: dict[str, tuple[str, float]]) -> dict[str, float]:
 
 def heldout_rows(summaries: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
     """Columns ``task, metric, <label>...`` and one row per task (None where not evaluated)."""
-    from geovlm.data.schema import TASKS
+    from geovlm.tasks import registry
 
     labels = list(summaries)
-    tasks = [t for t in TASKS if any(t in s for s in summaries.values())]
+    tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
     rows = []
     for task in tasks:
         metric = next(s[task][0] for s in summaries.values() if task in s)
