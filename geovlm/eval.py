@@ -525,7 +525,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "paper's tables (tables.md, table_<task>.csv: one row per benchmark).",
     )
     parser.add_argument("--checkpoint", default=None,
-                        help="HF model directory (a geovlm checkpoint or a Qwen2/2.5-VL model); "
+                        help="HF model directory (a geovlm checkpoint or a Qwen2/2.5-VL model) or "
+                        "LoRA adapters (merged into the base they name); "
                         "with --predictions only its run_config.yaml and pixel budget are read")
     parser.add_argument("--predictions", nargs="+", default=None, metavar="FILE.jsonl",
                         help="score these predictions instead of generating: EarthDial's "
@@ -737,9 +738,14 @@ def _default_benchmark(data: str) -> str:
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
     """Checks and data loading before any model is built: (checkpoint, convention, samples, out)."""
+    from geovlm.checkpoint import holds_model
+
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise EvalInputError(f"--checkpoint {checkpoint}: not a model directory (no config.json)")
+    if not holds_model(checkpoint):
+        raise EvalInputError(
+            f"--checkpoint {checkpoint}: not a model directory (no config.json, nor the "
+            "adapter_config.json of LoRA adapters)"
+        )
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise EvalInputError(f"--{name.replace('_', '-')} must be >= 1")

@@ -5,7 +5,8 @@ One step (DESIGN.md, "How data flows")::
     P prompts (this rank's shard)  --generate_rollouts-->  P*G completions + sampling log-probs
     rewards.score(tasks, texts, targets)                    [P*G] total + components (CPU, numba)
     group_advantages(total, G, scale)                       [P*G]
-    ref log-probs (frozen copy of the stage's start model; skipped when beta == 0)
+    ref log-probs (the stage's start model: a frozen copy, or with LoRA the policy with its
+                   adapters disabled; skipped when beta == 0)
     old log-probs (mu > 1: the policy before this batch's first update; else on-policy)
     mu x (policy forward -> grpo loss -> backward -> clip -> AdamW step)
 
@@ -140,6 +141,18 @@ def completion_logps(
     with torch.no_grad():
         logits = completion_outputs(model, batch, share_prompt, "logits")
         return selective_log_softmax(logits, batch.completion_ids, temperature).float()
+
+
+def reference_logps(
+    engine: Engine, reference, batch: PolicyBatch, temperature: float, share_prompt: bool
+) -> torch.Tensor:
+    """``[R, Lc]`` log-probs (fp32, no grad) under the stage's start model: its frozen copy
+    ``reference``, or, with LoRA adapters (``reference`` None), the policy with them disabled,
+    which is the same model without a second copy of its weights."""
+    if reference is not None:
+        return completion_logps(reference, batch, temperature, share_prompt)
+    with engine.adapters_disabled():
+        return completion_logps(engine.policy, batch, temperature, share_prompt)
 
 
 def policy_loss(
@@ -306,7 +319,7 @@ def run_grpo(
             f"multiple of the world size {ctx.world_size}"
         )
     reference = None
-    if stage.beta != 0.0:
+    if stage.beta != 0.0 and not ctx.config.model.lora.enabled:
         # The frozen reference is the model this stage starts from (the SFT / previous stage),
         # copied before the policy is wrapped, and sharded like the policy.
         reference = prepare_reference(model, ctx.config, stage, ctx.runtime)
@@ -354,10 +367,10 @@ def run_grpo(
         )
         mine = slice(ctx.rank * len(rewards.total), (ctx.rank + 1) * len(rewards.total))
         batch = build_policy_batch(rollouts, all_advantages[mine], ctx.device)
-        if reference is not None:
+        if stage.beta != 0.0:
             with nvtx_range("grpo/ref_logps"):
-                batch.ref_logps = completion_logps(
-                    reference, batch, stage.temperature, shares_prompts(ctx)
+                batch.ref_logps = reference_logps(
+                    engine, reference, batch, stage.temperature, shares_prompts(ctx)
                 )
         if stage.num_iterations > 1:
             with nvtx_range("grpo/old_logps"):

@@ -3,12 +3,14 @@ torchrun worker and the single-process baseline install.
 
 Launched as ``python -m torch.distributed.run --nproc_per_node N --module tests._distributed_worker
 SPEC.json``: as a module, so that ``tests/`` never lands on ``sys.path`` (where a test folder could
-shadow an installed package). SPEC is ``{"collectives": OUT.json, "runs": [{"argv": [...],
-"crash_after": k}]}`` (``crash_after`` optional). ``check_collectives`` first reduces known per-
-rank values into OUT.json; then every run is ``geovlm.train.main(argv)`` (the code path of ``python
--m geovlm.train``), all in one process group so that the interpreter and the process group start
-once. A run with ``crash_after=k`` raises on every rank at its k-th optimizer step (as if killed
-there) and is then run again, which resumes from its last checkpoint.
+shadow an installed package). SPEC is ``{"collectives": OUT.json, "optimizers": OUT.json, "runs":
+[{"argv": [...], "crash_after": k}]}`` (``crash_after`` optional). ``check_collectives`` first
+reduces known per-rank values into its OUT.json; then every run is ``geovlm.train.main(argv)``
+(the code path of ``python -m geovlm.train``), all in one process group so that the interpreter
+and the process group start once; "optimizers" receives the class of the optimizer DeepSpeed
+steps in each DeepSpeed run (``record_optimizers``). A run with ``crash_after=k`` raises on every
+rank at its k-th optimizer step (as if killed there) and is then run again, which resumes from
+its last checkpoint.
 
 Probes, so that a run's numbers do not depend on how the batch is split over ranks:
 
@@ -151,6 +153,20 @@ def crash_after(stack: ExitStack, n: int) -> None:
         stack.enter_context(mock.patch.object(cls, "step", step))
 
 
+def record_optimizers(stack: ExitStack, seen: dict[str, str]) -> None:
+    """Record, per run (output folder name), the class of the optimizer DeepSpeed steps."""
+    from geovlm import distributed
+
+    original = distributed._deepspeed_engine
+
+    def build(model, config, *args, **kwargs):
+        engine = original(model, config, *args, **kwargs)
+        seen[config.name] = type(engine.model.basic_optimizer).__name__
+        return engine
+
+    stack.enter_context(mock.patch.object(distributed, "_deepspeed_engine", build))
+
+
 def check_collectives(out: Path) -> None:
     """Reduce rank-dependent metrics and rows; rank 0 writes what it got (the test has oracles)."""
     from geovlm.runtime import gather_rows, reduce_metrics, start
@@ -172,8 +188,10 @@ def main(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     check_collectives(Path(spec["collectives"]))
+    optimizers: dict[str, str] = {}
     with ExitStack() as probes:
         install_probes(probes)
+        record_optimizers(probes, optimizers)
         for run in spec["runs"]:
             if run.get("crash_after"):
                 with ExitStack() as crash:
@@ -186,6 +204,8 @@ def main(spec_path: str) -> int:
                         raise AssertionError(f"run {run['argv']} did not reach the crash")
             if train_main(run["argv"]) != 0:
                 return 1
+    if torch.distributed.get_rank() == 0:
+        Path(spec["optimizers"]).write_text(json.dumps(optimizers))
     return 0
 
 
