@@ -12,7 +12,7 @@ template with the project's system prompt) -> G sampled completions each, exactl
 - the prompts: the same P samples every step on both sides (the training set *is* those P
   samples); the parent checks both sides count the same prompt tokens;
 - the completion length: ``min_new_tokens = max_new_tokens = L`` on both sides (TRL through
-  ``generation_kwargs``; ours through the generation config ``geovlm.rollout`` builds, see
+  ``generation_kwargs``; ours through the generation config ``geovlm.engines.builtin`` builds, see
   ``fix_completion_length``), and the image / video placeholder tokens are suppressed on both
   (TRL suppresses the image token by default; a sampled one breaks the next forward);
   both sides must report a mean completion length of exactly L;
@@ -178,20 +178,20 @@ def placeholder_ids(model) -> list[int]:
 def fix_completion_length(length: int) -> None:
     """Every rollout of our trainer emits exactly ``length`` tokens.
 
-    ``geovlm.rollout`` builds one GenerationConfig per call (vision placeholders suppressed) and
-    both of its decoders (the shared-prompt loop and HF generate) honour ``min_new_tokens``; this
-    sets it on that config and changes nothing else.
+    The built-in engine (``geovlm.engines.builtin``) builds one GenerationConfig per call
+    (vision placeholders suppressed) and both of its decoders (the shared-prompt loop and HF
+    generate) honour ``min_new_tokens``; this sets it on that config and changes nothing else.
     """
-    from geovlm import rollout
+    from geovlm.engines import builtin
 
-    make_config = rollout._generation_config
+    make_config = builtin._generation_config
 
     def generation_config(*args, **kwargs):
         config = copy.deepcopy(make_config(*args, **kwargs))
         config.min_new_tokens = length
         return config
 
-    rollout._generation_config = generation_config
+    builtin._generation_config = generation_config
 
 
 def parameter_sum(model) -> float:

@@ -18,6 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from geovlm.engines import check_engine_name
+
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "tiny-cpu"
 
@@ -160,6 +162,20 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Which rollout engine (``geovlm.engines``) samples the GRPO rollouts, the sampled-reward
+    objective and the held-out evaluation's answers."""
+
+    engine: str = "builtin"
+
+    def __post_init__(self) -> None:
+        try:
+            check_engine_name(self.engine)
+        except ValueError as err:
+            raise ConfigError(f"rollout.engine: {err}") from err
+
+
+@dataclass
 class DistributedConfig:
     """Data parallelism and sharding under torchrun."""
 
@@ -182,6 +198,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property

@@ -139,6 +139,7 @@ def evaluate_stage(config, model, processor, samples, out_dir: Path, label: str,
         desc=f"eval {label}",
         rank=rank,
         world_size=world,
+        rollout_engine=config.rollout.engine,
     )
     if rank == 0:
         report.save(out_dir / "metrics.json")
