@@ -32,6 +32,15 @@ step (generation, rewards, reference forward, loss, backward, optimizer, logging
 gives the median (min) step time, completion tokens per second (P * G * L / median) and, on
 CUDA, the peak memory allocated over the timed steps; ratio = TRL median / ours median.
 
+``--rollout`` times the rollout alone instead (``run_rollout``): the built-in engine's
+``generate`` of the same P x G completions of exactly L tokens, in one process, alternating calls
+that return the sampling log-probs (``return_logprobs=True``: the full-vocabulary log-softmax
+every decode step that each rollout paid before the rollout-engine seam) with calls that do not
+(the default now), the same seed for both so that they sample the same tokens. Each setting is
+also timed with L = 1, so ``(t(L) - t(1)) / (L - 1)`` is the time of one decode step.
+``--vocab V`` gives the tiny model a V-token LM head (151,936 is Qwen2.5-VL's) to see the
+vocabulary's share on CPU.
+
 Defaults: on CPU the embedded default tiny model (``TinyModelConfig``), fp32, P = 4, G = 8,
 L = 32; on CUDA a randomly initialised model of the real Qwen2.5-VL-3B architecture (config only,
 no weights; see ``qwen25_vl_3b_config``), bf16, 448 x 448 images (256 image tokens), P = 4,
@@ -88,6 +97,7 @@ class Spec:
     threads: int = 1
     seed: int = 0
     tasks: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TASKS)
+    vocab: int | None = None  # tiny model only: the LM head's vocabulary (default: the tokenizer's)
 
 
 # --- the shared inputs --------------------------------------------------------------------------
@@ -136,7 +146,23 @@ def prepare(spec: Spec, model_dir: Path) -> None:
     from geovlm.model import build_policy, save_pretrained
 
     train, _ = bench_samples(spec)
-    if spec.model == "tiny":
+    if spec.model == "tiny" and spec.vocab:
+        from transformers import AutoModelForImageTextToText
+
+        from geovlm.config import TinyModelConfig
+        from geovlm.model import tiny_config, tiny_processor
+        from geovlm.tokenizer import build_tokenizer
+
+        sizes = asdict(TinyModelConfig())
+        tokenizer = build_tokenizer(corpus(train), vocab_size=sizes["vocab_size"])
+        processor = tiny_processor(tokenizer, sizes["min_pixels"], sizes["max_pixels"])
+        config = tiny_config(tokenizer, sizes)
+        config.text_config.vocab_size = spec.vocab
+        torch.manual_seed(spec.seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model.generation_config.eos_token_id = config.text_config.eos_token_id
+        model.generation_config.pad_token_id = config.text_config.pad_token_id
+    elif spec.model == "tiny":
         from geovlm.config import TinyModelConfig
 
         model, processor = build_policy(
@@ -181,16 +207,18 @@ def fix_completion_length(length: int) -> None:
     The built-in engine (``geovlm.engines.builtin``) builds one GenerationConfig per call
     (vision placeholders suppressed) and both of its decoders (the shared-prompt loop and HF
     generate) honour ``min_new_tokens``; this sets it on that config and changes nothing else.
+    Calling it again replaces the length (the original builder is wrapped once).
     """
     from geovlm.engines import builtin
 
-    make_config = builtin._generation_config
+    make_config = getattr(builtin._generation_config, "unfixed", builtin._generation_config)
 
     def generation_config(*args, **kwargs):
         config = copy.deepcopy(make_config(*args, **kwargs))
         config.min_new_tokens = length
         return config
 
+    generation_config.unfixed = make_config
     builtin._generation_config = generation_config
 
 
@@ -351,6 +379,81 @@ def run_trl(spec: Spec, model_dir: Path, workdir: Path) -> dict:
     }
 
 
+def run_rollout(spec: Spec, model_dir: Path) -> dict:
+    """Seconds of each rollout, by (log-probs returned, completion length), warm-up excluded.
+
+    Calls alternate the settings (and their order every repeat) so that load drift on a shared
+    machine spreads over both; both settings of a repeat use the same seed.
+    """
+    from geovlm.engines.base import EngineSetup, Sampling
+    from geovlm.engines.builtin import BuiltinEngine
+
+    model, processor = load_model(spec, model_dir)
+    _, samples = bench_samples(spec)
+    engine = BuiltinEngine(model, processor, EngineSetup())
+    settings = [(flag, length) for flag in (True, False) for length in (spec.max_new_tokens, 1)]
+    times: dict[str, list[float]] = {f"{flag}/{length}": [] for flag, length in settings}
+    lengths = set()
+    for repeat in range(spec.warmup + spec.steps):
+        for flag, length in settings if repeat % 2 == 0 else settings[::-1]:
+            fix_completion_length(length)
+            sampling = Sampling(
+                length, spec.temperature, seed=spec.seed + repeat, return_logprobs=flag
+            )
+            if spec.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            rollouts = engine.generate(samples, spec.generations, sampling)
+            if spec.device == "cuda":
+                torch.cuda.synchronize()
+            if repeat >= spec.warmup:
+                times[f"{flag}/{length}"].append(time.perf_counter() - start)
+            lengths.update(rollouts.lengths.tolist())
+            if length == spec.max_new_tokens and (rollouts.logprobs is not None) != flag:
+                raise RuntimeError(f"return_logprobs={flag} returned {rollouts.logprobs}")
+    if lengths != {1, spec.max_new_tokens}:
+        raise RuntimeError(f"completion lengths {sorted(lengths)}, not 1 and {spec.max_new_tokens}")
+    return {"times": times, "prompt_tokens": prompt_tokens_ours(processor, samples),
+            "vocab": int(model.config.get_text_config().vocab_size)}
+
+
+def report_rollout(spec: Spec, runs: list[dict], csv_path: str | None) -> None:
+    """Median rollout and decode-step times with and without log-probs, and their ratio."""
+    first = runs[0]
+    times = {key: [t for run in runs for t in run["times"][key]] for key in first["times"]}
+    median = {key: statistics.median(values) for key, values in times.items()}
+    L = spec.max_new_tokens
+    shape = (f"{spec.model} model, V={first['vocab']}, P={spec.prompts} x G={spec.generations}, "
+             f"L={L}, {first['prompt_tokens']} prompt tokens, T={spec.temperature}")
+    machine = _timing.machine()
+    print(f"# Rollout (built-in engine, shared prompts) with and without sampling log-probs "
+          f"({spec.device})")
+    print(f"machine: {machine}; load {_timing.load()}; commit {_timing.commit()}; {shape}; "
+          f"median of {len(runs)} x {spec.steps} calls each, after {spec.warmup} warm-up")
+    print("| log-probs | rollout median (min) s | decode step ms |")
+    print("|---|---|---|")
+    rows, step = [], {}
+    for flag in (True, False):
+        full, one = median[f"{flag}/{L}"], median[f"{flag}/1"]
+        step[flag] = (full - one) / max(L - 1, 1)
+        name = "returned (before)" if flag else "not returned (now)"
+        print(f"| {name} | {full:.4f} ({min(times[f'{flag}/{L}']):.4f}) | {step[flag] * 1e3:.3f} |")
+        rows.append({
+            "machine": machine, "date": datetime.date.today().isoformat(),
+            "commit": _timing.commit(), "load": _timing.load(), "shape": shape,
+            "return_logprobs": flag, "rollout_median_s": full,
+            "rollout_min_s": min(times[f"{flag}/{L}"]), "decode_step_ms": step[flag] * 1e3,
+            "rollouts": ";".join(f"{t:.4f}" for t in times[f"{flag}/{L}"]),
+        })
+    print(f"ratio before / now: rollout {median[f'True/{L}'] / median[f'False/{L}']:.3f}x, "
+          f"decode step {step[True] / step[False]:.3f}x")
+    if csv_path:
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def worker(side: str, spec: Spec, workdir: Path, result: Path) -> None:
     torch.set_num_threads(spec.threads)
     if spec.device == "cuda":
@@ -359,6 +462,8 @@ def worker(side: str, spec: Spec, workdir: Path, result: Path) -> None:
     if side == "prepare":
         prepare(spec, model_dir)
         out: dict = {}
+    elif side == "rollout":
+        out = run_rollout(spec, model_dir)
     else:
         if side == "trl":
             out = run_trl(spec, model_dir, workdir / side)
@@ -482,7 +587,7 @@ def default_spec(args: argparse.Namespace) -> Spec:
         beta=args.beta, image_size=args.image_size or (448 if big else 112),
         checkpointing=args.checkpointing if args.checkpointing is not None else big,
         freeze_vision=args.freeze_vision if args.freeze_vision is not None else big,
-        threads=args.threads, tasks=tuple(args.tasks.split(",")),
+        threads=args.threads, tasks=tuple(args.tasks.split(",")), vocab=args.vocab,
     )
 
 
@@ -508,7 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None,
                         help="run each side this many times, alternating the order "
                              "(default 2 on CPU, 1 on CUDA)")
-    parser.add_argument("--worker", choices=["prepare", *SIDES], help=argparse.SUPPRESS)
+    parser.add_argument("--rollout", action="store_true",
+                        help="time the rollout alone, with and without sampling log-probs")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="tiny model: LM-head vocabulary (151936 = Qwen2.5-VL's)")
+    parser.add_argument("--worker", choices=["prepare", "rollout", *SIDES],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -520,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     spec = default_spec(args)
+    if spec.vocab is not None and spec.model != "tiny":
+        parser.error("--vocab applies to the tiny model only")
     if spec.warmup < 1 or spec.steps < 1:
         parser.error("--warmup and --steps must be >= 1 (a step is timed from the previous end)")
     sides = [s for s in args.sides.split(",") if s]
@@ -529,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if spec.device == "cuda" else 2)
     if rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.rollout:
+        with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
+            spawn("prepare", spec, Path(tmp))
+            report_rollout(spec, [spawn("rollout", spec, Path(tmp)) for _ in range(rounds)],
+                           args.csv)
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         workdir = Path(tmp)
         spawn("prepare", spec, workdir)

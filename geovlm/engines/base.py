@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -154,6 +154,7 @@ class Rollouts:
         return inputs
 
 
+@runtime_checkable
 class RolloutEngine(Protocol):
     """What the GRPO stage and the evaluation call; built as ``cls(model, processor, setup)``.
 

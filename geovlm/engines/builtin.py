@@ -340,7 +340,9 @@ def _decode(
         if step < min_new_tokens:  # as HF's MinNewTokensLengthLogitsProcessor
             logits[:, eos] = float("-inf")
         if config.do_sample:
-            warped = top_p_filter(logits / config.temperature, config.top_p)
+            # T = 1 divides by nothing (as HF, which then adds no temperature warper).
+            scaled = logits / config.temperature if config.temperature != 1.0 else logits
+            warped = top_p_filter(scaled, config.top_p)
             token = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(1)
         else:
             token = logits.argmax(dim=-1)
