@@ -380,10 +380,12 @@ def run_trl(spec: Spec, model_dir: Path, workdir: Path) -> dict:
 
 
 def run_rollout(spec: Spec, model_dir: Path) -> dict:
-    """Seconds of each rollout, by (log-probs returned, completion length), warm-up excluded.
+    """Seconds of each rollout by clock (``wall``; on CPU also ``cpu``, the process's CPU time,
+    which a shared machine's load disturbs far less), then by (log-probs returned, completion
+    length), warm-up excluded.
 
-    Calls alternate the settings (and their order every repeat) so that load drift on a shared
-    machine spreads over both; both settings of a repeat use the same seed.
+    Calls alternate the settings (and their order every repeat) so that load drift spreads over
+    both; both settings of a repeat use the same seed, hence sample the same tokens.
     """
     from geovlm.engines.base import EngineSetup, Sampling
     from geovlm.engines.builtin import BuiltinEngine
@@ -392,7 +394,10 @@ def run_rollout(spec: Spec, model_dir: Path) -> dict:
     _, samples = bench_samples(spec)
     engine = BuiltinEngine(model, processor, EngineSetup())
     settings = [(flag, length) for flag in (True, False) for length in (spec.max_new_tokens, 1)]
-    times: dict[str, list[float]] = {f"{flag}/{length}": [] for flag, length in settings}
+    clocks = {"wall": time.perf_counter}
+    if spec.device == "cpu":
+        clocks["cpu"] = time.process_time
+    times = {clock: {f"{flag}/{length}": [] for flag, length in settings} for clock in clocks}
     lengths = set()
     for repeat in range(spec.warmup + spec.steps):
         for flag, length in settings if repeat % 2 == 0 else settings[::-1]:
@@ -402,14 +407,15 @@ def run_rollout(spec: Spec, model_dir: Path) -> dict:
             )
             if spec.device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            starts = {clock: now() for clock, now in clocks.items()}
             rollouts = engine.generate(samples, spec.generations, sampling)
             if spec.device == "cuda":
                 torch.cuda.synchronize()
             if repeat >= spec.warmup:
-                times[f"{flag}/{length}"].append(time.perf_counter() - start)
+                for clock, now in clocks.items():
+                    times[clock][f"{flag}/{length}"].append(now() - starts[clock])
             lengths.update(rollouts.lengths.tolist())
-            if length == spec.max_new_tokens and (rollouts.logprobs is not None) != flag:
+            if (rollouts.logprobs is not None) != flag:
                 raise RuntimeError(f"return_logprobs={flag} returned {rollouts.logprobs}")
     if lengths != {1, spec.max_new_tokens}:
         raise RuntimeError(f"completion lengths {sorted(lengths)}, not 1 and {spec.max_new_tokens}")
@@ -418,10 +424,9 @@ def run_rollout(spec: Spec, model_dir: Path) -> dict:
 
 
 def report_rollout(spec: Spec, runs: list[dict], csv_path: str | None) -> None:
-    """Median rollout and decode-step times with and without log-probs, and their ratio."""
+    """Median rollout and decode-step times with and without log-probs, and their ratio, per
+    clock; the decode step is ``(t(L) - t(1)) / (L - 1)`` of the medians."""
     first = runs[0]
-    times = {key: [t for run in runs for t in run["times"][key]] for key in first["times"]}
-    median = {key: statistics.median(values) for key, values in times.items()}
     L = spec.max_new_tokens
     shape = (f"{spec.model} model, V={first['vocab']}, P={spec.prompts} x G={spec.generations}, "
              f"L={L}, {first['prompt_tokens']} prompt tokens, T={spec.temperature}")
@@ -430,23 +435,30 @@ def report_rollout(spec: Spec, runs: list[dict], csv_path: str | None) -> None:
           f"({spec.device})")
     print(f"machine: {machine}; load {_timing.load()}; commit {_timing.commit()}; {shape}; "
           f"median of {len(runs)} x {spec.steps} calls each, after {spec.warmup} warm-up")
-    print("| log-probs | rollout median (min) s | decode step ms |")
-    print("|---|---|---|")
-    rows, step = [], {}
-    for flag in (True, False):
-        full, one = median[f"{flag}/{L}"], median[f"{flag}/1"]
-        step[flag] = (full - one) / max(L - 1, 1)
-        name = "returned (before)" if flag else "not returned (now)"
-        print(f"| {name} | {full:.4f} ({min(times[f'{flag}/{L}']):.4f}) | {step[flag] * 1e3:.3f} |")
-        rows.append({
-            "machine": machine, "date": datetime.date.today().isoformat(),
-            "commit": _timing.commit(), "load": _timing.load(), "shape": shape,
-            "return_logprobs": flag, "rollout_median_s": full,
-            "rollout_min_s": min(times[f"{flag}/{L}"]), "decode_step_ms": step[flag] * 1e3,
-            "rollouts": ";".join(f"{t:.4f}" for t in times[f"{flag}/{L}"]),
-        })
-    print(f"ratio before / now: rollout {median[f'True/{L}'] / median[f'False/{L}']:.3f}x, "
-          f"decode step {step[True] / step[False]:.3f}x")
+    print("| clock | log-probs | rollout median (min) s | decode step ms |")
+    print("|---|---|---|---|")
+    rows = []
+    for clock in first["times"]:
+        times = {key: [t for run in runs for t in run["times"][clock][key]]
+                 for key in first["times"][clock]}
+        median = {key: statistics.median(values) for key, values in times.items()}
+        step = {}
+        for flag in (True, False):
+            full, one = median[f"{flag}/{L}"], median[f"{flag}/1"]
+            step[flag] = (full - one) / max(L - 1, 1)
+            name = "returned (before)" if flag else "not returned (now)"
+            print(f"| {clock} | {name} | {full:.4f} ({min(times[f'{flag}/{L}']):.4f}) | "
+                  f"{step[flag] * 1e3:.3f} |")
+            rows.append({
+                "machine": machine, "date": datetime.date.today().isoformat(),
+                "commit": _timing.commit(), "load": _timing.load(), "shape": shape,
+                "clock": clock, "return_logprobs": flag, "rollout_median_s": full,
+                "rollout_min_s": min(times[f"{flag}/{L}"]), "decode_step_ms": step[flag] * 1e3,
+                "rollouts": ";".join(f"{t:.4f}" for t in times[f"{flag}/{L}"]),
+            })
+        print(f"{clock}: ratio before / now: rollout "
+              f"{median[f'True/{L}'] / median[f'False/{L}']:.3f}x, "
+              f"decode step {step[True] / step[False]:.3f}x")
     if csv_path:
         with open(csv_path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

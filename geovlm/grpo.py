@@ -245,7 +245,10 @@ def sampled_reward(
     for start in range(0, len(samples), per_call):
         chunk = samples[start : start + per_call]
         sampling = Sampling(
-            stage.max_new_tokens, stage.temperature, stage.top_p, seed=seed + start
+            max_new_tokens=stage.max_new_tokens,
+            temperature=stage.temperature,
+            top_p=stage.top_p,
+            seed=seed + start,
         )
         rollouts = rollout_engine.generate(chunk, num_generations, sampling)
         rewards = score_rollouts(rollouts, chunk, stage, options)
@@ -312,7 +315,9 @@ def run_grpo(
     # Built after the resume: an engine holding its own copy of the weights starts from them.
     setup = EngineSetup(share_prompt=shares_prompts(ctx), synced_ranks=synced)
     rollout_engine = build_engine(ctx.config.rollout.engine, policy, processor, setup)
-    sampling = Sampling(stage.max_new_tokens, stage.temperature, stage.top_p)
+    sampling = Sampling(
+        max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p
+    )
     profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
     bar = step_progress(ctx, start)
     for step in bar:
