@@ -18,7 +18,7 @@ template with the project's system prompt) -> G sampled completions each, exactl
   both sides must report a mean completion length of exactly L;
 - the optimisation: one optimizer step per batch (TRL: gradient_accumulation_steps = 1,
   steps_per_generation = 1, num_iterations = 1), the same AdamW with the same parameter groups
-  and schedule (``geovlm.loop.make_optimizer`` / ``make_scheduler``, handed to TRL), gradient
+  and schedule (``geovlm.optim.make_optimizer`` / ``make_scheduler``, handed to TRL), gradient
   clipping at 1.0, the same loss_type / beta / epsilon / temperature / top_p;
 - the reward: TRL's reward function calls the very ``geovlm.rewards.score`` our trainer calls,
   with the same options;
@@ -274,7 +274,10 @@ def stage_context(spec: Spec, workdir: Path, log=None, prompt_sharing: bool = Tr
         loss_type=spec.loss_type, prompt_sharing=prompt_sharing,
     )
     config = RunConfig(name="run", output_dir=str(workdir), device=spec.device, stages=[stage])
-    return StageContext(config, stage, 0, torch.device(spec.device), log=log)
+    from geovlm.runtime import Runtime
+
+    runtime = Runtime(0, 1, 0, torch.device(spec.device), torch.get_num_threads())
+    return StageContext(config, stage, 0, runtime, log=log)
 
 
 def run_ours(spec: Spec, model_dir: Path, workdir: Path, prompt_sharing: bool = True) -> dict:
@@ -307,7 +310,7 @@ def run_trl(spec: Spec, model_dir: Path, workdir: Path) -> dict:
 
     from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT
     from geovlm.grpo import reward_options
-    from geovlm.loop import make_optimizer, make_scheduler
+    from geovlm.optim import make_optimizer, make_scheduler
     from geovlm.rewards import score
 
     model, processor = load_model(spec, model_dir)

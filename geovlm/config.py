@@ -10,6 +10,7 @@ error that names the key. The resolved config is saved with every run and checkp
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -70,11 +71,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where samples come from. ``"embedded"`` is the built-in synthetic EO world."""
+    """Where samples come from. ``"embedded"`` is the built-in synthetic EO world; a file is read
+    by ``geovlm.data.readers``; ``val`` / ``test`` may be null (no validation loss / no held-out
+    evaluation). The embedded world's val / test splits only go with its train split."""
 
     train: str = "embedded"
-    val: str = "embedded"
-    test: str = "embedded"
+    val: str | None = "embedded"
+    test: str | None = "embedded"
     image_root: str | None = None
     format: Literal["auto", "llava", "vlmr1"] = "auto"
     tasks: list[str] | None = None
@@ -83,6 +86,9 @@ class DataConfig:
     n_test_scenes: int = 60
     image_size: int = 112
     seed: int = 0
+    # Background processes preparing batches ahead of the loop (geovlm.data.loader); null: up to
+    # 4 on CUDA, 1 on CPU when 3+ cores are free for it, else 0 (inline).
+    workers: int | None = None
 
 
 @dataclass
@@ -253,8 +259,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return _build(tp, value, key)
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; Python's float() reads every spelling.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -345,7 +359,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        # Not YAML (e.g. a path "..."): the text itself, checked against the field's type.
+        return key.strip(), raw
 
 
 def load_config(
@@ -369,7 +389,53 @@ def load_config(
         # Rebuild after each override so that a replaced list or mapping gets its defaults
         # filled in and the next override (``stages=[...]`` then ``stages.sft.lr=...``) sees them.
         tree = _build(RunConfig, tree).to_dict()
-    return _build(RunConfig, tree)
+    return check(_build(RunConfig, tree))
+
+
+def known_tasks() -> list[str]:
+    """Task names a config may list (``data.tasks``, ``stages.<i>.tasks``)."""
+    from geovlm.data.schema import TASKS
+
+    return list(TASKS)
+
+
+def check(config: RunConfig) -> RunConfig:
+    """Checks across fields, before anything is built: task names, the data splits' sources,
+    unique stage names. Raises ``ConfigError`` naming the key."""
+    known = known_tasks()
+    lists = [("data.tasks", config.data.tasks)] + [
+        (f"stages.{stage.name}.tasks", stage.tasks) for stage in config.stages
+    ]
+    for key, tasks in lists:
+        unknown = [t for t in tasks or () if t not in known]
+        if unknown:
+            raise ConfigError(f"{key}: unknown task(s) {unknown}; known: {known}")
+    if config.data.train != "embedded":
+        for split in ("val", "test"):
+            if getattr(config.data, split) == "embedded":
+                raise ConfigError(
+                    f"data.{split}='embedded' with data.train={config.data.train!r}: the "
+                    f"embedded world's {split} split would judge a model trained on your file; "
+                    f"set data.{split}=<file> or data.{split}=null"
+                )
+    names = [stage.name for stage in config.stages]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"stages: names must be unique (stage folders), repeated: {repeated}")
+    return config
+
+
+def check_stage_tasks(config: RunConfig) -> None:
+    """Every stage keeps a task once ``data.tasks`` narrows the run (the stage would otherwise
+    have no samples); ``geovlm.train`` checks it before building anything."""
+    if config.data.tasks is None:
+        return
+    for stage in config.stages:
+        if stage.tasks is not None and not set(stage.tasks) & set(config.data.tasks):
+            raise ConfigError(
+                f"stages.{stage.name}.tasks: none of {stage.tasks} is in data.tasks "
+                f"{config.data.tasks}: the stage would have no samples"
+            )
 
 
 def config_from_dict(data: dict) -> RunConfig:
@@ -382,23 +448,59 @@ def save_config(config: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def describe_options() -> str:
-    """Every key with its type and default, for ``--help``."""
+def _choices(tp: Any) -> str:
+    """``[type]`` of a field for ``--help``: the choices of a Literal, else the type's name."""
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) else []
+    literal = next((a for a in args if get_origin(a) is Literal), None)
+    if get_origin(tp) is Literal or literal is not None:
+        values = get_args(tp if get_origin(tp) is Literal else literal)
+        optional = " or null" if type(None) in get_args(tp) else ""
+        return "one of " + " | ".join(str(v) for v in values) + optional
+    return _type_name(tp)
+
+
+def describe_options(config: RunConfig | None = None) -> str:
+    """Every key with its value in ``config`` (default: the built-in defaults) and its type or
+    choices, for ``--help``. Stage fields are listed once with their defaults, then each stage of
+    ``config`` with the values it sets differently."""
+    config = config if config is not None else RunConfig()
     lines: list[str] = []
 
-    def walk(cls: type, prefix: str, default: Any) -> None:
+    def walk(cls: type, prefix: str, current: Any) -> None:
         hints = _hints(cls)
         for f in fields(cls):
-            value = getattr(default, f.name)
+            value = getattr(current, f.name)
             key = f"{prefix}{f.name}"
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
                 walk(tp, key + ".", value)
             elif f.name == "stages":
-                lines.append(f"  {key}.<index|name>.<field>   (one StageConfig per stage)")
-                walk(StageConfig, key + ".<i>.", StageConfig())
+                continue
             else:
-                lines.append(f"  {key} = {value!r}   [{_type_name(tp)}]")
+                note = "   (the run folder is output_dir/name)" if key == "name" else ""
+                lines.append(f"  {key} = {value!r}   [{_choices(tp)}]{note}")
 
-    walk(RunConfig, "", RunConfig())
+    walk(RunConfig, "", config)
+    lines.append("  stages: one StageConfig per stage (stages.<index|name>.<field>); defaults:")
+    walk(StageConfig, "stages.<i>.", StageConfig())
+    default = _leaves(asdict(StageConfig()))
+    for index, stage in enumerate(config.stages):
+        own = {
+            k: v
+            for k, v in _leaves(asdict(stage)).items()
+            if v != default.get(k) or k in ("name", "kind")
+        }
+        settings = ", ".join(f"{k}={v!r}" for k, v in own.items())
+        lines.append(f"  stage {index}: {settings}")
     return "\n".join(lines)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"rewards": {"vqa": "exact"}}`` -> ``{"rewards.vqa": "exact"}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

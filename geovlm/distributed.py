@@ -1,10 +1,11 @@
-"""torchrun glue: process group, the training engine (single, DDP, FSDP2, DeepSpeed), collectives.
+"""The training engines (single process, DDP, FSDP2, DeepSpeed ZeRO) behind one small interface.
 
 An ``Engine`` owns what differs between the strategies: how the model is wrapped, how a loss is
-back-propagated, how an optimizer step is taken, and how full (unsharded) weights and optimizer
-state are gathered for a checkpoint that loads in a single process. The stages only call
-``engine.backward(loss)``, ``engine.step()``, ``engine.full_model_state()`` and
-``engine.load_state(...)``.
+back-propagated, how an optimizer step is taken, and how its whole state (full weights, optimizer,
+schedule, ZeRO partitions) is saved to and loaded from a checkpoint that loads in a single
+process. The stages only call ``engine.backward(loss)``, ``engine.step()``,
+``engine.save_checkpoint(...)`` and ``engine.load_checkpoint(...)``, and read ``engine.policy``,
+``engine.model``, ``engine.lr``, ``engine.shards_parameters`` and ``engine.uses_fused_linear``.
 
 Data parallelism: every rank takes its contiguous shard of the global batch. Gradients are
 averaged over ranks (DDP's all-reduce, FSDP2's reduce-scatter, DeepSpeed's reduction), so a stage
@@ -19,125 +20,27 @@ The frozen GRPO reference model follows the policy: sharded like it under FSDP2 
 (``prepare_reference``), a full copy per rank otherwise (DDP and ZeRO-1/2 keep full weights on
 every rank for the policy too).
 
-Without ``torchrun`` (WORLD_SIZE unset) the engine is plain single-process PyTorch.
+Without ``torchrun`` (WORLD_SIZE unset) the engine is plain single-process PyTorch. Process
+group, ranks and collectives live in ``geovlm.runtime``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from geovlm.checkpoint import load_model_state, load_trainer_state, save_checkpoint
 from geovlm.config import ConfigError, RunConfig, StageConfig
+from geovlm.optim import make_optimizer, make_scheduler
+from geovlm.runtime import Runtime, barrier
 
 SHARD_DIR = "optimizer_shards"
-
-
-def init_distributed(config: RunConfig) -> tuple[int, int]:
-    """Start the process group when launched by torchrun; returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = config.distributed.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _collective_device() -> str:
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
-
-
-def all_reduce_sum(value: float | int) -> float | int:
-    """Sum a Python number over ranks (identity when single-process)."""
-    if not is_distributed():
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor)
-    return int(round(tensor.item())) if isinstance(value, int) else tensor.item()
-
-
-def reduce_metrics(
-    values: dict[str, float], weights: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Combine per-rank metrics into the metrics of the global batch (identity single-process).
-
-    Keys ending in ``_min`` / ``_max`` take the minimum / maximum over ranks, ignoring NaN (TRL's
-    ``nanmin`` / ``nanmax`` of the gathered values). Every other key is a mean: weighted by
-    ``weights[key]`` (e.g. this rank's token count for a token mean, which makes it the token mean
-    of the whole batch), else by 1 (a mean over ranks that hold equally many rows).
-    """
-    if not is_distributed() or not values:
-        return dict(values)
-    weights = weights or {}
-    device = _collective_device()
-    keys = sorted(values)
-    extremes = [k for k in keys if k.endswith(("_min", "_max"))]
-    means = [k for k in keys if k not in extremes]
-    out: dict[str, float] = {}
-    if means:
-        w = [float(weights.get(k, 1.0)) for k in means]
-        packed = [w_k * float(values[k]) for k, w_k in zip(means, w, strict=True)] + w
-        tensor = torch.tensor(packed, dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        sums, totals = tensor[: len(means)], tensor[len(means) :]
-        for i, key in enumerate(means):
-            total = float(totals[i])
-            out[key] = float(sums[i]) / total if total > 0 else math.nan
-    for key in extremes:
-        largest = key.endswith("_max")
-        value = float(values[key])
-        # NaN (no valid sequence on this rank) must not win the comparison.
-        fill = -math.inf if largest else math.inf
-        tensor = torch.tensor([fill if math.isnan(value) else value], dtype=torch.float64,
-                              device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
-        result = float(tensor)
-        out[key] = result if math.isfinite(result) else math.nan
-    return out
-
-
-def _concat_tree(parts: list[Any]) -> Any:
-    first = parts[0]
-    if isinstance(first, dict):
-        return {k: _concat_tree([p[k] for p in parts]) for k in first}
-    if isinstance(first, tuple | list):
-        return type(first)(_concat_tree([p[i] for p in parts]) for i in range(len(first)))
-    return np.concatenate([np.asarray(p) for p in parts])
-
-
-def gather_rows(tree: Any) -> Any:
-    """Concatenate per-rank 1-D arrays (leaves of tuples / lists / dicts) in rank order.
-
-    The result is what a single process holding the global batch would have (ranks hold
-    contiguous shards). Meant for small per-row values such as rewards; identity when
-    single-process.
-    """
-    if not is_distributed():
-        return tree
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, tree)
-    return _concat_tree(parts)
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def _full_state_options(**kwargs):
@@ -147,17 +50,37 @@ def _full_state_options(**kwargs):
 
 
 class Engine:
-    """Single-process or DDP training: ``loss.backward()``, clipping and an AdamW step."""
+    """Single-process or DDP training: ``loss.backward()``, clipping and an AdamW step.
+
+    Attributes:
+        model: the wrapped model the stage runs forward passes through (DDP / FSDP2 / DeepSpeed).
+        policy: the unwrapped model (generate, save_pretrained, no-grad log-probs).
+        uses_fused_linear: whether losses take the fused linear kernel on the last hidden state
+            and ``lm_head.weight`` (no ``[tokens, V]`` logits): requested by the config and
+            possible, i.e. parameters are not sharded (the kernel reads ``lm_head.weight``
+            directly). Under DDP / ZeRO-1/2 the model body still runs through the wrapper's
+            forward (``model.forward_hidden``), so gradients are synchronised as usual.
+    """
 
     # Whether a rank holds only a shard of each parameter (FSDP2, ZeRO-3): then nothing may
     # read a weight such as lm_head.weight outside the wrapped model's forward.
     shards_parameters = False
 
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, stage: StageConfig):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer,
+        scheduler,
+        stage: StageConfig,
+        runtime: Runtime,
+        fused_linear: bool = False,
+    ):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.stage = stage
+        self.runtime = runtime
+        self.uses_fused_linear = fused_linear and not self.shards_parameters
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -180,7 +103,52 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    # --- checkpoint state (collective: every rank calls these) ---------------------------
+    # --- checkpoints (collective: every rank calls these) ------------------------------------
+    def save_checkpoint(
+        self, directory: Path, processor, config: RunConfig, step: int, extra: dict | None = None
+    ) -> Path:
+        """Write ``directory`` (HF weights, optimizer, schedule, RNG, ``step``, ``extra``); rank 0
+        writes, every rank contributes its part of the state."""
+        model_state = self.full_model_state()
+        optimizer_state = self.optimizer_state()
+        if self.runtime.is_main:
+            save_checkpoint(
+                directory,
+                self.policy,
+                processor,
+                config,
+                step=step,
+                model_state=model_state,
+                optimizer_state=optimizer_state or None,
+                scheduler_state=self.scheduler.state_dict(),
+                extra=extra,
+            )
+        barrier()
+        return directory
+
+    def save_final(self, directory: Path, processor, config: RunConfig, step: int) -> Path:
+        """The finished model as an HF directory (full weights, no optimizer state)."""
+        model_state = self.full_model_state()
+        if self.runtime.is_main:
+            save_checkpoint(
+                directory, self.policy, processor, config, step=step, model_state=model_state
+            )
+        barrier()
+        return directory
+
+    def load_checkpoint(self, directory: Path) -> tuple[int, dict[str, Any]]:
+        """Restore weights, optimizer and schedule from ``directory``; returns (its step, extra).
+
+        Every rank reads the full weights and optimizer state (they load in a single process
+        too); DeepSpeed ZeRO ranks read their own optimizer partition.
+        """
+        state = load_trainer_state(directory)
+        self.load_state(
+            load_model_state(directory, self.policy), state["optimizer"], state["scheduler"]
+        )
+        self._load_partitions(Path(directory))
+        return state["step"], state.get("extra", {})
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
         return self.policy.state_dict()
 
@@ -204,9 +172,9 @@ class Engine:
         if scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
 
-    def load_optimizer_shards(self, checkpoint: Path, rank: int, world: int) -> None:
-        """Reload this rank's ZeRO optimizer partition; only DeepSpeed writes them."""
-        shards = Path(checkpoint) / SHARD_DIR
+    def _load_partitions(self, checkpoint: Path) -> None:
+        """Only DeepSpeed writes ZeRO optimizer partitions; another engine cannot use them."""
+        shards = checkpoint / SHARD_DIR
         if shards.is_dir():
             raise RuntimeError(
                 f"{checkpoint} holds DeepSpeed ZeRO optimizer partitions "
@@ -297,13 +265,30 @@ class DeepSpeedEngine(Engine):
         return self.policy.state_dict()
 
     def optimizer_state(self) -> dict[str, Any]:
-        # ZeRO partitions the optimizer state; each rank saves its own partition
-        # (loop.checkpoint_stage), which resumes at the same world size.
+        # ZeRO partitions the optimizer state: each rank saves its own partition
+        # (save_checkpoint), which resumes at the same world size.
         return {}
 
-    def load_optimizer_shards(self, checkpoint: Path, rank: int, world: int) -> None:
-        shards = Path(checkpoint) / SHARD_DIR
+    def save_checkpoint(
+        self, directory: Path, processor, config: RunConfig, step: int, extra: dict | None = None
+    ) -> Path:
+        """The checkpoint of ``Engine.save_checkpoint`` plus every rank's optimizer partition in
+        ``optimizer_shards/rank<r>.pt``, staged beside it and moved in by rank 0."""
+        directory = Path(directory)
+        staged = directory.parent / f".{SHARD_DIR}-{directory.name}"
+        staged.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.optimizer.state_dict(), staged / f"rank{self.runtime.rank}.pt")
+        barrier()
+        super().save_checkpoint(directory, processor, config, step, extra)
+        if self.runtime.is_main:
+            staged.rename(directory / SHARD_DIR)
+        barrier()
+        return directory
+
+    def _load_partitions(self, checkpoint: Path) -> None:
+        shards = checkpoint / SHARD_DIR
         saved = len(list(shards.glob("rank*.pt")))
+        world = self.runtime.world_size
         if saved == 0:
             raise RuntimeError(
                 f"{checkpoint} was not written by DeepSpeed (no ZeRO optimizer partitions): resume "
@@ -495,26 +480,28 @@ def _fully_shard(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def prepare_engine(model: torch.nn.Module, config: RunConfig, stage: StageConfig, ctx) -> Engine:
+def prepare_engine(
+    model: torch.nn.Module, config: RunConfig, stage: StageConfig, runtime: Runtime
+) -> Engine:
     """Wrap ``model`` for this run's strategy and build its optimizer and schedule."""
-    from geovlm.loop import make_optimizer, make_scheduler
-
-    if ctx.world_size <= 1:
+    fused = fused_linear_requested(config, runtime.device)
+    if runtime.world_size <= 1:
         optimizer = make_optimizer(model, stage)
-        return Engine(model, optimizer, make_scheduler(optimizer, stage), stage)
+        return Engine(model, optimizer, make_scheduler(optimizer, stage), stage, runtime, fused)
     strategy = config.distributed.strategy
     if strategy == "ddp":
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         # Unused parameters are real: a text-only batch never reaches the vision tower.
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=True
         )
         optimizer = make_optimizer(wrapped.module, stage)
-        return Engine(wrapped, optimizer, make_scheduler(optimizer, stage), stage)
+        return Engine(wrapped, optimizer, make_scheduler(optimizer, stage), stage, runtime, fused)
     if strategy == "fsdp2":
         _fully_shard(model)
         optimizer = make_optimizer(model, stage)
-        return FSDP2Engine(model, optimizer, make_scheduler(optimizer, stage), stage)
+        scheduler = make_scheduler(optimizer, stage)
+        return FSDP2Engine(model, optimizer, scheduler, stage, runtime, fused)
     if strategy == "deepspeed":
         import deepspeed
 
@@ -522,19 +509,27 @@ def prepare_engine(model: torch.nn.Module, config: RunConfig, stage: StageConfig
         ds_config = deepspeed_config(
             config.distributed.deepspeed,
             stage,
-            ctx.world_size,
+            runtime.world_size,
             dtype=next(model.parameters()).dtype,
             hidden_size=_hidden_size(model),
         )
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config
         )
-        return DeepSpeedEngine(engine, ds_optimizer, make_scheduler(optimizer, stage), stage)
+        scheduler = make_scheduler(optimizer, stage)
+        return DeepSpeedEngine(engine, ds_optimizer, scheduler, stage, runtime, fused)
     raise ConfigError(f"unknown distributed.strategy {strategy!r}")
 
 
+def fused_linear_requested(config: RunConfig, device: torch.device) -> bool:
+    """``model.fused_linear_loss``: "on", or "auto" on CUDA (the engine also needs unsharded
+    parameters, ``Engine.uses_fused_linear``)."""
+    setting = config.model.fused_linear_loss
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def prepare_reference(
-    model: torch.nn.Module, config: RunConfig, stage: StageConfig, ctx
+    model: torch.nn.Module, config: RunConfig, stage: StageConfig, runtime: Runtime
 ) -> torch.nn.Module:
     """A frozen copy of ``model`` (call before the policy is wrapped), placed like the policy.
 
@@ -543,7 +538,7 @@ def prepare_reference(
     every rank. Every rank must run the reference's forwards in lockstep when it is sharded.
     """
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    if ctx.world_size <= 1:
+    if runtime.world_size <= 1:
         return reference
     strategy = config.distributed.strategy
     if strategy == "fsdp2":
@@ -552,7 +547,7 @@ def prepare_reference(
         ds_config = deepspeed_config(
             config.distributed.deepspeed,
             stage,
-            ctx.world_size,
+            runtime.world_size,
             dtype=next(model.parameters()).dtype,
             hidden_size=_hidden_size(model),
         )

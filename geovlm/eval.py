@@ -590,22 +590,6 @@ def select_samples(
     return samples
 
 
-def _init_distributed(use_cuda: bool) -> tuple[int, int]:
-    """Join torchrun's process group (NCCL on CUDA, Gloo on CPU); ``(0, 1)`` without torchrun."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
     """Checks and data loading before any model is built: (checkpoint, convention, samples, out)."""
     checkpoint = Path(args.checkpoint)
@@ -644,17 +628,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import torch
-
     from geovlm.model import build_policy
+    from geovlm.runtime import RuntimeSetupError, shutdown, start
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+    try:
+        runtime = start(args.device)
+    except RuntimeSetupError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    rank, world = _init_distributed(use_cuda)
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    model, processor = build_policy(path=str(checkpoint), device=device)
+    rank, world = runtime.rank, runtime.world_size
+    model, processor = build_policy(path=str(checkpoint), device=runtime.device)
     try:
         report = evaluate(
             model,
@@ -674,10 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown()
     if rank == 0:
         report.save(out / "metrics.json")
         print(f"\n## Evaluation of {checkpoint} on {args.data}\n\n{report.table()}\n", flush=True)

@@ -32,13 +32,7 @@ import torch
 from geovlm.advantages import group_advantages
 from geovlm.config import StageConfig
 from geovlm.data.schema import Sample
-from geovlm.distributed import (
-    Engine,
-    gather_rows,
-    prepare_engine,
-    prepare_reference,
-    reduce_metrics,
-)
+from geovlm.distributed import Engine, prepare_engine, prepare_reference
 from geovlm.engines import build_engine
 from geovlm.engines.base import EngineSetup, Rollouts, Sampling
 from geovlm.loop import (
@@ -46,11 +40,11 @@ from geovlm.loop import (
     batch_indices,
     checkpoint_stage,
     resume_if_possible,
-    seed_everything,
     step_progress,
     step_seed,
 )
 from geovlm.profiling import StepProfiler, nvtx_range
+from geovlm.runtime import gather_rows, reduce_metrics, seed_everything
 
 
 @dataclass
@@ -147,7 +141,9 @@ def completion_logps(
         return selective_log_softmax(logits, batch.completion_ids, temperature).float()
 
 
-def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Tensor, dict]:
+def policy_loss(
+    model, batch: PolicyBatch, ctx: StageContext, fused_linear: bool = False
+) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of ``batch`` under ``model`` (with grad) and TRL's metrics.
 
     Per-token log-probs come from a fused kernel (the linear one on the last hidden state and
@@ -160,7 +156,7 @@ def policy_loss(model, batch: PolicyBatch, ctx: StageContext) -> tuple[torch.Ten
 
     stage = ctx.stage
     shared = shares_prompts(ctx)
-    if ctx.uses_fused_linear:
+    if fused_linear:
         from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
 
         hidden = completion_outputs(model, batch, shared, "hidden")
@@ -303,9 +299,8 @@ def run_grpo(
     if stage.beta != 0.0:
         # The frozen reference is the model this stage starts from (the SFT / previous stage),
         # copied before the policy is wrapped, and sharded like the policy.
-        reference = prepare_reference(model, ctx.config, stage, ctx)
-    engine = prepare_engine(model, ctx.config, stage, ctx)
-    ctx.extras["shards_parameters"] = engine.shards_parameters
+        reference = prepare_reference(model, ctx.config, stage, ctx.runtime)
+    engine = prepare_engine(model, ctx.config, stage, ctx.runtime)
     start, _ = resume_if_possible(ctx, engine)
     policy, model = engine.policy, engine.model
     # Sharded parameters need every rank in every forward of generate().
@@ -361,7 +356,7 @@ def run_grpo(
         loss_metrics: dict[str, float] = {}
         for iteration in range(stage.num_iterations):
             with nvtx_range("grpo/loss"):
-                loss, metrics = policy_loss(model, batch, ctx)
+                loss, metrics = policy_loss(model, batch, ctx, engine.uses_fused_linear)
             with nvtx_range("grpo/backward"):
                 engine.backward(loss)
             with nvtx_range("grpo/optimizer"):

@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import logging
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from geovlm.config import RunConfig, TinyModelConfig
 from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT
 from geovlm.tokenizer import build_tokenizer
 
@@ -43,26 +45,9 @@ SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 SYSTEM_PROMPT_WEIGHT = 64
 
-# Sizes of the tiny model; ``build_policy(tiny={...})`` overrides any of them. The pixel budget
-# suits the embedded world's 112x112 scenes (an 8x8 patch grid, 16 merged image tokens) and caps
-# larger images at 224x224 (64 tokens) to keep the CPU run fast.
-TINY_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 2000,
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "vision_depth": 2,
-    "vision_hidden_size": 64,
-    "vision_intermediate_size": 128,
-    "vision_num_heads": 2,
-    "min_pixels": 56 * 56,
-    "max_pixels": 224 * 224,
-}
+# Sizes of the tiny model, from the one definition of their defaults (``config.TinyModelConfig``);
+# ``build_policy(tiny={...})`` overrides any of them.
+TINY_DEFAULTS: dict[str, Any] = asdict(TinyModelConfig())
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -407,6 +392,53 @@ def forward_logits(
     ``[B, K, V]`` at the positions of a 1-D index tensor. ``extra`` as for ``forward_hidden``."""
     inputs = _model_inputs(batch, extra)
     return model(**inputs, logits_to_keep=logits_to_keep, return_dict=True).logits
+
+
+# --------------------------------------------------------------------------- from a run config
+
+
+def policy_settings(config: RunConfig, device: torch.device) -> dict[str, Any]:
+    """``build_policy`` settings shared by every model a run builds or loads."""
+    model_cfg = config.model
+    return dict(
+        device=device,
+        dtype=None if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype),
+        attn_implementation=None
+        if model_cfg.attn_implementation == "auto"
+        else model_cfg.attn_implementation,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+        freeze_vision=model_cfg.freeze_vision,
+        seed=config.seed,
+    )
+
+
+def load_policy(config: RunConfig, path: str | Path, device: torch.device):
+    """Model + processor of an HF checkpoint directory (a stage's ``final/`` or a real model),
+    with the kernel patches the config asks for."""
+    model, processor = build_policy(path=str(path), **policy_settings(config, device))
+    apply_kernel_patches(model, liger=config.model.liger_kernels)
+    return model, processor
+
+
+def initial_policy(
+    config: RunConfig, corpus: Iterable[str], device: torch.device, is_main: bool = True
+) -> tuple[tuple[PreTrainedModel, Any], Path]:
+    """The run's starting policy and the directory it loads from: ``model.path``, else the
+    embedded tiny model, built once (tokenizer trained on ``corpus``) and saved as ``init/``."""
+    if config.model.path:
+        return load_policy(config, config.model.path, device), Path(config.model.path)
+    init_dir = config.run_dir / "init"
+    if (init_dir / "config.json").is_file():
+        return load_policy(config, init_dir, device), init_dir
+    model, processor = build_policy(
+        tokenizer_corpus=corpus, tiny=asdict(config.model.tiny), **policy_settings(config, device)
+    )
+    if is_main:
+        from geovlm.checkpoint import save_checkpoint
+
+        save_checkpoint(init_dir, model, processor, config, step=0)
+    apply_kernel_patches(model, liger=config.model.liger_kernels)
+    return (model, processor), init_dir
 
 
 def apply_kernel_patches(model: PreTrainedModel, liger: bool = True) -> bool:

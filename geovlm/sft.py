@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from geovlm.config import StageConfig
 from geovlm.data.collate import collate_sft, pad_token_id
+from geovlm.data.loader import auto_workers, prefetched
 from geovlm.data.packing import (
     attention_implementation,
     pack_for_model,
@@ -36,18 +37,18 @@ from geovlm.data.packing import (
     sequence_lengths,
 )
 from geovlm.data.schema import Sample
-from geovlm.distributed import Engine, all_reduce_sum, prepare_engine
+from geovlm.distributed import Engine, prepare_engine
 from geovlm.loop import (
     StageContext,
     batch_indices,
     checkpoint_stage,
     resume_if_possible,
-    seed_everything,
     step_progress,
     step_seed,
 )
 from geovlm.model import forward_hidden, forward_logits, lm_head_weight
 from geovlm.profiling import StepProfiler, nvtx_range
+from geovlm.runtime import all_reduce_sum, seed_everything
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -107,7 +108,9 @@ def packing_capacity(model, batch: dict, stage: StageConfig) -> int | None:
 
 
 @torch.no_grad()
-def validation_loss(model, processor, samples: list[Sample], ctx: StageContext) -> float:
+def validation_loss(
+    model, processor, samples: list[Sample], ctx: StageContext, fused_linear: bool = False
+) -> float:
     """Teacher-forced mean token NLL on ``samples`` (assistant tokens only)."""
     was_training = model.training
     model.eval()
@@ -115,7 +118,7 @@ def validation_loss(model, processor, samples: list[Sample], ctx: StageContext) 
     size = ctx.stage.batch_size
     for start in range(0, len(samples), size):
         batch = collate_sft(samples[start : start + size], processor, ctx.stage.max_length)
-        nll, n = token_nll_sum(model, _to_device(batch, ctx.device), ctx.uses_fused_linear)
+        nll, n = token_nll_sum(model, _to_device(batch, ctx.device), fused_linear)
         total += float(nll)
         count += n
     model.train(was_training)
@@ -139,8 +142,7 @@ def run_sft(
         raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
     check_packing(model, stage)
     pad_id = pad_token_id(processor)
-    engine = prepare_engine(model, ctx.config, stage, ctx)
-    ctx.extras["shards_parameters"] = engine.shards_parameters
+    engine = prepare_engine(model, ctx.config, stage, ctx.runtime)
     start, _ = resume_if_possible(ctx, engine)
     model = engine.model
     model.train()
@@ -150,19 +152,24 @@ def run_sft(
             f"stage {stage.name!r}: batch_size {stage.batch_size} must be a multiple of "
             f"the world size {ctx.world_size}"
         )
-    bar = step_progress(ctx, start)
-    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
-    for step in bar:
-        profiler.step()
-        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
-        # Collate the whole accumulation window first so the loss is normalised by its
-        # total token count.
-        windows = []
+    def window(step: int) -> list[dict]:
+        """This rank's micro-batches of ``step``'s accumulation window, collated. The whole
+        window comes first so that the loss is normalised by its total token count."""
+        out = []
         for accum in range(stage.grad_accum):
             global_step = step * stage.grad_accum + accum
             idx = batch_indices(len(train), stage.batch_size, global_step, ctx.config.seed)
             mine = idx[ctx.rank * micro : (ctx.rank + 1) * micro]
-            windows.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
+            out.append(collate_sft([train[i] for i in mine], processor, stage.max_length))
+        return out
+
+    workers = auto_workers(ctx.device, ctx.config.data.workers)
+    batches = prefetched(window, range(start, stage.steps), workers)
+    bar = step_progress(ctx, start)
+    profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
+    for step, windows in zip(bar, batches, strict=True):
+        profiler.step()
+        seed_everything(step_seed(ctx.config.seed, ctx.index, step))
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in windows)
         # The global batch's token count: every rank normalises by the same number.
         total_tokens = all_reduce_sum(local_tokens)
@@ -173,7 +180,8 @@ def run_sft(
                 with nvtx_range("sft/pack"):
                     batch = pack_for_model(model, batch, capacity, pad_id)
             with nvtx_range("sft/forward"):
-                nll, _ = token_nll_sum(model, _to_device(batch, ctx.device), ctx.uses_fused_linear)
+                batch = _to_device(batch, ctx.device)
+                nll, _ = token_nll_sum(model, batch, engine.uses_fused_linear)
                 # Scale by world size: DDP averages gradients over ranks.
                 loss = nll * ctx.world_size / max(total_tokens, 1)
             with nvtx_range("sft/backward"):
@@ -193,7 +201,9 @@ def run_sft(
         }
         last = step + 1 == stage.steps
         if stage.eval_every and ((step + 1) % stage.eval_every == 0 or last) and val:
-            record["val_loss"] = validation_loss(model, processor, val, ctx)
+            record["val_loss"] = validation_loss(
+                model, processor, val, ctx, engine.uses_fused_linear
+            )
         if ctx.log is not None and ctx.is_main:
             ctx.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")

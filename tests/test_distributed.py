@@ -35,7 +35,8 @@ import pytest
 import torch
 
 from geovlm.config import ConfigError, load_config
-from geovlm.distributed import deepspeed_config, gather_rows, reduce_metrics
+from geovlm.distributed import deepspeed_config
+from geovlm.runtime import gather_rows, reduce_metrics
 from geovlm.train import main as train_main
 from tests._distributed_worker import install_probes
 from tests.test_train import TINY as TRAIN_TINY
@@ -198,6 +199,8 @@ def test_fsdp2_checkpoint_resumes_in_one_process(runs):
     source = runs / "sft_fsdp2_resumed" / "stages" / "0-sft" / "checkpoint-2"
     target = runs / name / "stages" / "0-sft" / "checkpoint-2"
     shutil.copytree(source, target)
+    # The run folder's config says which run the checkpoint belongs to (geovlm.rundir).
+    shutil.copy(runs / "sft_fsdp2_resumed" / "config.yaml", runs / name / "config.yaml")
     init = runs / "init" / "init"
     with ExitStack() as probes:
         install_probes(probes)
@@ -215,6 +218,7 @@ def test_deepspeed_checkpoint_refuses_another_world_size(runs, tmp_path):
     name = "grpo_from_zero2"
     source = runs / "grpo_zero2_resumed" / "stages" / "0-grpo" / "checkpoint-2"
     shutil.copytree(source, tmp_path / name / "stages" / "0-grpo" / "checkpoint-2")
+    shutil.copy(runs / "grpo_zero2_resumed" / "config.yaml", tmp_path / name / "config.yaml")
     init = runs / "init" / "init"
     with pytest.raises(RuntimeError, match="ZeRO optimizer partitions"):
         train_main(argv(tmp_path, init, name, "grpo", None, save=1))

@@ -13,6 +13,7 @@ from geovlm.engines.base import EngineSetup, Sampling
 from geovlm.engines.builtin import BuiltinEngine
 from geovlm.grpo import build_policy_batch, completion_logps, policy_loss
 from geovlm.loop import StageContext
+from geovlm.runtime import Runtime
 from tests.test_model import make_sample, tiny_policy
 
 G = 4
@@ -29,7 +30,8 @@ def setup():
 
 
 def context(**stage) -> StageContext:
-    return StageContext(RunConfig(), StageConfig(kind="grpo", **stage), 1, torch.device("cpu"))
+    runtime = Runtime(0, 1, 0, torch.device("cpu"), 1)
+    return StageContext(RunConfig(), StageConfig(kind="grpo", **stage), 1, runtime)
 
 
 def plain_logps(model, rollouts, temperature: float) -> torch.Tensor:
@@ -116,9 +118,9 @@ def test_logps_helper_matches_plain_forward_either_way(setup, share_prompt):
     torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=0)
 
 
-def _loss_and_grads(model, batch, ctx):
+def _loss_and_grads(model, batch, ctx, fused_linear=False):
     model.zero_grad()
-    loss, _ = policy_loss(model, batch, ctx)
+    loss, _ = policy_loss(model, batch, ctx, fused_linear)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -141,11 +143,10 @@ def test_shared_prompt_policy_loss_equals_the_full_forward(setup, fused_linear, 
     results = []
     for share in (True, False):
         ctx = context(beta=0.04, loss_type="dapo", prompt_sharing=share)
-        ctx.config.model.fused_linear_loss = fused_linear
         if checkpointing and share:
             enable_checkpointing(model)
         try:
-            results.append(_loss_and_grads(model, batch, ctx))
+            results.append(_loss_and_grads(model, batch, ctx, fused_linear == "on"))
         finally:
             disable_checkpointing(model)
     (shared_loss, shared_grads), (full_loss, full_grads) = results
@@ -160,7 +161,5 @@ def test_shared_prompt_policy_loss_equals_the_full_forward(setup, fused_linear, 
 def test_sharing_follows_the_stage_option():
     from geovlm.grpo import shares_prompts
 
-    ctx = context()
-    ctx.extras["shards_parameters"] = True  # FSDP2 / ZeRO-3 share too
-    assert shares_prompts(ctx)
+    assert shares_prompts(context())
     assert not shares_prompts(context(prompt_sharing=False))

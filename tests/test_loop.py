@@ -5,7 +5,8 @@ import math
 import torch
 
 from geovlm.config import StageConfig
-from geovlm.loop import MetricsLog, batch_indices, make_optimizer, make_scheduler
+from geovlm.loop import MetricsLog, batch_indices
+from geovlm.optim import make_optimizer, make_scheduler
 
 
 def test_batches_cover_each_epoch_exactly_once():

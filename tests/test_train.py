@@ -125,7 +125,19 @@ def test_a_malformed_data_file_is_a_clear_error_not_a_traceback(tmp_path, capsys
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "problem": "where?"}\n{not json\n')
-    code = main([f"output_dir={tmp_path}", "name=bad", f"data.train={bad}", *TINY])
+    code = main([f"output_dir={tmp_path}", "name=bad", f"data.train={bad}", *TINY,
+                 "data.val=null", "data.test=null"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: data:") and "bad.jsonl" in err
+
+
+def test_sft_with_background_workers_equals_inline(tmp_path):
+    common = ("stages.sft.steps=3", "stages.sft.batch_size=4", "stages.sft.save_every=0")
+    inline = config_for(tmp_path, "inline", *common, "data.workers=0")
+    background = config_for(tmp_path, "background", *common, "data.workers=2")
+    run(inline)
+    run(background)
+    keys = ("step", "loss", "grad_norm", "tokens")
+    want = [tuple(r[k] for k in keys) for r in records(inline, "sft")]
+    assert [tuple(r[k] for k in keys) for r in records(background, "sft")] == want

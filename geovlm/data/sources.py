@@ -27,7 +27,9 @@ def load_splits(data: DataConfig, convention: str) -> dict[str, list[Sample]]:
         )
     for split in SPLITS:
         source = getattr(data, split)
-        if source == "embedded":
+        if source is None:
+            out[split] = []
+        elif source == "embedded":
             out[split] = world[split]
         else:
             from geovlm.data.readers import read_samples

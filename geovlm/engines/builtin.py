@@ -32,7 +32,6 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from geovlm.data.collate import collate_prompts, select_rows
 from geovlm.data.schema import Sample
-from geovlm.distributed import all_reduce_sum
 from geovlm.engines.base import EngineSetup, Rollouts, Sampling
 from geovlm.engines.completions import (
     assemble_rollouts,
@@ -42,6 +41,7 @@ from geovlm.engines.completions import (
 )
 from geovlm.prefix import EncodedPrompts, completion_positions, continue_from, encode_prompts
 from geovlm.profiling import nvtx_range
+from geovlm.runtime import all_reduce_sum
 
 # One sampled chunk: completion ids and mask ``[rows, L]``, log-probs ``[rows, L]`` or None.
 Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]

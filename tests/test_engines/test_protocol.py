@@ -199,6 +199,7 @@ class Records:
 def _grpo_records(engine_name: str, tmp_path, samples, monkeypatch) -> list[dict]:
     from geovlm import grpo
     from geovlm.loop import StageContext
+    from geovlm.runtime import Runtime
 
     monkeypatch.setattr(grpo, "score_rollouts", probe_rewards)
     model, processor = tiny_policy(seed=6)
@@ -211,7 +212,7 @@ def _grpo_records(engine_name: str, tmp_path, samples, monkeypatch) -> list[dict
         rollout=RolloutConfig(engine=engine_name),
     )
     log = Records()
-    ctx = StageContext(config, stage, 0, torch.device("cpu"), log=log)
+    ctx = StageContext(config, stage, 0, Runtime(0, 1, 0, torch.device("cpu"), 1), log=log)
     grpo.run_grpo(model, processor, samples, ctx)
     return log.rows
 
