@@ -43,8 +43,19 @@ lock:
 compile-check: $(STAMP)
 	$(PY) -m pytest -q -m compile_matrix tests/test_kernels/test_compile.py
 
+# CPU microbenchmarks: ours against its anchors through pytest-benchmark (benchmarks/conftest.py
+# lists the files; a few minutes on 2 cores). bench-cpu writes the raw results to $(BENCH_JSON)
+# and prints their Markdown tables; bench also writes the tables into benchmarks/RESULTS.md.
+# Pass pytest options in BENCH_ARGS, e.g. BENCH_ARGS='-k geometry' or '--benchmark-disable'.
+BENCH_JSON ?= benchmarks/results/cpu.json
 bench-cpu: $(STAMP)
-	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+	mkdir -p $(dir $(BENCH_JSON))
+	$(PY) -m pytest benchmarks -p no:cacheprovider -p no:xdist --benchmark-json=$(BENCH_JSON) \
+		--benchmark-columns=median,min,rounds --benchmark-sort=name $(BENCH_ARGS)
+	$(PY) benchmarks/report.py $(BENCH_JSON)
+
+bench: bench-cpu
+	$(PY) benchmarks/report.py $(BENCH_JSON) --update benchmarks/RESULTS.md
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

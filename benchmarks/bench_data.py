@@ -1,35 +1,27 @@
-"""Benchmark the embedded EO world against the real-data path for the same samples.
+"""The embedded EO world against the real-data path for the same samples.
 
-Ours: ``embedded_splits`` generating N scenes (two rendered 112x112 images each) and one sample
-per task family from each (13 per scene). Anchor: the same samples written once as VLM-R1 JSONL
-plus PNG files, then read back with ``read_samples`` and every image decoded (``load_images``),
-i.e. what a real dataset of that size costs to load. Both measured in the same run.
+Ours: ``embedded_splits`` generating ``SCENES`` scenes (two rendered 112x112 images each) and one
+sample per task family from each (13 per scene). Anchor: the same samples written once as
+VLM-R1 JSONL plus PNG files, then read back with ``read_samples`` and every image decoded
+(``Sample.load_images``), i.e. what a real dataset of that size costs to load. Both must yield
+the same samples (ids, tasks, prompts, responses, image pixels) before they are timed.
 
-Run: ``python benchmarks/bench_data.py [--scenes 154] [--repeats 3]``. Prints the median and
-minimum seconds of each and the ratio ours / anchor (the minimum shows the uncontended cost when
-other processes share the cores).
+pytest-benchmark group (``make bench``, or ``pytest benchmarks/bench_data.py``): ``embedded world``.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import statistics
-import tempfile
-import time
 from pathlib import Path
+
+import pytest
+from _compare import Case, anchor, equal, ours, time_method
 
 from geovlm.data.readers import read_samples
 from geovlm.data.synthetic import embedded_splits
 
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+SCENES = 40
 
 
 def write_jsonl(samples, folder: Path) -> Path:
@@ -57,33 +49,32 @@ def write_jsonl(samples, folder: Path) -> Path:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=154)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
-    def ours():
-        return embedded_splits(seed=0, n_train=args.scenes, n_val=0, n_test=0)["train"]
-
-    samples = ours()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_jsonl(samples, Path(tmp))
-        read_samples(path)  # warm: qwen_vl_utils import, file cache
-
-        def anchor():
-            for sample in read_samples(path):
-                sample.load_images()
-
-        ours_med, ours_min = timed(ours, args.repeats)
-        anchor_med, anchor_min = timed(anchor, args.repeats)
-    print(f"samples: {len(samples)} from {args.scenes} scenes (112x112, 13 tasks)")
-    print("| case | ours median (min) s | anchor median (min) s | ratio |")
-    print(
-        f"| generate vs read+decode | {ours_med:.3f} ({ours_min:.3f}) | "
-        f"{anchor_med:.3f} ({anchor_min:.3f}) | {ours_med / anchor_med:.2f} |"
-    )
+def generate():
+    return embedded_splits(seed=0, n_train=SCENES, n_val=0, n_test=0)["train"]
 
 
-if __name__ == "__main__":
-    main()
+def read_and_decode(path: Path):
+    return [dataclasses.replace(s, images=s.load_images()) for s in read_samples(path)]
+
+
+def content(samples) -> list[tuple]:
+    """What must survive the round trip: ids, tasks, texts and every image's RGB pixels."""
+    return [(s.id, s.task, s.prompt, s.response,
+             tuple(image.convert("RGB").tobytes() for image in s.images)) for s in samples]
+
+
+@pytest.fixture(scope="module")
+def embedded_world(tmp_path_factory):
+    path = write_jsonl(generate(), tmp_path_factory.mktemp("embedded_world"))
+    read_samples(path)  # qwen_vl_utils import, file cache: not the anchor's cost
+    n = sum(1 for _ in path.open())
+    return Case("embedded world: generate vs read + decode",
+                f"{SCENES} scenes, {n:,} samples, 112x112", {
+                    "ours": ours(generate),
+                    "VLM-R1 JSONL + PNG read + decode": anchor(lambda: read_and_decode(path)),
+                }, equal(content))
+
+
+@pytest.mark.parametrize("method", ["ours", "VLM-R1 JSONL + PNG read + decode"])
+def test_embedded_world(benchmark, embedded_world, method):
+    time_method(benchmark, embedded_world, method)

@@ -1,22 +1,29 @@
 """Fused linear GRPO loss (hidden x lm_head, no [N, V] logits) against the paths it replaces.
 
-Run: ``python benchmarks/bench_linear_grpo_loss.py [--csv PATH]``. On CUDA it times bf16
-Qwen2.5-VL shapes (H = 2,048 for 3B, 3,584 for 7B; V = 151,936; N = 8k and 16k completion tokens
-as B x 1,024); on CPU one tiny fp32 smoke shape. For each shape, forward + backward of:
+Methods, each forward + backward w.r.t. the hidden states and the lm_head weight (dapo, beta
+0.04, temperature 0.9, ragged completion mask):
 
-- ``fused``: ``geovlm.kernels.linear_grpo_loss`` (this kernel);
-- ``materialised``: the lm_head matmul to [B, L, V] logits, then the eager torch reference
-  (``reference.selective_log_softmax`` + ``grpo_loss_from_logps``);
-- ``logits_kernel``: the lm_head matmul, then ``geovlm.kernels.grpo_loss`` on the logits;
+- ``fused`` (ours): ``geovlm.kernels.linear_grpo_loss``;
+- ``materialised``: the lm_head matmul to ``[B, L, V]`` logits, then an eager log-softmax + gather
+  (``reference.selective_log_softmax`` on CUDA, TRL's own ``selective_log_softmax`` on CPU) and
+  the GRPO math of ``reference.grpo_loss_from_logps`` (which the test suite checks against TRL's
+  ``_compute_loss``);
 - ``liger``: Liger-Kernel's chunked ``LigerFusedLinearGRPOLoss`` (``compiled=False``: its
   torch.compile of the loss math only shortens the small elementwise part and costs a minute of
-  compilation per shape), skipped when liger-kernel is not installed;
-- ``matmul_floor``: 6 N H V FLOPs (2 NHV forward, 4 NHV backward) at the bf16 rate of the
-  lm_head-shaped GEMM measured in the same run.
+  compilation per shape);
+- CUDA only: ``logits_kernel`` (the lm_head matmul, then ``geovlm.kernels.grpo_loss`` on the
+  logits) and ``matmul_floor`` (6 N H V FLOPs, 2 NHV forward and 4 NHV backward, at the bf16 rate
+  of the lm_head-shaped GEMM measured in the same run).
 
-Every row gives the median time (``triton.testing.do_bench`` on CUDA, a perf_counter median on
-CPU), the peak memory above the inputs (CUDA only) and the ratios to the fused kernel. Timing
-helpers are local: ``benchmarks/_timing.py`` did not exist when this was written.
+**CPU** (pytest-benchmark: ``make bench``, or ``pytest benchmarks/bench_linear_grpo_loss.py``):
+fp32, one torch thread, a smoke shape and a medium one; group ``linear_grpo_loss fwd+bwd``, ours
+against the materialised path and Liger, loss and both gradients checked to agree before timing.
+The CPU path is the chunked torch one: it trades time for bounded memory.
+
+**CUDA** (the script: ``python benchmarks/bench_linear_grpo_loss.py [--csv PATH]``, run by
+``gpu_check.sh``): bf16 Qwen2.5-VL shapes (H = 2,048 for 3B, 3,584 for 7B; V = 151,936; N = 8k
+and 16k completion tokens as B x 1,024): median time (``triton.testing.do_bench``), peak memory
+above the inputs and the ratios to the fused kernel.
 """
 
 from __future__ import annotations
@@ -24,22 +31,22 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import _provenance  # benchmarks/: the script's directory is on sys.path, and pytest's rootdir
+import _timing
+import pytest
 import torch
+from _compare import Case, anchor, close, ours, time_method
 
-from geovlm.kernels import reference
-from geovlm.kernels.grpo_loss import grpo_loss
-from geovlm.kernels.linear_grpo_loss import linear_grpo_loss, linear_selective_log_softmax
+from geovlm.kernels import grpo_loss, linear_grpo_loss, linear_selective_log_softmax, reference
 
 VOCAB = 151_936
 SEQ = 1_024
 CUDA_SHAPES = [(2_048, 8), (2_048, 16), (3_584, 8), (3_584, 16)]  # (H, B): N = B * 1,024
-CPU_SHAPE = (64, 4, 61, 2_003)  # (H, B, L, V)
+CPU_SHAPES = [(64, 4, 61, 2_003), (128, 2, 256, 16_384)]  # (H, B, L, V): smoke, medium
 OPTIONS = dict(beta=0.04, eps_low=0.2, eps_high=0.28, loss_type="dapo", temperature=0.9)
 
 
@@ -71,97 +78,111 @@ def make_inputs(h: int, b: int, seq: int, v: int, device: str, dtype: torch.dtyp
     return Inputs(hidden.requires_grad_(), weight.requires_grad_(), ids, mask, adv, old, ref)
 
 
-def run_fused(x: Inputs) -> None:
-    loss, _ = linear_grpo_loss(x.hidden, x.weight, x.ids, x.adv, old_logp=x.old, ref_logp=x.ref,
-                               completion_mask=x.mask, **OPTIONS)
-    loss.backward()
+def trl_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """TRL's own ``selective_log_softmax`` (the GPU image lacks TRL: CPU only)."""
+    from trl.trainer.utils import selective_log_softmax as trl_selective_log_softmax
+
+    return trl_selective_log_softmax(logits, ids, temperature)
 
 
-def run_materialised(x: Inputs) -> None:
+def fused_loss(x: Inputs) -> torch.Tensor:
+    return linear_grpo_loss(x.hidden, x.weight, x.ids, x.adv, old_logp=x.old, ref_logp=x.ref,
+                            completion_mask=x.mask, **OPTIONS)[0]
+
+
+def materialised_loss(x: Inputs, logps: Callable = reference.selective_log_softmax
+                      ) -> torch.Tensor:
     opts = dict(OPTIONS)
     temperature = opts.pop("temperature")
+    logp = logps(x.hidden @ x.weight.t(), x.ids, temperature)
+    return reference.grpo_loss_from_logps(logp, x.old, x.ref, x.adv, x.mask, **opts)[0]
+
+
+def logits_kernel_loss(x: Inputs) -> torch.Tensor:
     logits = x.hidden @ x.weight.t()
-    logp = reference.selective_log_softmax(logits, x.ids, temperature)
-    loss, _ = reference.grpo_loss_from_logps(logp, x.old, x.ref, x.adv, x.mask, **opts)
-    loss.backward()
+    return grpo_loss(logits, x.old, x.ref, x.ids, x.adv, x.mask, reduce=True, **OPTIONS)[0]
 
 
-def run_logits_kernel(x: Inputs) -> None:
-    logits = x.hidden @ x.weight.t()
-    loss, _ = grpo_loss(logits, x.old, x.ref, x.ids, x.adv, x.mask, reduce=True, **OPTIONS)
-    loss.backward()
-
-
-def liger_runner() -> Callable[[Inputs], None] | None:
+def liger_loss() -> Callable[[Inputs], torch.Tensor] | None:
+    """Liger's chunked fused-linear GRPO loss, or None without liger-kernel."""
     try:
         from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
     except ImportError:
         return None
-    opts = dict(OPTIONS)
     module = LigerFusedLinearGRPOLoss(
-        beta=opts["beta"], compiled=False, use_ref_model=True, epsilon_low=opts["eps_low"],
-        epsilon_high=opts["eps_high"], loss_type=opts["loss_type"],
-        temperature=opts["temperature"],
+        beta=OPTIONS["beta"], compiled=False, use_ref_model=True,
+        epsilon_low=OPTIONS["eps_low"], epsilon_high=OPTIONS["eps_high"],
+        loss_type=OPTIONS["loss_type"], temperature=OPTIONS["temperature"],
     )
-
-    def run(x: Inputs) -> None:
-        loss, _ = module(x.hidden, x.weight, x.ids, x.mask, x.adv,
-                         ref_per_token_logps=x.ref, old_per_token_logps=x.old)
-        loss.backward()
-
-    return run
+    return lambda x: module(x.hidden, x.weight, x.ids, x.mask, x.adv,
+                            ref_per_token_logps=x.ref, old_per_token_logps=x.old)[0]
 
 
-def time_ms(fn: Callable[[], None], cuda: bool, repeats: int) -> float:
-    if cuda:
-        from triton.testing import do_bench
+# --------------------------------------------------------------------------- CPU: pytest-benchmark
 
-        return float(do_bench(fn, warmup=50, rep=400, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+MATERIALISED = "materialised logits + TRL selective_log_softmax"
+LIGER = "Liger LigerFusedLinearGRPOLoss (chunked)"
 
 
-def peak_mib(fn: Callable[[], None]) -> float:
-    """Peak CUDA memory above what was allocated before the call (inputs, weights), in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+def cpu_shape_id(shape: tuple[int, int, int, int]) -> str:
+    h, b, seq, v = shape
+    return f"H={h} N={b * seq:,} V={v:,} fp32"
 
 
-def bench_shape(h: int, b: int, seq: int, v: int, device: str) -> list[dict]:
-    cuda = device == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    x = make_inputs(h, b, seq, v, device, dtype)
+@pytest.fixture(scope="module", params=CPU_SHAPES, ids=cpu_shape_id)
+def linear_case(request) -> Case:
+    x = make_inputs(*request.param, "cpu", torch.float32)
+
+    def loss_and_grads(loss: Callable[[Inputs], torch.Tensor]):
+        def run():
+            value = loss(x)
+            return value, *torch.autograd.grad(value, (x.hidden, x.weight))
+
+        return run
+
+    methods = {
+        "ours": ours(loss_and_grads(fused_loss)),
+        MATERIALISED: anchor(loss_and_grads(lambda x: materialised_loss(x, trl_logps))),
+    }
+    liger = liger_loss()
+    if liger is not None:
+        methods[LIGER] = anchor(loss_and_grads(liger))
+    return Case("linear_grpo_loss dapo fwd+bwd", cpu_shape_id(request.param), methods,
+                close(rtol=5e-5))
+
+
+@pytest.mark.parametrize("method", ["ours", MATERIALISED, LIGER])
+def test_linear_grpo_loss(benchmark, linear_case, method):
+    if method not in linear_case.methods:
+        pytest.skip("liger-kernel is not installed")
+    time_method(benchmark, linear_case, method)
+
+
+# --------------------------------------------------------------------------- CUDA: the script
+
+
+def bench_shape(h: int, b: int, seq: int, v: int) -> list[dict]:
+    x = make_inputs(h, b, seq, v, "cuda", torch.bfloat16)
     n = b * seq
 
-    def step(run):
+    def step(loss: Callable[[Inputs], torch.Tensor]) -> Callable[[], None]:
         def call():
             x.hidden.grad = None
             x.weight.grad = None
-            run(x)
+            loss(x).backward()
         return call
 
-    methods = {"fused": run_fused, "materialised": run_materialised,
-               "logits_kernel": run_logits_kernel}
-    liger = liger_runner()
+    methods = {"fused": fused_loss, "materialised": materialised_loss,
+               "logits_kernel": logits_kernel_loss}
+    liger = liger_loss()
     if liger is not None:
         methods["liger"] = liger
     rows = []
-    for name, run in methods.items():
-        call = step(run)
+    for name, loss in methods.items():
+        call = step(loss)
         try:
-            call()  # compile / autotune outside the timing
-            ms = time_ms(call, cuda, repeats=21)
-            mem = peak_mib(call) if cuda else float("nan")
+            ms = _timing.median_ms(call, warmup_ms=50, rep_ms=400)
+            mem = _timing.peak_bytes(call) / 2**20
         except torch.OutOfMemoryError:
             ms, mem = float("nan"), float("nan")
             torch.cuda.empty_cache()
@@ -170,11 +191,7 @@ def bench_shape(h: int, b: int, seq: int, v: int, device: str) -> list[dict]:
     x.hidden.grad = None
     x.weight.grad = None
 
-    with torch.no_grad():
-        h2d = x.hidden.detach().reshape(n, h)
-        w = x.weight.detach()
-        gemm_ms = time_ms(lambda: torch.mm(h2d, w.t()), cuda, repeats=21)
-    rate = 2 * n * h * v / (gemm_ms * 1e-3)
+    rate = _timing.matmul_rate(n, v, h)
     floor_ms = 6 * n * h * v / rate * 1e3
     rows.append(dict(shape=f"H={h} N={n} V={v}", method="matmul_floor", ms=floor_ms,
                      peak_mib=float("nan"), tflops=rate / 1e12))
@@ -183,29 +200,24 @@ def bench_shape(h: int, b: int, seq: int, v: int, device: str) -> list[dict]:
     fused = rows[0]
     for row in rows:
         row["time_vs_fused"] = row["ms"] / fused["ms"]
-        row["mem_vs_fused"] = row["peak_mib"] / fused["peak_mib"] if cuda else float("nan")
+        row["mem_vs_fused"] = row["peak_mib"] / fused["peak_mib"]
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", help="write every row to this CSV file")
     args = parser.parse_args(argv)
-    if args.device == "cuda":
-        shapes = [(h, b, SEQ, VOCAB) for h, b in CUDA_SHAPES]
-        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    else:
-        shapes = [CPU_SHAPE]
-        # One thread: intra-op threads fighting other processes for shared cores swamp the
-        # differences at this size.
-        torch.set_num_threads(1)
-        print("device: cpu, 1 thread (smoke shape; the torch paths, not the Triton kernels)")
+    if not torch.cuda.is_available():
+        print("no CUDA device: this script times the Triton kernels on a GPU; the CPU "
+              "benchmarks run through pytest-benchmark (make bench)", file=sys.stderr)
+        return 2
+    print(f"device: {_provenance.machine('cuda')}  torch {torch.__version__}  "
+          f"commit {_provenance.commit()}")
     rows = []
-    for h, b, seq, v in shapes:
-        print(f"H={h} B={b} L={seq} V={v}", flush=True)
-        rows += bench_shape(h, b, seq, v, args.device)
+    for h, b in CUDA_SHAPES:
+        print(f"H={h} B={b} L={SEQ} V={VOCAB}", flush=True)
+        rows += bench_shape(h, b, SEQ, VOCAB)
     print("\nshape                       method          median ms   peak MiB   time/fused "
           "mem/fused")
     for r in rows:

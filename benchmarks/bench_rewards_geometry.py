@@ -1,52 +1,44 @@
-"""Benchmark geovlm.rewards.geometry against shapely 2's vectorised ufuncs, a numpy reference and
-a per-sample Python loop in the style of VLM-R1's rewards (Python-float IoU per candidate, scipy
-for the assignment).
+"""Geometry rewards (``geovlm.rewards.geometry``, Numba, float64) against shapely, pycocotools,
+numpy and the per-sample Python loops of VLM-R1-style reward functions.
 
-Run: ``python benchmarks/bench_rewards_geometry.py [--quick]``. Prints one table row per case:
-median time of ours, of the anchor measured in the same run on the same inputs, and their ratio;
-then the first-call cost (Numba compile with an empty cache, and load from a warm disk cache),
-each measured in a fresh subprocess.
+pytest-benchmark groups (``make bench``, or ``pytest benchmarks/bench_rewards_geometry.py``),
+each ours and its anchors on the same inputs, checked to agree before they are timed:
 
-Realistic batch: 64 prompts x G = 16 candidates, each with 1-10 predicted boxes, against 1-10
-ground-truth boxes per prompt on a 1000 x 1000 image (candidates share their prompt's ground truth
-through ``sample_index``).
+- rotated ``iou_pairs`` (10,000 pairs, half overlapping) and ``iou_matrix`` (300 x 300): shapely 2's
+  vectorised ``intersection`` / ``area`` on prebuilt polygons, and built from the ``[N, 5]`` arrays;
+- axis-aligned ``iou_matrix`` (1,000 x 1,000): pycocotools ``mask.iou`` and a numpy broadcast;
+  ``iou_pairs`` (the same 1,000 pairs): numpy elementwise;
+- the realistic GRPO reward batch: 64 prompts x G = 16 candidates, each with 1-10 predicted
+  boxes against its prompt's 1-10 ground-truth boxes on a 1000 x 1000 image (candidates share
+  their prompt's ground truth through ``sample_index``): ``multibox_reward`` (Python-float IoU
+  per pair + scipy ``linear_sum_assignment``; rotated: shapely polygons + scipy),
+  ``detection_prf`` (Python greedy matching), ``average_precision`` (pycocotools ``COCOeval``
+  per candidate, boxes ranked in the order given), ``first_box_iou`` (Python loop).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
-import textwrap
-import time
+import contextlib
+import io
 
 import numpy as np
+import pytest
 import shapely
+from _compare import Case, anchor, close, ours, time_method
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
 from geovlm.rewards import geometry as geo
 
 PROMPTS, GROUP, MAX_BOXES = 64, 16, 10
+BATCH_SHAPE = f"{PROMPTS}x{GROUP} cands, 1-{MAX_BOXES} vs 1-{MAX_BOXES} boxes"
 
 
-def median_time(fn, repeats: int, inner: int = 1) -> tuple[float, float]:
-    """Median and minimum seconds per call over ``repeats`` timings of ``inner`` calls each (the
-    minimum shows the uncontended cost when other processes share the cores)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times), min(times)
-
-
-def realistic_batch(rng, rotated: bool):
-    """CSR predictions of PROMPTS * GROUP candidates and the per-prompt ground truth."""
+def realistic_batch(rng: np.random.Generator, rotated: bool):
+    """CSR predictions of PROMPTS * GROUP candidates and the per-prompt ground truth:
+    ``(pred, pred_offsets, preds, gt, gt_offsets, gts, sample_index)``."""
     gts, preds = [], []
     for _ in range(PROMPTS):
         k = int(rng.integers(1, MAX_BOXES + 1))
@@ -70,11 +62,18 @@ def realistic_batch(rng, rotated: bool):
                 pred[fresh, :2] = rng.uniform(50, 950, (fresh.sum(), 2))
             else:
                 pred[fresh] += rng.uniform(-400, 400, (fresh.sum(), 1))
+                # Noise may swap a small box's corners: keep x1 <= x2, y1 <= y2, the only boxes
+                # pycocotools defines an IoU for.
+                pred = np.column_stack([np.minimum(pred[:, :2], pred[:, 2:]),
+                                        np.maximum(pred[:, :2], pred[:, 2:])])
             preds.append(pred)
     pred_off = np.concatenate([[0], np.cumsum([len(p) for p in preds])]).astype(np.int64)
     gt_off = np.concatenate([[0], np.cumsum([len(g) for g in gts])]).astype(np.int64)
     sample_index = np.repeat(np.arange(PROMPTS), GROUP)
     return np.concatenate(preds), pred_off, preds, np.concatenate(gts), gt_off, gts, sample_index
+
+
+# --------------------------------------------------------------------------- anchors
 
 
 def python_iou(a, b) -> float:
@@ -91,8 +90,7 @@ def python_iou(a, b) -> float:
 def python_multibox(preds, gts, sample_index) -> list[float]:
     out = []
     for pred, s in zip(preds, sample_index, strict=True):
-        gt = gts[s]
-        p, g = pred.tolist(), gt.tolist()
+        p, g = pred.tolist(), gts[s].tolist()
         iou = np.array([[python_iou(x, y) for y in g] for x in p])
         r, c = linear_sum_assignment(iou, maximize=True)
         out.append(float(iou[r, c].sum()) / max(len(p), len(g)))
@@ -100,6 +98,7 @@ def python_multibox(preds, gts, sample_index) -> list[float]:
 
 
 def python_prf(preds, gts, sample_index, threshold=0.5) -> list[float]:
+    """F1 of greedy matching by decreasing IoU, per candidate."""
     out = []
     for pred, s in zip(preds, sample_index, strict=True):
         p, g = pred.tolist(), gts[s].tolist()
@@ -116,6 +115,36 @@ def python_prf(preds, gts, sample_index, threshold=0.5) -> list[float]:
                 used_g.add(j)
                 tp += 1
         out.append(2 * tp / (len(p) + len(g)))
+    return out
+
+
+def coco_average_precision(preds, gts, sample_index, threshold=0.5) -> list[float]:
+    """pycocotools' AP (one image, one class, 101-point interpolation) per candidate, its boxes
+    ranked in the order given (descending scores), as ``geo.average_precision(..., None, ...)``."""
+
+    def annotation(k, box, **extra):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return {"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, **extra}
+
+    out = []
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        for pred, s in zip(preds, sample_index, strict=True):
+            truth = COCO()
+            truth.dataset = {"images": [{"id": 1}], "categories": [{"id": 1}],
+                             "annotations": [annotation(k, b) for k, b in enumerate(gts[s])]}
+            truth.createIndex()
+            detections = truth.loadRes([annotation(k, b, score=1.0 - k / len(pred))
+                                        for k, b in enumerate(pred)])
+            evaluation = COCOeval(truth, detections, "bbox")
+            evaluation.params.iouThrs = np.array([threshold])
+            evaluation.params.maxDets = [100]
+            evaluation.params.areaRng = [[0.0, 1e10]]
+            evaluation.params.areaRngLbl = ["all"]
+            evaluation.evaluate()
+            evaluation.accumulate()
+            precision = evaluation.eval["precision"][0, :, 0, 0, 0]
+            out.append(float(precision[precision > -1].mean()))
     return out
 
 
@@ -139,6 +168,10 @@ def shapely_multibox(preds, gts, sample_index) -> list[float]:
     return out
 
 
+def xywh(boxes: np.ndarray) -> np.ndarray:
+    return np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]])
+
+
 def numpy_iou_matrix(a, b):
     iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
     ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
@@ -157,196 +190,175 @@ def numpy_iou_pairs(a, b):
     return inter / (area_a + area_b - inter)
 
 
-FIRST_CALL = textwrap.dedent(
-    """
-    import time
-    t0 = time.perf_counter()
-    import numpy as np
-    from geovlm.rewards import geometry as geo
-    t1 = time.perf_counter()
-    x = np.array([[0, 0, 2, 2], [1, 1, 3, 3.0]])
-    r = geo.xyxy_to_rotated(x)
-    off = np.array([0, 2])
-    for boxes in (x, r):
-        geo.iou_pairs(boxes, boxes)
-        geo.iou_matrix(boxes, boxes)
-        geo.first_box_iou(boxes, off, boxes, off)
-        geo.multibox_reward(boxes, off, boxes, off)
-        geo.detection_prf(boxes, off, boxes, off)
-        geo.average_precision(boxes, None, off, boxes, off)
-    geo.iou_pairs(x, x, "ciou")
-    geo.linear_assignment(np.ones((2, 3)))
-    geo.greedy_match(np.ones((2, 3)))
-    t2 = time.perf_counter()
-    print(t1 - t0, t2 - t1)
-    """
-)
+# --------------------------------------------------------------------------- inputs
 
 
-def first_call_seconds(cache_dir: str) -> tuple[float, float]:
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-    out = subprocess.run(
-        [sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, check=True
-    )
-    imp, call = out.stdout.split()
-    return float(imp), float(call)
-
-
-def fmt(times: tuple[float, float]) -> str:
-    return f"{times[0] * 1e3:.3f} ({times[1] * 1e3:.3f}) ms"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    args = parser.parse_args()
-    reps = 5 if args.quick else 21
+@pytest.fixture(scope="module")
+def rotated_boxes():
+    """10,000 rotated boxes and a perturbed copy (about half the pairs overlap)."""
     rng = np.random.default_rng(0)
-    rows = []
-
-    def row(case, shape, ours, anchor_name, anchor):
-        rows.append((case, shape, ours, anchor_name, anchor, anchor[0] / ours[0]))
-
-    # Rotated IoU, elementwise pairs (half of them overlapping).
     n = 10_000
     a = np.column_stack(
         [rng.uniform(0, 100, (n, 2)), rng.uniform(2, 30, (n, 2)), rng.uniform(-180, 180, n)]
     )
     b = a + np.column_stack([rng.normal(0, 8, (n, 2)), np.zeros((n, 2)), rng.normal(0, 20, n)])
-    pa, pb = shapely_polygons(a), shapely_polygons(b)
-    np.testing.assert_allclose(geo.iou_pairs(a, b), shapely_iou(pa, pb), atol=1e-9)
-    ours = median_time(lambda: geo.iou_pairs(a, b), reps)
-    row(
-        "rotated iou_pairs",
-        f"{n} pairs",
-        ours,
-        "shapely prebuilt polygons",
-        median_time(lambda: shapely_iou(pa, pb), max(3, reps // 4)),
-    )
-    row(
-        "rotated iou_pairs",
-        f"{n} pairs",
-        ours,
-        "shapely from [N,5] arrays",
-        median_time(
-            lambda: shapely_iou(shapely_polygons(a), shapely_polygons(b)), max(3, reps // 4)
-        ),
-    )
-    m = 300
-    ours = median_time(lambda: geo.iou_matrix(a[:m], b[:m]), reps)
-    row(
-        "rotated iou_matrix",
-        f"{m}x{m}",
-        ours,
-        "shapely prebuilt polygons",
-        median_time(lambda: shapely_iou(pa[:m, None], pb[None, :m]), max(3, reps // 4)),
-    )
+    return a, b, shapely_polygons(a), shapely_polygons(b)
 
-    # Axis-aligned IoU matrix.
+
+@pytest.fixture(scope="module")
+def xyxy_boxes():
+    rng = np.random.default_rng(1)
     x = rng.uniform(0, 900, (1000, 2))
     x = np.column_stack([x, x + rng.uniform(5, 100, (1000, 2))])
-    y = x[::-1] + rng.normal(0, 5, x.shape)
-    np.testing.assert_allclose(geo.iou_matrix(x, y), numpy_iou_matrix(x, y), atol=1e-12)
-    row(
-        "xyxy iou_matrix",
-        "1000x1000",
-        median_time(lambda: geo.iou_matrix(x, y), reps),
-        "numpy broadcast",
-        median_time(lambda: numpy_iou_matrix(x, y), reps),
-    )
-    xp, yp = x[:1024], y[:1024]
-    np.testing.assert_allclose(geo.iou_pairs(xp, yp), numpy_iou_pairs(xp, yp), atol=1e-12)
-    row(
-        "xyxy iou_pairs",
-        "1024 pairs",
-        median_time(lambda: geo.iou_pairs(xp, yp), reps, inner=50),
-        "numpy elementwise",
-        median_time(lambda: numpy_iou_pairs(xp, yp), reps, inner=50),
-    )
-
-    # The realistic GRPO reward batch.
-    pred, pred_off, preds, gt, gt_off, gts, sidx = realistic_batch(rng, rotated=False)
-    shape = f"{PROMPTS}x{GROUP} cands, <={MAX_BOXES} vs <={MAX_BOXES} boxes"
-    got = geo.multibox_reward(pred, pred_off, gt, gt_off, sample_index=sidx)
-    np.testing.assert_allclose(got, python_multibox(preds, gts, sidx), atol=1e-12)
-    row(
-        "multibox_reward xyxy",
-        shape,
-        median_time(
-            lambda: geo.multibox_reward(pred, pred_off, gt, gt_off, sample_index=sidx),
-            reps,
-            inner=5,
-        ),
-        "python loop + scipy",
-        median_time(lambda: python_multibox(preds, gts, sidx), max(3, reps // 4)),
-    )
-    f1 = geo.detection_prf(pred, pred_off, gt, gt_off, sample_index=sidx)[2]
-    np.testing.assert_allclose(f1, python_prf(preds, gts, sidx), atol=1e-12)
-    row(
-        "detection_prf xyxy",
-        shape,
-        median_time(
-            lambda: geo.detection_prf(pred, pred_off, gt, gt_off, sample_index=sidx), reps, inner=5
-        ),
-        "python loop greedy",
-        median_time(lambda: python_prf(preds, gts, sidx), max(3, reps // 4)),
-    )
-    ap = lambda: geo.average_precision(pred, None, pred_off, gt, gt_off, sample_index=sidx)
-    row(
-        "average_precision xyxy",
-        shape,
-        median_time(ap, reps, inner=5),
-        "python loop + scipy (multibox)",
-        median_time(lambda: python_multibox(preds, gts, sidx), max(3, reps // 4)),
-    )
-    fb = lambda: geo.first_box_iou(pred, pred_off, gt, gt_off, sample_index=sidx)
-    first_py = lambda: [
-        python_iou(p[0].tolist(), gts[s][0].tolist()) for p, s in zip(preds, sidx, strict=True)
-    ]
-    row(
-        "first_box_iou xyxy",
-        f"{PROMPTS * GROUP} cands",
-        median_time(fb, reps, inner=20),
-        "python loop",
-        median_time(first_py, reps),
-    )
-
-    pred, pred_off, preds, gt, gt_off, gts, sidx = realistic_batch(rng, rotated=True)
-    got = geo.multibox_reward(pred, pred_off, gt, gt_off, sample_index=sidx)
-    np.testing.assert_allclose(got, shapely_multibox(preds, gts, sidx), atol=1e-9)
-    row(
-        "multibox_reward rotated",
-        shape,
-        median_time(
-            lambda: geo.multibox_reward(pred, pred_off, gt, gt_off, sample_index=sidx),
-            reps,
-            inner=5,
-        ),
-        "python loop shapely + scipy",
-        median_time(lambda: shapely_multibox(preds, gts, sidx), max(3, reps // 4)),
-    )
-
-    width = max(len(r[0]) for r in rows)
-    shape_w = max(len(r[1]) for r in rows)
-    anchor_w = max(len(r[3]) for r in rows)
-    print(
-        f"{'case':<{width}}  {'shape':<{shape_w}}  {'ours median (min)':>21}  "
-        f"{'anchor':<{anchor_w}}  {'anchor median (min)':>21}  {'ratio':>7}"
-    )
-    for case, shp, ours, anchor_name, anchor, ratio in rows:
-        print(
-            f"{case:<{width}}  {shp:<{shape_w}}  {fmt(ours):>21}  {anchor_name:<{anchor_w}}  "
-            f"{fmt(anchor):>21}  {ratio:>6.1f}x"
-        )
-
-    with tempfile.TemporaryDirectory() as cache:
-        cold_import, cold = first_call_seconds(cache)
-        warm_import, warm = first_call_seconds(cache)
-    print(
-        f"first call of every public function: compile {cold:.2f} s (empty Numba cache), "
-        f"{warm:.2f} s from the disk cache; import {cold_import:.2f} s / {warm_import:.2f} s"
-    )
+    return x, x[::-1] + rng.normal(0, 5, x.shape)
 
 
-if __name__ == "__main__":
-    main()
+@pytest.fixture(scope="module")
+def xyxy_batch():
+    return realistic_batch(np.random.default_rng(2), rotated=False)
+
+
+@pytest.fixture(scope="module")
+def rotated_batch():
+    return realistic_batch(np.random.default_rng(3), rotated=True)
+
+
+# --------------------------------------------------------------------------- groups
+# Each fixture is one group (built once, so the reference anchor's result is computed once); the
+# test below it times each of its methods.
+
+
+@pytest.fixture(scope="module")
+def rotated_iou_pairs(rotated_boxes):
+    a, b, pa, pb = rotated_boxes
+    return Case("rotated iou_pairs", f"{len(a):,} pairs", {
+        "ours": ours(lambda: geo.iou_pairs(a, b)),
+        "shapely prebuilt polygons": anchor(lambda: shapely_iou(pa, pb)),
+        "shapely from [N,5] arrays": anchor(
+            lambda: shapely_iou(shapely_polygons(a), shapely_polygons(b))),
+    }, close(atol=1e-9))
+
+
+@pytest.mark.parametrize("method", ["ours", "shapely prebuilt polygons",
+                                    "shapely from [N,5] arrays"])
+def test_rotated_iou_pairs(benchmark, rotated_iou_pairs, method):
+    time_method(benchmark, rotated_iou_pairs, method)
+
+
+@pytest.fixture(scope="module")
+def rotated_iou_matrix(rotated_boxes):
+    a, b, pa, pb = rotated_boxes
+    m = 300
+    return Case("rotated iou_matrix", f"{m}x{m}", {
+        "ours": ours(lambda: geo.iou_matrix(a[:m], b[:m])),
+        "shapely prebuilt polygons": anchor(lambda: shapely_iou(pa[:m, None], pb[None, :m])),
+    }, close(atol=1e-9))
+
+
+@pytest.mark.parametrize("method", ["ours", "shapely prebuilt polygons"])
+def test_rotated_iou_matrix(benchmark, rotated_iou_matrix, method):
+    time_method(benchmark, rotated_iou_matrix, method)
+
+
+@pytest.fixture(scope="module")
+def xyxy_iou_matrix(xyxy_boxes):
+    x, y = xyxy_boxes
+    xw, yw, crowd = xywh(x), xywh(y), np.zeros(len(y), np.uint8)
+    return Case("xyxy iou_matrix", f"{len(x):,}x{len(y):,}", {
+        "ours": ours(lambda: geo.iou_matrix(x, y)),
+        "pycocotools mask.iou": anchor(lambda: coco_mask.iou(xw, yw, crowd)),
+        "numpy broadcast": anchor(lambda: numpy_iou_matrix(x, y)),
+    }, close(atol=1e-12))
+
+
+@pytest.mark.parametrize("method", ["ours", "pycocotools mask.iou", "numpy broadcast"])
+def test_xyxy_iou_matrix(benchmark, xyxy_iou_matrix, method):
+    time_method(benchmark, xyxy_iou_matrix, method)
+
+
+@pytest.fixture(scope="module")
+def xyxy_iou_pairs(xyxy_boxes):
+    x, y = xyxy_boxes
+    return Case("xyxy iou_pairs", f"{len(x):,} pairs", {
+        "ours": ours(lambda: geo.iou_pairs(x, y)),
+        "numpy elementwise": anchor(lambda: numpy_iou_pairs(x, y)),
+    }, close(atol=1e-12))
+
+
+@pytest.mark.parametrize("method", ["ours", "numpy elementwise"])
+def test_xyxy_iou_pairs(benchmark, xyxy_iou_pairs, method):
+    time_method(benchmark, xyxy_iou_pairs, method)
+
+
+@pytest.fixture(scope="module")
+def multibox_reward_xyxy(xyxy_batch):
+    pred, pred_off, preds, gt, gt_off, gts, sidx = xyxy_batch
+    return Case("multibox_reward xyxy", BATCH_SHAPE, {
+        "ours": ours(lambda: geo.multibox_reward(pred, pred_off, gt, gt_off, sample_index=sidx)),
+        "python loop + scipy": anchor(lambda: python_multibox(preds, gts, sidx)),
+    }, close(atol=1e-12))
+
+
+@pytest.mark.parametrize("method", ["ours", "python loop + scipy"])
+def test_multibox_reward_xyxy(benchmark, multibox_reward_xyxy, method):
+    time_method(benchmark, multibox_reward_xyxy, method)
+
+
+@pytest.fixture(scope="module")
+def detection_prf_xyxy(xyxy_batch):
+    pred, pred_off, preds, gt, gt_off, gts, sidx = xyxy_batch
+    return Case("detection_prf xyxy (F1)", BATCH_SHAPE, {
+        "ours": ours(lambda: geo.detection_prf(pred, pred_off, gt, gt_off, sample_index=sidx)[2]),
+        "python loop, greedy": anchor(lambda: python_prf(preds, gts, sidx)),
+    }, close(atol=1e-12))
+
+
+@pytest.mark.parametrize("method", ["ours", "python loop, greedy"])
+def test_detection_prf_xyxy(benchmark, detection_prf_xyxy, method):
+    time_method(benchmark, detection_prf_xyxy, method)
+
+
+@pytest.fixture(scope="module")
+def average_precision_xyxy(xyxy_batch):
+    pred, pred_off, preds, gt, gt_off, gts, sidx = xyxy_batch
+    return Case("average_precision xyxy", BATCH_SHAPE, {
+        "ours": ours(lambda: geo.average_precision(pred, None, pred_off, gt, gt_off,
+                                                   sample_index=sidx)),
+        # About 3 ms a candidate, seconds a call: a few rounds are enough.
+        "pycocotools COCOeval per candidate": anchor(
+            lambda: coco_average_precision(preds, gts, sidx), rounds=3),
+    }, close(atol=1e-12))
+
+
+@pytest.mark.parametrize("method", ["ours", "pycocotools COCOeval per candidate"])
+def test_average_precision_xyxy(benchmark, average_precision_xyxy, method):
+    time_method(benchmark, average_precision_xyxy, method)
+
+
+@pytest.fixture(scope="module")
+def first_box_iou_xyxy(xyxy_batch):
+    pred, pred_off, preds, gt, gt_off, gts, sidx = xyxy_batch
+    return Case("first_box_iou xyxy", f"{len(preds):,} cands", {
+        "ours": ours(lambda: geo.first_box_iou(pred, pred_off, gt, gt_off, sample_index=sidx)),
+        "python loop": anchor(lambda: [python_iou(p[0].tolist(), gts[s][0].tolist())
+                                       for p, s in zip(preds, sidx, strict=True)]),
+    }, close(atol=1e-12))
+
+
+@pytest.mark.parametrize("method", ["ours", "python loop"])
+def test_first_box_iou_xyxy(benchmark, first_box_iou_xyxy, method):
+    time_method(benchmark, first_box_iou_xyxy, method)
+
+
+@pytest.fixture(scope="module")
+def multibox_reward_rotated(rotated_batch):
+    pred, pred_off, preds, gt, gt_off, gts, sidx = rotated_batch
+    return Case("multibox_reward rotated", BATCH_SHAPE, {
+        "ours": ours(lambda: geo.multibox_reward(pred, pred_off, gt, gt_off, sample_index=sidx)),
+        "python loop, shapely + scipy": anchor(lambda: shapely_multibox(preds, gts, sidx)),
+    }, close(atol=1e-9))
+
+
+@pytest.mark.parametrize("method", ["ours", "python loop, shapely + scipy"])
+def test_multibox_reward_rotated(benchmark, multibox_reward_rotated, method):
+    time_method(benchmark, multibox_reward_rotated, method)

@@ -1,35 +1,35 @@
-"""Benchmark ``geovlm.rewards.score`` on a mixed GRPO batch from the embedded world.
+"""``geovlm.rewards.score`` on a mixed GRPO batch from the embedded world, against the same rewards
+computed per completion with the established libraries.
 
 Batch: ``P`` prompts (every task family, round robin over embedded scenes) times ``G``
-completions each (default 128 x 8 = 1,024): the SFT response, another sample's answer of the same
-task, the answer with one word dropped and one inserted (a string no cache has seen), a truncated
-response, or an answer without its think block, drawn at random.
+completions each: the SFT response, another sample's answer of the same task, the answer with
+one word dropped and one inserted (a string no cache has seen), a truncated response, or an
+answer without its think block, drawn at random.
 
 Ours: one ``score`` call on the whole batch (answers parsed once, one geometry / text kernel call
 per task), with the embedding model off (region / change captions scored by ROUGE-L) and on
-(model loaded and reference embeddings cached by a warm-up call, as in training where references
-repeat every epoch; an answer equal to a reference reuses its cached embedding, novel ones are
-embedded on every call).
+(model loaded and reference embeddings cached by the warm-up call, as in training where
+references repeat every epoch; an answer equal to a reference reuses its cached embedding, novel
+ones are embedded on every call).
 
-Anchor: the same rewards computed per completion with the established libraries, the way a
-per-sample reward function does it: the same parser, then shapely polygons + scipy's Hungarian
-matching for boxes, ``Levenshtein.ratio``, rouge-score, Python token sets, and (with embeddings)
-sentence-transformers encoding the answer and its references on every call. The script checks
-that both give the same rewards before timing.
+Anchor: the same rewards per completion, the way a per-sample reward function computes them: the
+same parser, then shapely polygons + scipy's Hungarian matching for boxes, ``Levenshtein.ratio``,
+rouge-score, Python token sets, and (with embeddings) sentence-transformers encoding the answer
+and its references on every call. Both must give the same rewards before they are timed.
 
-Run: ``python benchmarks/bench_rewards_score.py [--prompts 128] [--group 8] [--repeats 5]
-[--anchor-repeats 1]``: median and minimum seconds per batch of each, and the ratio ours / anchor.
+pytest-benchmark groups (``make bench``, or ``pytest benchmarks/bench_rewards_score.py``):
+embeddings off on 128 x 8 = 1,024 completions; embeddings on on 16 x 8 = 128 completions (the
+anchor encodes every caption answer and its references on every call, seconds per call).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
-import time
 
 import Levenshtein
 import numpy as np
+import pytest
+from _compare import Case, anchor, close, ours, time_method
 from rouge_score import rouge_scorer
 from scipy.optimize import linear_sum_assignment
 from shapely import affinity
@@ -42,8 +42,7 @@ from geovlm.rewards.parse import extract_answer, parse_for_task, resized_size_fo
 from geovlm.rewards.tasks import references
 
 CAPTION_TASKS = ("region_caption", "change_caption")
-
-
+GROUP = 8  # completions per prompt
 _WORDS = ("large", "small", "near", "two", "several", "bright", "dark", "field", "road", "river")
 
 
@@ -165,39 +164,33 @@ class Anchor:
         return out
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+def score_case(group: str, prompts: int, use_embeddings: bool, anchor_rounds: int | None) -> Case:
+    tasks, completions, targets = build_batch(prompts, GROUP)
+    options = RewardOptions(use_embeddings=use_embeddings)
+    reference = Anchor(options)
+    return Case(group, f"{prompts}x{GROUP} = {len(completions):,} completions, "
+                       f"{len(set(tasks))} tasks", {
+        "ours": ours(lambda: score(tasks, completions, targets, options=options).total),
+        "per-completion libraries": anchor(lambda: reference.score(completions, targets),
+                                           rounds=anchor_rounds),
+    }, close(atol=1e-5))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=128)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--anchor-repeats", type=int, default=1)
-    args = parser.parse_args()
-    tasks, completions, targets = build_batch(args.prompts, args.group)
-    print(f"batch: {len(completions)} completions, {len(set(tasks))} tasks")
-    for use_embeddings in (False, True):
-        options = RewardOptions(use_embeddings=use_embeddings)
-        anchor = Anchor(options)
-        ours_total = score(tasks, completions, targets, options=options).total  # warm-up
-        anchor_total = anchor.score(completions, targets)
-        gap = float(np.max(np.abs(ours_total - anchor_total)))
-        assert gap < 1e-5, f"ours and the anchor disagree by {gap}"
-        ours = timed(lambda o=options: score(tasks, completions, targets, options=o), args.repeats)
-        ref = timed(lambda a=anchor: a.score(completions, targets), args.anchor_repeats)
-        print(
-            f"embeddings={'on' if use_embeddings else 'off'}: ours {ours[0]:.4f} s "
-            f"(min {ours[1]:.4f}), anchor {ref[0]:.4f} s (min {ref[1]:.4f}), "
-            f"ratio ours/anchor {ours[0] / ref[0]:.3f}; max |reward gap| {gap:.1e}"
-        )
+@pytest.fixture(scope="module")
+def embeddings_off():
+    return score_case("score, embeddings off", 128, use_embeddings=False, anchor_rounds=None)
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("method", ["ours", "per-completion libraries"])
+def test_score_embeddings_off(benchmark, embeddings_off, method):
+    time_method(benchmark, embeddings_off, method)
+
+
+@pytest.fixture(scope="module")
+def embeddings_on():
+    return score_case("score, embeddings on", 16, use_embeddings=True, anchor_rounds=3)
+
+
+@pytest.mark.parametrize("method", ["ours", "per-completion libraries"])
+def test_score_embeddings_on(benchmark, embeddings_on, method):
+    time_method(benchmark, embeddings_on, method)

@@ -1,39 +1,33 @@
-"""Text rewards vs their anchors on 1,024 RSICD candidates x 5 references (CPU, single thread).
+"""Text rewards (``geovlm.rewards.text``, Numba) against pycocoevalcap, rouge-score and
+python-Levenshtein on 1,024 RSICD candidates x 5 references.
 
-Candidates are RSICD test captions; each one's 5 references are other captions of its scene
-category (``../shared/data/rsicd_test_captions.json``). Both sides get the same tokens: the
+Candidates are RSICD test captions (``tests/fixtures/rsicd_test_captions.json``); each one's 5
+references are other captions of its scene category. Both sides get the same tokens: the
 sentences are tokenized once with ``text.tokenize`` and joined with spaces, which is what
 pycocoevalcap's scorers receive after its Java PTBTokenizer (not timed on either side).
 
-Ours is timed end to end from those strings (dedup, batch tokenizer, word ids, Numba kernels) in
-two states: ``cold`` clears the per-sentence tokenizer caches before every call, ``warm`` keeps
-them (references seen before, as in GRPO after the first epoch). Medians of wall-clock and of
-process CPU time are printed; ratios use CPU time, which stays meaningful when other processes
-load the machine. Anchors: pycocoevalcap ``Bleu(4)``, ``Rouge()``, ``Cider()``; rouge-score
-``score_multi`` (ROUGE-L, Porter stemmer); python-Levenshtein ``ratio`` in a loop. Calls
-alternate between ours and the anchor (rotating the order) so both see the same machine load;
-every score is checked against the anchor's.
-
-    python benchmarks/bench_rewards_text.py [--repeats 15] [--anchor-repeats 5]
+pytest-benchmark groups (``make bench``, or ``pytest benchmarks/bench_rewards_text.py``): BLEU-1..4
+(pycocoevalcap ``Bleu(4)``), ROUGE-L (pycocoevalcap ``Rouge``), CIDEr-D with the batch's
+document frequencies (pycocoevalcap ``Cider``), ROUGE-L F1 with the Porter stemmer (rouge-score
+``score_multi``), and the best Levenshtein ratio over the references (python-Levenshtein
+``ratio`` in a loop). Ours is timed end to end from the strings (validation, dedup, tokenizer,
+word ids, Numba kernels) twice: ``ours cold`` clears the per-sentence tokenizer caches before
+every call, ``ours warm`` keeps them (references seen before, as in GRPO after the first epoch).
+Every method's scores are checked against the anchor's before timing.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
-import datetime
 import io
 import json
-import os
-import platform
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import Levenshtein
 import numpy as np
+import pytest
+from _compare import Case, anchor, close, ours, time_method
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
@@ -42,11 +36,15 @@ from rouge_score import rouge_scorer
 from geovlm.rewards import text
 from geovlm.rewards._text_tokenize import ptb_tokens, rouge_tokens
 
-ROOT = Path(__file__).resolve().parents[1]
-RSICD = ROOT.parent / "shared" / "data" / "rsicd_test_captions.json"
+RSICD = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "rsicd_test_captions.json"
+CANDIDATES, REFERENCES = 1024, 5
+SHAPE = f"{CANDIDATES:,} x {REFERENCES} refs (RSICD)"
+COLD_ROUNDS = 15
 
 
 def rsicd_batch(n_candidates: int, n_refs: int, seed: int = 0):
+    """``n_candidates`` captions, each with ``n_refs`` other captions of its scene category, all
+    pre-tokenized (tokens joined by spaces)."""
     groups = collections.defaultdict(list)
     for pair in json.loads(RSICD.read_text())["pairs"]:
         if "_" in pair["image_filename"]:
@@ -62,115 +60,98 @@ def rsicd_batch(n_candidates: int, n_refs: int, seed: int = 0):
     return candidates, references
 
 
-def machine() -> str:
-    model = platform.processor() or "CPU"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def clear_caches() -> None:
     ptb_tokens.cache_clear()
     rouge_tokens.cache_clear()
 
 
-def timed(fn, before=None):
-    """(wall seconds, CPU seconds of this process, result)."""
-    if before is not None:
-        before()
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
+@pytest.fixture(scope="module")
+def batch():
+    cands, refs = rsicd_batch(CANDIDATES, REFERENCES)
+    coco_res = {i: [c] for i, c in enumerate(cands)}
+    coco_gts = {i: list(r) for i, r in enumerate(refs)}
+    return cands, refs, coco_res, coco_gts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", type=int, default=1024)
-    parser.add_argument("--refs", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--anchor-repeats", type=int, default=5)
-    args = parser.parse_args()
+def text_case(group: str, fn, anchor_name: str, anchor_fn, anchor_rounds: int | None = None
+              ) -> Case:
+    return Case(group, SHAPE, {
+        "ours cold": ours(fn, rounds=COLD_ROUNDS, setup=clear_caches),
+        "ours warm": ours(fn),
+        anchor_name: anchor(anchor_fn, rounds=anchor_rounds),
+    }, close(atol=1e-12))
 
-    cands, refs = rsicd_batch(args.candidates, args.refs)
-    res = {i: [c] for i, c in enumerate(cands)}
-    gts = {i: list(r) for i, r in enumerate(refs)}
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
-    def pairs():
-        return zip(cands, refs, strict=True)
+@pytest.fixture(scope="module")
+def bleu(batch):
+    cands, refs, res, gts = batch
 
     def coco_bleu():
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its ratios
             return np.array(Bleu(4).compute_score(gts, res, verbose=0)[1]).T
 
-    cases = [
-        ("bleu (BLEU-1..4)", lambda: text.bleu(cands, refs), "pycocoevalcap Bleu(4)", coco_bleu),
-        (
-            "rouge_l",
-            lambda: text.rouge_l(cands, refs),
-            "pycocoevalcap Rouge",
-            lambda: Rouge().compute_score(gts, res)[1],
-        ),
-        (
-            "cider_d (corpus df)",
-            lambda: text.cider_d(cands, refs),
-            "pycocoevalcap Cider",
-            lambda: np.asarray(Cider().compute_score(gts, res)[1]),
-        ),
-        (
-            "rouge_l_f1 (stemmer)",
-            lambda: text.rouge_l_f1(cands, refs),
-            "rouge-score score_multi",
-            lambda: np.array(
-                [scorer.score_multi(r, c)["rougeL"].fmeasure for c, r in pairs()]
-            ),
-        ),
-        (
-            "levenshtein_ratio",
-            lambda: text.levenshtein_ratio(cands, refs),
-            "python-Levenshtein ratio loop",
-            lambda: np.array(
-                [max(Levenshtein.ratio(c, x) for x in r) for c, r in pairs()]
-            ),
-        ),
-    ]
-    for _, ours, _, _ in cases:  # compile / load the Numba cache outside the timings
-        ours()
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}; "
-          f"{datetime.date.today()}; commit {commit}")
-    print(f"shape: {args.candidates} candidates x {args.refs} references (RSICD)\n")
-    print("| metric | ours cold: wall, CPU | ours warm: wall, CPU | anchor | anchor: wall, CPU "
-          "| ratio cold (CPU) | ratio warm (CPU) | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, ours, anchor_name, anchor in cases:
-        runs = {"cold": ([], []), "warm": ([], []), "anchor": ([], [])}
-        expected = got = None
-        for i in range(args.repeats):
-            # Rotate the order so that no variant always follows the anchor's allocations.
-            order = ["anchor", "cold", "warm"] if i < args.anchor_repeats else ["cold", "warm"]
-            for kind in order[i % len(order) :] + order[: i % len(order)]:
-                if kind == "anchor":
-                    wall, cpu, expected = timed(anchor)
-                else:
-                    wall, cpu, got = timed(ours, clear_caches if kind == "cold" else None)
-                runs[kind][0].append(wall)
-                runs[kind][1].append(cpu)
-        diff = float(np.max(np.abs(np.asarray(got) - np.asarray(expected))))
-        med = {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in runs.items()}
-        cell = {k: f"{w * 1e3:.2f}, {c * 1e3:.2f} ms" for k, (w, c) in med.items()}
-        print(
-            f"| {name} | {cell['cold']} | {cell['warm']} | {anchor_name} "
-            f"| {cell['anchor']} | {med['anchor'][1] / med['cold'][1]:.1f}x "
-            f"| {med['anchor'][1] / med['warm'][1]:.1f}x | {diff:.1e} |"
-        )
-    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+    return text_case("bleu (BLEU-1..4)", lambda: text.bleu(cands, refs),
+                     "pycocoevalcap Bleu(4)", coco_bleu)
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("method", ["ours cold", "ours warm", "pycocoevalcap Bleu(4)"])
+def test_bleu(benchmark, bleu, method):
+    time_method(benchmark, bleu, method)
+
+
+@pytest.fixture(scope="module")
+def rouge_l(batch):
+    cands, refs, res, gts = batch
+    return text_case("rouge_l", lambda: text.rouge_l(cands, refs),
+                     "pycocoevalcap Rouge", lambda: Rouge().compute_score(gts, res)[1])
+
+
+@pytest.mark.parametrize("method", ["ours cold", "ours warm", "pycocoevalcap Rouge"])
+def test_rouge_l(benchmark, rouge_l, method):
+    time_method(benchmark, rouge_l, method)
+
+
+@pytest.fixture(scope="module")
+def cider_d(batch):
+    cands, refs, res, gts = batch
+    return text_case("cider_d (batch document frequencies)", lambda: text.cider_d(cands, refs),
+                     "pycocoevalcap Cider", lambda: np.asarray(Cider().compute_score(gts, res)[1]))
+
+
+@pytest.mark.parametrize("method", ["ours cold", "ours warm", "pycocoevalcap Cider"])
+def test_cider_d(benchmark, cider_d, method):
+    time_method(benchmark, cider_d, method)
+
+
+@pytest.fixture(scope="module")
+def rouge_l_f1(batch):
+    cands, refs, _, _ = batch
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return text_case(
+        "rouge_l_f1 (Porter stemmer)", lambda: text.rouge_l_f1(cands, refs),
+        "rouge-score score_multi",
+        lambda: np.array([scorer.score_multi(r, c)["rougeL"].fmeasure
+                          for c, r in zip(cands, refs, strict=True)]),
+        anchor_rounds=3,  # about a second a call
+    )
+
+
+@pytest.mark.parametrize("method", ["ours cold", "ours warm", "rouge-score score_multi"])
+def test_rouge_l_f1(benchmark, rouge_l_f1, method):
+    time_method(benchmark, rouge_l_f1, method)
+
+
+@pytest.fixture(scope="module")
+def levenshtein_ratio(batch):
+    cands, refs, _, _ = batch
+    return text_case(
+        "levenshtein_ratio (best reference)", lambda: text.levenshtein_ratio(cands, refs),
+        "python-Levenshtein ratio loop",
+        lambda: np.array([max(Levenshtein.ratio(c, x) for x in r)
+                          for c, r in zip(cands, refs, strict=True)]),
+    )
+
+
+@pytest.mark.parametrize("method", ["ours cold", "ours warm", "python-Levenshtein ratio loop"])
+def test_levenshtein_ratio(benchmark, levenshtein_ratio, method):
+    time_method(benchmark, levenshtein_ratio, method)

@@ -24,18 +24,20 @@ import argparse
 import dataclasses
 import datetime
 import statistics
+import timeit
 from dataclasses import asdict
 
-import _timing  # benchmarks/_timing.py: the script's directory is on sys.path
+import _provenance  # benchmarks/_provenance.py: the script's directory is on sys.path
 import torch
 
 from geovlm.config import load_config
 from geovlm.data.collate import collate_sft, pad_token_id
-from geovlm.data.packing import pack_for_model, sequence_lengths
+from geovlm.data.packing import sequence_lengths
 from geovlm.data.sources import load_splits, select_tasks
 from geovlm.data.synthetic import corpus
 from geovlm.loop import batch_indices
 from geovlm.model import build_policy
+from geovlm.packed import pack_for_model
 from geovlm.sft import packing_capacity, token_nll_sum
 
 
@@ -83,9 +85,10 @@ def main() -> None:
         idx = batch_indices(len(train), stage.batch_size, step, config.seed)
         return collate_sft([train[i] for i in idx], processor, stage.max_length)
 
-    print(f"# {_timing.machine()}, load {_timing.load()}, commit {_timing.commit()}, "
-          f"{datetime.date.today()}, attn={args.attn}, batch_size={stage.batch_size}, "
-          f"max_length={stage.max_length}, {len(train)} training samples")
+    print(f"# {_provenance.machine()}, load {_provenance.load_text()}, "
+          f"commit {_provenance.commit()}, {datetime.date.today()}, attn={args.attn}, "
+          f"batch_size={stage.batch_size}, max_length={stage.max_length}, "
+          f"{len(train)} training samples")
     fractions: dict[str, list[float]] = {name: [] for name in layouts}
     rows: dict[str, list[int]] = {name: [] for name in layouts}
     for step in range(args.stats_batches):
@@ -111,7 +114,9 @@ def main() -> None:
         anchor = None
         for name, layout in layouts.items():
             laid = layout(batch)
-            ms = _timing.median_ms(step_fn(model, laid), "cpu", repeats=args.repeats)
+            run_step = step_fn(model, laid)
+            run_step()  # warm-up: first-call allocations, the thread pool
+            ms = statistics.median(timeit.repeat(run_step, number=1, repeat=args.repeats)) * 1e3
             anchor = anchor or ms
             shape = "x".join(str(n) for n in laid["input_ids"].shape)
             print(f"  {name:5s} {step}  {shape:9s} {real:6d} {ms:9.1f} "

@@ -66,7 +66,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import _timing  # benchmarks/_timing.py: the script's directory is on sys.path
+import _provenance  # benchmarks/_provenance.py: the script's directory is on sys.path
 import torch
 
 DEFAULT_TASKS = ("scene_cls", "counting", "referred_det", "vqa")
@@ -547,10 +547,10 @@ def report(spec: Spec, results: dict[str, dict], csv_path: str | None, rounds: i
              f", {results['ours']['prompt_tokens']} prompt tokens, {spec.loss_type}, "
              f"beta={spec.beta}, ckpt={'on' if spec.checkpointing else 'off'}, "
              f"vision {'frozen' if spec.freeze_vision else 'trained'}")
-    machine = _timing.machine()
+    machine = _provenance.machine(spec.device)
     print(f"# GRPO step: geovlm trainer vs TRL {_trl_version()} GRPOTrainer ({spec.device})")
-    print(f"machine: {machine}; load {_timing.load()}; commit {_timing.commit()}; {shape}; "
-          f"median of {rounds} x {spec.steps} steps, each run after {spec.warmup} warm-up")
+    print(f"machine: {machine}; load {_provenance.load_text()}; commit {_provenance.commit()}; "
+          f"{shape}; median of {rounds} x {spec.steps} steps, each run after {spec.warmup} warm-up")
     medians = {s: statistics.median(r["step_s"]) for s, r in results.items() if "skipped" not in r}
     rows = []
     print("| side | step median (min) s | completion tokens/s | peak memory GiB |")
@@ -565,7 +565,8 @@ def report(spec: Spec, results: dict[str, dict], csv_path: str | None, rounds: i
               f"{tokens / medians[side]:.1f} | {peak_text} |")
         rows.append({
             "machine": machine, "date": datetime.date.today().isoformat(),
-            "commit": _timing.commit(), "load": _timing.load(), "side": side, "shape": shape,
+            "commit": _provenance.commit(), "load": _provenance.load_text(), "side": side,
+            "shape": shape,
             "median_s": medians[side], "min_s": min(r["step_s"]),
             "tokens_per_s": tokens / medians[side], "peak_bytes": peak if peak is not None else "",
             "steps": ";".join(f"{t:.4f}" for t in r["step_s"]),

@@ -47,8 +47,8 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from geovlm.data.packing import mrope_positions
 from geovlm.model import forward_hidden, forward_logits, unwrap
+from geovlm.packed import mrope_positions
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -66,7 +66,7 @@ def _cache_argument_of(model_class: type) -> str:
 def rope_positions(model: torch.nn.Module, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[3, P, Lp]`` mRoPE positions of a left-padded prompt batch, as a full forward gives them.
 
-    With images: the model's ``get_rope_index`` (``geovlm.data.packing.mrope_positions``; padding
+    With images: the model's ``get_rope_index`` (``geovlm.packed.mrope_positions``; padding
     gets 0, it is masked). Text only: the model then numbers positions ``0 .. Lp-1`` including
     the padding, and so does this.
     """

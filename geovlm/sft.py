@@ -5,8 +5,9 @@ gradient-accumulation window (not a mean of per-micro-batch means, which would w
 samples more: the well-known gradient-accumulation bug). AdamW, warm-up + cosine schedule,
 periodic teacher-forced validation loss, atomic checkpoints with exact resume.
 
-Packing (``stage.packing``, see ``geovlm.data.packing``) puts several samples of a micro-batch
-into one row instead of padding each to the longest; the loss counts exactly the same labels.
+Packing (``stage.packing``, see ``geovlm.data.packing`` and ``geovlm.packed``) puts several
+samples of a micro-batch into one row instead of padding each to the longest; the loss counts
+exactly the same labels.
 
 * ``"off"``: every micro-batch is padded.
 * ``"on"``: every micro-batch is packed into rows of at most ``max_length`` tokens (one row with
@@ -29,13 +30,7 @@ import torch.nn.functional as F
 from geovlm.config import StageConfig
 from geovlm.data.collate import collate_sft, pad_token_id
 from geovlm.data.loader import auto_workers, prefetched
-from geovlm.data.packing import (
-    attention_implementation,
-    pack_for_model,
-    packing_unsupported,
-    plan_rows,
-    sequence_lengths,
-)
+from geovlm.data.packing import plan_rows, sequence_lengths
 from geovlm.data.schema import Sample
 from geovlm.distributed import Engine, prepare_engine
 from geovlm.loop import (
@@ -47,6 +42,7 @@ from geovlm.loop import (
     step_seed,
 )
 from geovlm.model import forward_hidden, forward_logits, lm_head_weight
+from geovlm.packed import attention_implementation, pack_for_model, packing_unsupported
 from geovlm.profiling import StepProfiler, nvtx_range
 from geovlm.runtime import all_reduce_sum, seed_everything
 

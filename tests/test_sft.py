@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from geovlm.data.collate import collate_sft, pad_token_id
-from geovlm.data.packing import pack_for_model, sequence_lengths
+from geovlm.data.packing import sequence_lengths
+from geovlm.packed import pack_for_model
 from geovlm.sft import token_nll_sum
 from tests.test_model import make_sample, tiny_policy
 

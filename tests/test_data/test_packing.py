@@ -19,18 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.masking_utils import find_packed_sequence_indices
 
+from geovlm import packed
 from geovlm.config import load_config
-from geovlm.data import packing
 from geovlm.data.collate import IGNORE_INDEX, collate_sft
-from geovlm.data.packing import (
-    mrope_positions,
-    pack_batch,
-    pack_for_model,
-    packing_unsupported,
-    plan_rows,
-    sequence_lengths,
-)
+from geovlm.data.packing import pack_batch, plan_rows, sequence_lengths
 from geovlm.model import build_policy, forward_logits
+from geovlm.packed import mrope_positions, pack_for_model, packing_unsupported
 from geovlm.sft import check_packing, packing_capacity, token_nll_sum
 from tests.test_model import _save_tiny_qwen2_vl, make_sample, tiny_policy
 
@@ -364,7 +358,7 @@ def test_sft_packing_rule(policy, batch, monkeypatch):
     check_packing(fake_model(), stage("auto"))
     assert packing_capacity(fake_model(), padded([40, 90]), stage("auto")) is None
     # Flash-attention: always packed, into one row (transformers' varlen path needs batch 1).
-    monkeypatch.setattr(packing, "attention_implementation", lambda model: "flash_attention_2")
+    monkeypatch.setattr(packed, "attention_implementation", lambda model: "flash_attention_2")
     monkeypatch.setattr("geovlm.sft.attention_implementation", lambda model: "flash_attention_2")
     assert packing_capacity(model, padded([60, 90, 50]), stage("auto")) == stage("auto").max_length
     assert pack_for_model(model, batch, max(sequence_lengths(batch)), PAD_ID)[
