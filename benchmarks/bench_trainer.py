@@ -433,11 +433,12 @@ def report_rollout(spec: Spec, runs: list[dict], csv_path: str | None) -> None:
     L = spec.max_new_tokens
     shape = (f"{spec.model} model, V={first['vocab']}, P={spec.prompts} x G={spec.generations}, "
              f"L={L}, {first['prompt_tokens']} prompt tokens, T={spec.temperature}")
-    machine = _timing.machine()
+    machine = _provenance.machine(spec.device)
     print(f"# Rollout (built-in engine, shared prompts) with and without sampling log-probs "
           f"({spec.device})")
-    print(f"machine: {machine}; load {_timing.load()}; commit {_timing.commit()}; {shape}; "
-          f"median of {len(runs)} x {spec.steps} calls each, after {spec.warmup} warm-up")
+    print(f"machine: {machine}; load {_provenance.load_text()}; commit {_provenance.commit()}; "
+          f"{shape}; median of {len(runs)} x {spec.steps} calls each, after {spec.warmup} "
+          "warm-up")
     print("| clock | log-probs | rollout median (min) s | decode step ms |")
     print("|---|---|---|---|")
     rows = []
@@ -454,7 +455,7 @@ def report_rollout(spec: Spec, runs: list[dict], csv_path: str | None) -> None:
                   f"{step[flag] * 1e3:.3f} |")
             rows.append({
                 "machine": machine, "date": datetime.date.today().isoformat(),
-                "commit": _timing.commit(), "load": _timing.load(), "shape": shape,
+                "commit": _provenance.commit(), "load": _provenance.load_text(), "shape": shape,
                 "clock": clock, "return_logprobs": flag, "rollout_median_s": full,
                 "rollout_min_s": min(times[f"{flag}/{L}"]), "decode_step_ms": step[flag] * 1e3,
                 "rollouts": ";".join(f"{t:.4f}" for t in times[f"{flag}/{L}"]),
