@@ -36,10 +36,11 @@ from shapely import affinity
 from shapely.geometry import box as shapely_box
 
 from geovlm.data.synthetic import generate_scenes, samples_from_scene
-from geovlm.rewards import REGISTRY, RewardOptions, score, text
+from geovlm.rewards import RewardOptions, score, text
+from geovlm.rewards.accuracy import references
 from geovlm.rewards.format import has_think_answer_format
 from geovlm.rewards.parse import extract_answer, parse_for_task, resized_size_for
-from geovlm.rewards.tasks import references
+from geovlm.tasks import registry
 
 CAPTION_TASKS = ("region_caption", "change_caption")
 GROUP = 8  # completions per prompt
@@ -152,7 +153,7 @@ class Anchor:
             a = set(text.tokenize(parsed))
             b = set(text.tokenize(target.label or target.answer))
             return len(a & b) / len(a | b) if a | b else 1.0
-        return float(REGISTRY[task].accuracy([parsed], [target], options)[0])
+        return float(registry.get(task).accuracy([parsed], [target], options)[0])
 
     def score(self, completions, targets) -> np.ndarray:
         out = np.empty(len(completions))

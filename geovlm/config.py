@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from geovlm.engines import check_engine_name
+from geovlm.rewards.options import RewardChoices
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "tiny-cpu"
@@ -81,6 +82,7 @@ class DataConfig:
     image_root: str | None = None
     format: Literal["auto", "llava", "vlmr1"] = "auto"
     tasks: list[str] | None = None
+    task_modules: list[str] = field(default_factory=list)  # imported to register their tasks
     n_train_scenes: int = 600
     n_val_scenes: int = 24
     n_test_scenes: int = 60
@@ -91,19 +93,9 @@ class DataConfig:
     workers: int | None = None
 
 
-@dataclass
-class RewardConfig:
-    """Choices of the task rewards (``geovlm.rewards.RewardOptions``); defaults follow the paper."""
-
-    rotated_iou: Literal["hbb", "rotated"] = "hbb"
-    referred_reward: Literal["multibox", "first_box"] = "multibox"
-    counting: Literal["exact", "smooth"] = "exact"
-    vqa: Literal["jaccard", "exact"] = "jaccard"
-    caption_metric: Literal["levenshtein", "cider_d"] = "levenshtein"
-    use_embeddings: bool = True
-    semantic_weight: float = 0.5
-    lexical: str = "rouge_l_f1"
-    grounding_text_weight: float = 0.5
+# The reward choices of a stage (stages.<i>.rewards.*) are the rewards' own dataclass, so that
+# their defaults live once, next to the code that reads them.
+RewardConfig = RewardChoices
 
 
 @dataclass
@@ -392,17 +384,22 @@ def load_config(
     return check(_build(RunConfig, tree))
 
 
-def known_tasks() -> list[str]:
-    """Task names a config may list (``data.tasks``, ``stages.<i>.tasks``)."""
-    from geovlm.data.schema import TASKS
+def known_tasks(task_modules: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Task names a config may list (``data.tasks``, ``stages.<i>.tasks``): the registered tasks,
+    those of ``task_modules`` (``data.task_modules``) included."""
+    from geovlm.tasks import registry
 
-    return list(TASKS)
+    registry.import_task_modules(task_modules)
+    return list(registry.names())
 
 
 def check(config: RunConfig) -> RunConfig:
     """Checks across fields, before anything is built: task names, the data splits' sources,
     unique stage names. Raises ``ConfigError`` naming the key."""
-    known = known_tasks()
+    try:
+        known = known_tasks(config.data.task_modules)
+    except ValueError as err:
+        raise ConfigError(f"data.task_modules: {err}") from err
     lists = [("data.tasks", config.data.tasks)] + [
         (f"stages.{stage.name}.tasks", stage.tasks) for stage in config.stages
     ]

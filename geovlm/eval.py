@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from geovlm.data.schema import TASKS, Sample
+from geovlm.data.schema import Sample
 from geovlm.engines import build_engine
 
 GenerateFn = Callable[[list[Sample]], list[str]]
@@ -47,7 +47,7 @@ class EvalReport:
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
-        """Markdown table ``| task | metric | value |``, tasks in ``TASKS`` order."""
+        """Markdown table ``| task | metric | value |``, tasks in registry order."""
         lines = ["| task | metric | value |", "|---|---|---|"]
         for task in _ordered_tasks(self.metrics):
             for name, value in self.metrics[task].items():
@@ -56,13 +56,14 @@ class EvalReport:
         return "\n".join(lines)
 
     def summary(self) -> dict[str, tuple[str, float]]:
-        """task -> (headline metric name, value): the paper's main number for each task."""
-        from geovlm.metrics import HEADLINE
+        """task -> (headline metric name, value): the paper's main number for each task
+        (``TaskSpec.headline``; the first metric when a table lacks it)."""
+        from geovlm.tasks import registry
 
         out = {}
         for task in _ordered_tasks(self.metrics):
             values = self.metrics[task]
-            name = HEADLINE.get(task)
+            name = registry.get(task).headline if task in registry.names() else None
             if name not in values:
                 name = next((k for k in values if k != "n"), "n")
             out[task] = (name, float(values[name]))
@@ -80,7 +81,9 @@ class EvalReport:
 
 
 def _ordered_tasks(metrics: dict) -> list[str]:
-    order = {task: i for i, task in enumerate(TASKS)}
+    from geovlm.tasks import registry
+
+    order = {task: i for i, task in enumerate(registry.names())}
     return sorted(metrics, key=lambda t: (order.get(t, len(order)), t))
 
 
@@ -441,6 +444,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="convention of bracketed [x1, y1, x2, y2] boxes in the benchmark "
                         "file (GeoChat {<..>} boxes are always read as geochat)")
     parser.add_argument("--tasks", default=None, help="comma-separated task families to keep")
+    parser.add_argument("--task-modules", default=None,
+                        help="comma-separated modules that register more tasks (besides the "
+                        "checkpoint's run_config.yaml data.task_modules)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-samples-per-task", type=int, default=None,
@@ -510,6 +516,17 @@ def embedded_samples(split: str, run_config: dict[str, Any], convention: str) ->
                              ) from err
 
 
+def import_task_modules(run_config: dict[str, Any], extra: str | None = None) -> None:
+    """Register the tasks of the run's ``data.task_modules`` and of ``--task-modules``."""
+    from geovlm.tasks import registry
+
+    modules = _section(run_config, "data").get("task_modules") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise EvalInputError(f"run_config.yaml data.task_modules: expected a list, got {modules!r}")
+    named = [m.strip() for m in (extra or "").split(",") if m.strip()]
+    registry.import_task_modules([*modules, *named])
+
+
 def checkpoint_pixel_budget(checkpoint: Path) -> tuple[int | None, int | None]:
     """``(min_pixels, max_pixels)`` saved with a checkpoint's image processor (``None`` if absent).
 
@@ -573,9 +590,13 @@ def select_samples(
 ) -> list[Sample]:
     """Keep the listed tasks (all when ``None``) and the first ``max_per_task`` of each."""
     if tasks is not None:
-        unknown = sorted(set(tasks) - set(TASKS))
+        from geovlm.tasks import registry
+
+        unknown = sorted(set(tasks) - set(registry.names()))
         if unknown:
-            raise EvalInputError(f"--tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
+            raise EvalInputError(
+                f"--tasks: unknown task(s) {unknown}; known: {list(registry.names())}"
+            )
         samples = [s for s in samples if s.task in set(tasks)]
     if max_per_task is not None:
         if max_per_task < 1:
@@ -599,6 +620,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
         if getattr(args, name) < 1:
             raise EvalInputError(f"--{name.replace('_', '-')} must be >= 1")
     run_config = read_run_config(checkpoint)
+    import_task_modules(run_config, args.task_modules)
     convention = (args.convention or _section(run_config, "model").get("box_convention")
                   or "qwen25vl")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from geovlm.config import RunConfig
-from geovlm.data.schema import TASKS, Sample
+from geovlm.data.schema import Sample
 from geovlm.loop import StageContext
 from geovlm.runtime import Runtime
 
@@ -37,8 +37,9 @@ def held_out_samples(config: RunConfig, test: list[Sample]) -> list[Sample]:
                 kept.append(sample)
                 seen[sample.task] = seen.get(sample.task, 0) + 1
         samples = kept
-    order = list(TASKS)
-    return sorted(samples, key=lambda sample: order.index(sample.task))
+    from geovlm.tasks import registry
+
+    return sorted(samples, key=lambda sample: registry.index(sample.task))
 
 
 def summary(

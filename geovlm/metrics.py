@@ -1,13 +1,18 @@
-"""Evaluation metrics per task family, as GeoVLM-R1's tables report them (EarthDial protocol).
+"""Evaluation metrics, as GeoVLM-R1's tables report them (EarthDial protocol).
 
 ``task_metrics(task, completions [C], targets [C])`` reads each completion's answer
-(``answer_text``) and calls the task family's metric function, which takes the ``answers``
-(``str`` or ``None`` for no answer, ``C`` of them, all of one task) and their ``targets``
-(``geovlm.data.schema.Target``). Outputs: a flat ``{metric name: float}`` dict, JSON-ready.
-Answers are read with the reward package's parsers (``geovlm.rewards.parse``), boxes compared
-with its numba IoU kernels (``geovlm.rewards.geometry``), texts with its text kernels
-(``geovlm.rewards.text``, ``geovlm.rewards.meteor``), so evaluation and reward read a completion
-the same way.
+(``answer_text``) and calls the task's metric function for the protocol asked
+(``TaskSpec.metrics[protocol]`` in the task registry, ``geovlm.tasks``), which takes the
+``answers`` (``str`` or ``None`` for no answer, ``C`` of them, all of one task), their ``targets``
+(``geovlm.data.schema.Target``) and the ``MetricOptions``. Outputs: a flat
+``{metric name: float}`` dict, JSON-ready.
+
+This module holds what the task modules' metrics are built from: answer extraction, label
+canonicalisation, box matching (acc@τ, EarthDial's box precision, size splits, COCO-style AP) and
+caption metrics (ROUGE, METEOR, BLEU, CIDEr-D). Answers are read with the reward package's parsers
+(``geovlm.rewards.parse``), boxes compared with its numba IoU kernels (``geovlm.rewards.geometry``),
+texts with its text kernels (``geovlm.rewards.text``, ``geovlm.rewards.meteor``), so evaluation and
+reward read a completion the same way.
 
 Each metric's definition sits next to its code. Dataset-level numbers are means over samples
 unless the docstring says "pooled" (summed over the dataset before dividing) or "corpus".
@@ -16,46 +21,41 @@ unless the docstring says "pooled" (summed over the dataset before dividing) or 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from geovlm.data.boxes import qwen25vl_resized_size
-from geovlm.data.schema import TASKS, Target
+from geovlm.data.schema import Target
 from geovlm.data.splits import size_bucket as area_bucket
+from geovlm.rewards.accuracy import references
 from geovlm.rewards.parse import (
     TAGS,
     extract_answer,
-    label_matcher,
     normalize_text,
     parse_boxes,
-    parse_count,
     parse_label,
-    parse_labels,
-    parse_number,
-    parse_yes_no,
-    split_items,
     strip_boxes,
 )
 
-# The paper's headline metric of each task family (one number per task in summaries).
-HEADLINE: dict[str, str] = {
-    "scene_cls": "accuracy",
-    "multilabel_cls": "f1",
-    "referred_det": "acc@0.5",
-    "referred_det_rot": "acc@0.5",
-    "multi_det": "mAP@0.5",
-    "counting": "accuracy",
-    "vqa": "accuracy",
-    "region_caption": "rouge_l",
-    "grounding_desc": "acc@0.5",
-    "image_caption": "rouge_l",
-    "change_det": "accuracy",
-    "change_caption": "rouge_l",
-    "temporal_cls": "accuracy",
-}
-
 SIZES = ("small", "medium", "large")
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """How the metrics read answers.
+
+    Attributes:
+        convention: the box convention of the model's answers (``geovlm.data.boxes``).
+        pixel_budget: the processor's ``(min_pixels, max_pixels)``, which fixes the resized input
+            size ``"qwen25vl"`` boxes are relative to (``None``: Qwen2.5-VL's default budget).
+        meteor_backend: ``"coco"`` (pycocoevalcap's Java METEOR 1.5) or ``"nltk"``.
+    """
+
+    convention: str = "qwen25vl"
+    pixel_budget: tuple[int, int] | None = None
+    meteor_backend: str = "coco"
 
 
 # --------------------------------------------------------------------------- answers
@@ -79,142 +79,22 @@ def answer_text(completion: str, prompt: str | None = None) -> str | None:
     return completion.strip()
 
 
-def _mean(values: Sequence[float] | np.ndarray) -> float:
+def sample_mean(values: Sequence[float] | np.ndarray) -> float:
+    """The mean over samples (0 for none)."""
     arr = np.asarray(values, dtype=np.float64)
     return float(arr.mean()) if arr.size else 0.0
 
 
-# --------------------------------------------------------------------------- classification
+# --------------------------------------------------------------------------- labels
 
 
-def _canonical(label: str, classes: tuple[str, ...]) -> str:
+def canonical_label(label: str, classes: tuple[str, ...]) -> str:
     """``label`` spelled as its class in ``classes`` (case, plural, synonyms), else normalised."""
     if classes:
         found = parse_label(label, classes)
         if found is not None:
             return found
     return normalize_text(label)
-
-
-def label_correct(answer: str | None, target: Target) -> bool:
-    """Whether a single-label answer names the target's label.
-
-    yes/no labels compare as yes/no (``parse_yes_no``: "Yes, it changed." is yes). Otherwise the
-    answer must name exactly one class of ``Target.classes`` and it must be the label
-    (``parse_label``: case, plurals and synonyms folded, "A or B" is wrong); without a
-    vocabulary the label is the only class, so "It is a forest." names "forest" (the reward's
-    rule too).
-    """
-    if answer is None or target.label is None:
-        return False
-    gold = target.label
-    if normalize_text(gold) in ("yes", "no"):
-        return parse_yes_no(answer) == (normalize_text(gold) == "yes")
-    classes = tuple(target.classes) or (gold,)
-    return parse_label(answer, classes) == _canonical(gold, classes)
-
-
-def classification_metrics(answers: Sequence[str | None], targets: Sequence[Target]) -> dict:
-    """scene_cls / temporal_cls / change_det.
-
-    ``accuracy``: fraction of samples whose answer names the label (``label_correct``).
-    """
-    pairs = zip(answers, targets, strict=True)
-    return {"accuracy": _mean([label_correct(a, t) for a, t in pairs])}
-
-
-def multilabel_metrics(answers: Sequence[str | None], targets: Sequence[Target]) -> dict:
-    """multilabel_cls: per-sample set comparison of the named classes with ``Target.labels``.
-
-    With P the predicted set (``parse_labels`` over ``Target.classes``; without a vocabulary
-    the comma-separated items, each folded onto a gold label it spells) and G the gold set:
-    ``precision`` = |P∩G|/|P|, ``recall`` = |P∩G|/|G| (EarthDial's "accuracy" for multi-label
-    sets), ``f1`` = 2|P∩G|/(|P|+|G|), ``exact_match`` = [P == G]; an empty set on both sides
-    scores 1, an empty set on one side 0. Means over samples. The headline is ``f1``: recall
-    alone is maximised by naming every class.
-    """
-    rows = []
-    for answer, target in zip(answers, targets, strict=True):
-        if target.classes:
-            gold = {_canonical(label, target.classes) for label in target.labels}
-            pred = set(parse_labels(answer, target.classes)) if answer else set()
-        else:
-            # No vocabulary: each listed item is a gold label (up to plurals / synonyms) or an
-            # extra class of its own, so extra items still cost precision.
-            matcher = label_matcher(tuple(target.labels))
-            gold = {_canonical(label, tuple(target.labels)) for label in target.labels}
-            items = split_items(answer) if answer else []
-            pred = {matcher.exact(item) or item for item in items}
-        hit = len(pred & gold)
-        if not pred and not gold:
-            rows.append((1.0, 1.0, 1.0, 1.0))
-            continue
-        precision = hit / len(pred) if pred else 0.0
-        recall = hit / len(gold) if gold else 0.0
-        f1 = 2.0 * hit / (len(pred) + len(gold))
-        rows.append((precision, recall, f1, float(pred == gold)))
-    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
-    names = ("precision", "recall", "f1", "exact_match")
-    return {name: _mean(arr[:, i]) for i, name in enumerate(names)}
-
-
-def counting_metrics(answers: Sequence[str | None], targets: Sequence[Target]) -> dict:
-    """counting: ``accuracy`` = [parsed count == gold count] (``parse_count``: digits or words,
-    "none" is 0, a hedge "3 or 4" is unanswered); ``mae`` = mean |parsed - gold| over the answers
-    that parse; ``answered`` = fraction of answers that parse to a count.
-    """
-    correct, errors = [], []
-    for answer, target in zip(answers, targets, strict=True):
-        gold = target.count if target.count is not None else parse_number(target.answer)
-        value = parse_count(answer)
-        correct.append(value is not None and gold is not None and value == gold)
-        if value is not None and gold is not None:
-            errors.append(abs(value - gold))
-    return {
-        "accuracy": _mean(correct),
-        "mae": _mean(errors),
-        "answered": len(errors) / len(correct) if correct else 0.0,
-    }
-
-
-def vqa_correct(answer: str | None, target: Target) -> bool:
-    """A short VQA answer against ``Target.label`` (or ``Target.answer``).
-
-    yes/no gold: yes/no comparison (``parse_yes_no``); gold from ``Target.classes``: the one
-    class named (``parse_label``); otherwise the whole answer must be the gold answer up to case,
-    punctuation, plural forms and synonyms (``LabelMatcher.exact``, as the reward's "exact" VQA
-    mode), or give the same single number ("three" for "3").
-    """
-    if answer is None:
-        return False
-    gold = target.label if target.label is not None else target.answer
-    norm = normalize_text(gold)
-    if norm in ("yes", "no"):
-        return parse_yes_no(answer) == (norm == "yes")
-    if target.classes:
-        return parse_label(answer, target.classes) == _canonical(gold, target.classes)
-    if label_matcher((gold,)).exact(answer) is not None:
-        return True
-    number = parse_number(gold)
-    return number is not None and parse_number(answer) == number
-
-
-def vqa_metrics(answers: Sequence[str | None], targets: Sequence[Target]) -> dict:
-    """vqa: ``accuracy`` over all questions and ``accuracy/<type>`` per
-    ``Target.meta["question_type"]`` (presence, comparison, rural/urban, ...), as the paper's
-    LRBEN / HRBEN tables split them. Correctness is ``vqa_correct``.
-    """
-    pairs = zip(answers, targets, strict=True)
-    correct = [vqa_correct(a, t) for a, t in pairs]
-    out = {"accuracy": _mean(correct)}
-    by_type: dict[str, list[bool]] = {}
-    for ok, target in zip(correct, targets, strict=True):
-        qtype = target.meta.get("question_type")
-        if qtype:
-            by_type.setdefault(str(qtype), []).append(ok)
-    for qtype in sorted(by_type):
-        out[f"accuracy/{qtype}"] = _mean(by_type[qtype])
-    return out
 
 
 # --------------------------------------------------------------------------- boxes
@@ -260,7 +140,7 @@ def predicted_boxes(
     )
 
 
-def _box_pairs(
+def box_pairs(
     answers: Sequence[str | None],
     targets: Sequence[Target],
     convention: str,
@@ -347,7 +227,7 @@ def size_bucket(target: Target) -> str | None:
     return area_bucket(float(areas.mean()), tuple(target.image_size))
 
 
-def _splits(targets: Sequence[Target]) -> dict[str, np.ndarray]:
+def detection_splits(targets: Sequence[Target]) -> dict[str, np.ndarray]:
     """Boolean masks of the referred-detection splits: sizes, then single / multiple objects."""
     buckets = [size_bucket(t) for t in targets]
     n_gt = np.array([len(gt_boxes(t)) for t in targets])
@@ -357,7 +237,7 @@ def _splits(targets: Sequence[Target]) -> dict[str, np.ndarray]:
     return {name: mask for name, mask in masks.items() if mask.any()}
 
 
-def _box_metrics(
+def box_metrics(
     preds: list[np.ndarray],
     gts: list[np.ndarray],
     thresholds: Sequence[float],
@@ -375,27 +255,12 @@ def _box_metrics(
         acc = box_accuracy(matched_counts(preds, gts, tau), n_pred, n_gt)
         hits = np.array([any_hits(p, g, tau) for p, g in zip(preds, gts, strict=True)])
         for name, mask in groups.items():
-            out[f"acc@{tau:g}{name}"] = _mean(acc[mask])
+            out[f"acc@{tau:g}{name}"] = sample_mean(acc[mask])
         for name, mask in groups.items():
             pooled = int(n_pred[mask].sum())
             precision = float(hits[mask].sum()) / pooled if pooled else 0.0
             out[f"box_precision@{tau:g}{name}"] = precision
     return out
-
-
-def referred_detection_metrics(
-    answers: Sequence[str | None],
-    targets: Sequence[Target],
-    *,
-    convention: str = "qwen25vl",
-    pixel_budget: tuple[int, int] | None = None,
-) -> dict:
-    """referred_det / referred_det_rot: ``acc@0.5`` and EarthDial's ``box_precision@0.5``, overall
-    and per split ``/small``, ``/medium``, ``/large`` (``size_bucket``), ``/single``,
-    ``/multiple`` (one or several gt boxes). IoU is rotated IoU where the gt boxes are rotated.
-    """
-    preds, gts = _box_pairs(answers, targets, convention, pixel_budget)
-    return _box_metrics(preds, gts, (0.5,), _splits(targets))
 
 
 def pooled_average_precision(
@@ -452,23 +317,6 @@ def pooled_average_precision(
     return float(q.mean())
 
 
-def detection_class(target: Target) -> str:
-    """The class a detection sample asks for: ``label``, ``labels``, ``meta["categories"]`` or
-    ``meta["category"]`` (several classes asked together form one class), else "object".
-    """
-    names: Sequence[str] = ()
-    if target.label:
-        names = (target.label,)
-    elif target.labels:
-        names = target.labels
-    elif target.meta.get("categories"):
-        names = tuple(target.meta["categories"])
-    elif target.meta.get("category"):
-        names = (target.meta["category"],)
-    normalised = sorted({normalize_text(str(name)) for name in names} - {""})
-    return ", ".join(normalised) or "object"
-
-
 def mean_average_precision(
     preds: Sequence[np.ndarray],
     gts: Sequence[np.ndarray],
@@ -489,40 +337,7 @@ def mean_average_precision(
     return float(np.mean(values)) if values else None
 
 
-def detection_metrics(
-    answers: Sequence[str | None],
-    targets: Sequence[Target],
-    *,
-    convention: str = "qwen25vl",
-    pixel_budget: tuple[int, int] | None = None,
-) -> dict:
-    """multi_det: ``mAP@0.5`` and ``mAP@0.25`` (``mean_average_precision``) and the per-sample
-    one-to-one ``f1@0.5`` = 2 TP / (P + G) (1 when both are empty), mean over samples.
-    """
-    preds, gts = _box_pairs(answers, targets, convention, pixel_budget)
-    classes = [detection_class(t) for t in targets]
-    out: dict[str, float] = {}
-    for tau in (0.5, 0.25):
-        value = mean_average_precision(preds, gts, classes, tau)
-        if value is not None:
-            out[f"mAP@{tau:g}"] = value
-    tp = matched_counts(preds, gts, 0.5)
-    n_pred = np.array([len(p) for p in preds])
-    n_gt = np.array([len(g) for g in gts])
-    total = (n_pred + n_gt).astype(np.float64)
-    out["f1@0.5"] = _mean(np.where(total > 0, 2.0 * tp / np.maximum(total, 1.0), 1.0))
-    return out
-
-
 # --------------------------------------------------------------------------- captions
-
-
-def caption_references(target: Target) -> list[str]:
-    """Reference sentences: ``Target.captions`` (boxes stripped), else the answer without boxes."""
-    if target.captions:
-        return [strip_boxes(c) for c in target.captions]
-    reference = strip_boxes(target.answer)
-    return [reference] if reference else []
 
 
 def corpus_bleu(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
@@ -559,7 +374,8 @@ def caption_metrics(
     """region_caption / image_caption / change_caption (and grounding_desc's text part).
 
     Candidates are the answers with boxes stripped (no answer: the empty sentence); references
-    ``caption_references``. Samples without a reference are left out.
+    ``rewards.accuracy.references`` (the rewards' references too). Samples without a reference
+    are left out.
 
     * ``rouge_1``, ``rouge_l``: rouge-score F-measures (Porter stemmer) averaged over a sample's
       references, then over samples: EarthDial's definition (``rewards.text.rouge_1_f1`` /
@@ -574,7 +390,7 @@ def caption_metrics(
     from geovlm.rewards.text import cider_d, rouge_1_f1, rouge_l_f1
 
     pairs = zip(answers, targets, strict=True)
-    rows = [(strip_boxes(a) if a else "", caption_references(t)) for a, t in pairs]
+    rows = [(strip_boxes(a) if a else "", references(t)) for a, t in pairs]
     rows = [(c, refs) for c, refs in rows if refs]
     names = ["rouge_1", "rouge_l", "meteor"]
     if full:
@@ -582,35 +398,16 @@ def caption_metrics(
     if not rows:
         return {name: 0.0 for name in names}
     candidates = [c for c, _ in rows]
-    references = [refs for _, refs in rows]
+    reference_lists = [refs for _, refs in rows]
     out = {
-        "rouge_1": _mean(rouge_1_f1(candidates, references, reduce="mean")),
-        "rouge_l": _mean(rouge_l_f1(candidates, references, reduce="mean")),
-        "meteor": float(corpus_meteor(candidates, references, backend=meteor_backend)),
+        "rouge_1": sample_mean(rouge_1_f1(candidates, reference_lists, reduce="mean")),
+        "rouge_l": sample_mean(rouge_l_f1(candidates, reference_lists, reduce="mean")),
+        "meteor": float(corpus_meteor(candidates, reference_lists, backend=meteor_backend)),
     }
     if full:
-        for n, value in enumerate(corpus_bleu(candidates, references), start=1):
+        for n, value in enumerate(corpus_bleu(candidates, reference_lists), start=1):
             out[f"bleu_{n}"] = float(value)
-        out["cider"] = _mean(cider_d(candidates, references))
-    return out
-
-
-def grounding_metrics(
-    answers: Sequence[str | None],
-    targets: Sequence[Target],
-    *,
-    convention: str = "qwen25vl",
-    pixel_budget: tuple[int, int] | None = None,
-    meteor_backend: str = "coco",
-) -> dict:
-    """grounding_desc: the boxes of the description against ``Target.boxes`` (``acc@0.5``,
-    ``acc@0.25`` and EarthDial's ``box_precision@0.5`` / ``@0.25``, defined as for referred
-    detection, over all the boxes of the description), and its text without boxes against the
-    references (``rouge_1``, ``rouge_l``, ``meteor`` of ``caption_metrics``).
-    """
-    preds, gts = _box_pairs(answers, targets, convention, pixel_budget)
-    out = _box_metrics(preds, gts, (0.5, 0.25))
-    out.update(caption_metrics(answers, targets, meteor_backend=meteor_backend))
+        out["cider"] = sample_mean(cider_d(candidates, reference_lists))
     return out
 
 
@@ -626,34 +423,26 @@ def task_metrics(
     convention: str = "qwen25vl",
     pixel_budget: tuple[int, int] | None = None,
     meteor_backend: str = "coco",
+    protocol: str = "geovlm",
 ) -> dict[str, float]:
-    """The metrics of one task family on ``completions`` [C] (all of ``task``) and ``targets``.
+    """The metrics of one task on ``completions`` [C] (all of ``task``) and ``targets``.
 
     ``prompts`` (one per completion) let ``answer_text`` skip answer blocks echoed from the
-    prompt; ``convention`` / ``pixel_budget`` say how the model writes boxes.
+    prompt; ``convention`` / ``pixel_budget`` say how the model writes boxes; ``protocol`` picks
+    the task's metric set (``TaskSpec.metrics``; ``"geovlm"``: GeoVLM-R1's tables).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    from geovlm.tasks import registry
+
+    spec = registry.get(task)
+    if protocol not in spec.metrics:
+        raise ValueError(
+            f"task {task!r} has no {protocol!r} metrics; protocols: {sorted(spec.metrics)}"
+        )
     if len(completions) != len(targets):
         raise ValueError(f"{len(completions)} completions but {len(targets)} targets")
     prompts = list(prompts) if prompts is not None else [None] * len(completions)
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
     answers = [answer_text(c, p) for c, p in zip(completions, prompts, strict=True)]
-    boxes = {"convention": convention, "pixel_budget": pixel_budget}
-    if task in ("scene_cls", "temporal_cls", "change_det"):
-        return classification_metrics(answers, targets)
-    if task == "multilabel_cls":
-        return multilabel_metrics(answers, targets)
-    if task == "counting":
-        return counting_metrics(answers, targets)
-    if task == "vqa":
-        return vqa_metrics(answers, targets)
-    if task in ("referred_det", "referred_det_rot"):
-        return referred_detection_metrics(answers, targets, **boxes)
-    if task == "multi_det":
-        return detection_metrics(answers, targets, **boxes)
-    if task == "grounding_desc":
-        return grounding_metrics(answers, targets, **boxes, meteor_backend=meteor_backend)
-    full = task in ("image_caption", "change_caption")
-    return caption_metrics(answers, targets, full=full, meteor_backend=meteor_backend)
+    options = MetricOptions(convention, pixel_budget, meteor_backend)
+    return spec.metrics[protocol](answers, targets, options)

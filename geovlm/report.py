@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from geovlm.data.schema import TASKS
+from geovlm.tasks import registry
 
 
 def summary_table(summaries: dict[str, dict], objective: dict[str, dict]) -> str:
     """Markdown: ``| task | metric | <label> ... |`` and the GRPO-objective table under it."""
     labels = list(summaries)
-    tasks = [t for t in TASKS if any(t in s for s in summaries.values())]
+    tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
     lines = [
         "| task | metric | " + " | ".join(labels) + " |",
         "|---|---|" + "---|" * len(labels),

@@ -281,7 +281,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_cli_end_to_end_on_embedded_test_split(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    from geovlm.data.schema import TASKS
+    from geovlm.tasks import registry
 
     out = tmp_path / "eval"
     args = ["--checkpoint", str(tiny_checkpoint), "--max-samples-per-task", "1",
@@ -289,12 +289,12 @@ def test_cli_end_to_end_on_embedded_test_split(tiny_checkpoint, tmp_path, capsys
     assert E.main(args) == 0
     printed = capsys.readouterr().out
     saved = json.loads((out / "metrics.json").read_text())
-    assert list(saved["metrics"]) == list(TASKS)
+    assert list(saved["metrics"]) == list(registry.names())
     assert all(values["n"] == 1 for values in saved["metrics"].values())
-    assert set(saved["summary"]) == set(TASKS)
+    assert set(saved["summary"]) == set(registry.names())
     assert "| task | metric | value |" in printed and "| vqa | accuracy |" in printed
     records = E.read_predictions(out / "predictions.jsonl")
-    assert sorted(r["task"] for r in records.values()) == sorted(TASKS)
+    assert sorted(r["task"] for r in records.values()) == sorted(registry.names())
     assert all(isinstance(r["prediction"], str) for r in records.values())
 
     # A rerun finds every prediction stored: the model generates nothing, the numbers repeat.

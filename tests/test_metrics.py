@@ -13,6 +13,9 @@ from shapely.geometry import box as shapely_box
 
 from geovlm import metrics as M
 from geovlm.data.schema import Target
+from geovlm.tasks._labels import label_correct
+from geovlm.tasks.multilabel_cls import multilabel_metrics
+from geovlm.tasks.vqa import vqa_correct
 from tests.fixtures_eval import load
 
 METEOR = "coco"  # pycocoevalcap's Java METEOR, the evaluation default
@@ -89,11 +92,11 @@ def test_vqa_fixture_by_question_type():
 
 def test_vqa_open_answer_rules():
     target = Target(task="vqa", answer="3", image_size=(112, 112), label="3")
-    assert M.vqa_correct("three", target)
-    assert not M.vqa_correct("3 or 4", target)
+    assert vqa_correct("three", target)
+    assert not vqa_correct("3 or 4", target)
     target = Target(task="vqa", answer="planes", image_size=(112, 112), label="planes")
-    assert M.vqa_correct("Planes.", target)
-    assert not M.vqa_correct("planes or ships", target)
+    assert vqa_correct("Planes.", target)
+    assert not vqa_correct("planes or ships", target)
 
 
 # --------------------------------------------------------------------------- referred detection
@@ -371,14 +374,14 @@ def test_meteor_backend_is_routed():
 
 def test_label_without_vocabulary():
     target = Target(task="scene_cls", answer="Forest", image_size=(112, 112), label="Forest")
-    assert M.label_correct("It is a forest.", target)
-    assert M.label_correct("forests", target)
-    assert not M.label_correct("farmland", target)
+    assert label_correct("It is a forest.", target)
+    assert label_correct("forests", target)
+    assert not label_correct("farmland", target)
 
 
 def test_multilabel_without_vocabulary():
     target = Target(task="multilabel_cls", answer="", image_size=(112, 112),
                     labels=("ship", "storage tank"))
     # "ships" and "storage tanks" are the two labels, "trees" an extra class: P 2/3, R 1.
-    got = M.multilabel_metrics(["ships, storage tanks and trees"], [target])
+    got = multilabel_metrics(["ships, storage tanks and trees"], [target])
     assert got == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "exact_match": 0})

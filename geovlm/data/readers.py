@@ -20,8 +20,11 @@ boxes are read in ``source_convention``. Axis-aligned tasks take the enclosing b
 one; rotated tasks read an axis-aligned box as angle 0. Labels (classification, VQA) are lower
 case without a trailing period; captions are kept as written.
 
-The task comes from the ``task`` argument, else a ``task`` / ``type`` field of the record, else a
-GeoChat tag (``[refer]``, ``[grounding]``, ``[identify]``, ``[caption]``, ``[vqa]``).
+The task comes from the ``task`` argument, else a ``task`` / ``type`` field of the record (a task
+name or one of its aliases, e.g. ``"rec"``), else a GeoChat tag (``[refer]``, ``[grounding]``,
+``[identify]``, ``[caption]``, ``[vqa]``); names, aliases and tags are the registered tasks'
+(``geovlm.tasks``). The reader finds the exchange's boxes, converts them and re-renders the prompt;
+the task's ``TaskSpec.from_record`` hook turns the ``Exchange`` into its ``Target``.
 A malformed record raises ``ValueError`` and a missing image ``FileNotFoundError``, each naming
 the file, the record (index, line, id) and the field.
 """
@@ -32,51 +35,16 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from geovlm.data.boxes import CONVENTIONS, from_pixels, qwen25vl_resized_size, render_box, to_pixels
-from geovlm.data.schema import TASKS, Sample, Target
-from geovlm.data.splits import size_bucket
+from geovlm.data.schema import Sample, Target
 
 FORMATS: tuple[str, ...] = ("auto", "llava", "geochat", "vlmr1")
-
-# Values of a record's task/type field that name a task family under another name.
-TASK_ALIASES: dict[str, str] = {
-    "scene_classification": "scene_cls",
-    "classification": "scene_cls",
-    "cls": "scene_cls",
-    "multilabel": "multilabel_cls",
-    "multi_label_classification": "multilabel_cls",
-    "rec": "referred_det",
-    "refer": "referred_det",
-    "referring": "referred_det",
-    "referring_detection": "referred_det",
-    "rotated_rec": "referred_det_rot",
-    "detection": "multi_det",
-    "det": "multi_det",
-    "od": "multi_det",
-    "count": "counting",
-    "caption": "image_caption",
-    "captioning": "image_caption",
-    "region_captioning": "region_caption",
-    "identify": "region_caption",
-    "grounding": "grounding_desc",
-    "grounded_description": "grounding_desc",
-    "change_detection": "change_det",
-    "change_captioning": "change_caption",
-    "temporal_classification": "temporal_cls",
-}
-# GeoChat's task tags; "[refer]" becomes the rotated task when its boxes carry an angle.
-GEOCHAT_TAGS: dict[str, str] = {
-    "refer": "referred_det",
-    "grounding": "grounding_desc",
-    "identify": "region_caption",
-    "caption": "image_caption",
-    "vqa": "vqa",
-}
 
 _NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _GEOCHAT_BOX = re.compile(
@@ -89,16 +57,7 @@ _BRACKET_BOX = re.compile(
 _TAG = re.compile(r"^\s*\[(\w+)\]\s*")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
 _HUMAN, _ASSISTANT = {"human", "user"}, {"gpt", "assistant"}
-_BOX_TASKS = {"referred_det", "referred_det_rot", "multi_det"}
-_CAPTION_TASKS = {"region_caption", "grounding_desc", "image_caption", "change_caption"}
 
 
 class _Where:
@@ -269,7 +228,7 @@ class _Boxes:
 
 # geovlm.rewards.geometry has batched twins of these two (rotated_to_xyxy, xyxy_to_rotated);
 # importing it would load the numba reward stack into data loading, so they live here too.
-def _enclosing(box: np.ndarray) -> np.ndarray:
+def enclosing_box(box: np.ndarray) -> np.ndarray:
     """Axis-aligned box around a ``[5]`` rotated box (or the ``[4]`` box itself)."""
     if box.shape[0] == 4:
         return box
@@ -280,7 +239,8 @@ def _enclosing(box: np.ndarray) -> np.ndarray:
     return np.array([cx - half_x, cy - half_y, cx + half_x, cy + half_y])
 
 
-def _as_rotated(box: np.ndarray) -> np.ndarray:
+def as_rotated(box: np.ndarray) -> np.ndarray:
+    """A ``[4]`` xyxy box as ``[5]`` rotated with angle 0 (a rotated box unchanged)."""
     if box.shape[0] == 5:
         return box
     x1, y1, x2, y2 = box
@@ -295,7 +255,7 @@ def _check_box(box: np.ndarray, where: _Where, field: str) -> None:
         raise where.error(field, f"degenerate box {box.tolist()} (width/height must be > 0)")
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     """Drop GeoChat's phrase markers, collapse runs of spaces and spaces before punctuation."""
     text = text.replace("<p>", " ").replace("</p>", " ")
     return re.sub(r"[ \t]+([,.;:!?])", r"\1", re.sub(r"[ \t]+", " ", text)).strip()
@@ -306,7 +266,7 @@ def _rerender(text: str, boxes: _Boxes, found, rotated: bool | None = None) -> s
     out, last = [], 0
     for (start, end), box in found:
         if rotated is not None:
-            box = _as_rotated(box) if rotated else _enclosing(box)
+            box = as_rotated(box) if rotated else enclosing_box(box)
         out.append(text[last:start])
         out.append(boxes.render(box))
         last = end
@@ -320,66 +280,101 @@ def _strip_boxes(text: str, found) -> str:
         out.append(text[last:start])
         last = end
     out.append(text[last:])
-    return _clean("".join(out))
+    return clean_text("".join(out))
 
 
-def _label(text: str) -> str:
+def as_label(text: str) -> str:
     """A class / short answer: lower case, without a trailing period."""
-    return _clean(text).rstrip(".").strip().lower()
+    return clean_text(text).rstrip(".").strip().lower()
+
+
+@dataclass
+class Exchange:
+    """One human -> assistant exchange of a record, as a task's ``from_record`` hook reads it.
+
+    Attributes:
+        task: the task the record names (the spec whose hook is called).
+        format: the file format, ``"llava"`` or ``"vlmr1"``.
+        record: the record's JSON object (extra fields: ``classes``, ``captions``, ...).
+        prompt: the human text without ``<image>`` placeholders, boxes as written.
+        answer: the assistant's answer (``<answer>`` unwrapped, ``<think>`` removed), as written.
+        image_size: ``(width, height)`` of the (first) image, in pixels.
+        answer_boxes: the boxes written in the answer, in order, as pixels of the original image
+            (``[4]`` xyxy or ``[5]`` rotated; finite, positive width and height).
+        prompt_boxes: the boxes written in the prompt, likewise.
+        from_tag: the task came from a GeoChat tag, not a field.
+    """
+
+    task: str
+    format: str
+    record: dict
+    prompt: str
+    answer: str
+    image_size: tuple[int, int]
+    answer_boxes: list[np.ndarray]
+    prompt_boxes: list[np.ndarray]
+    from_tag: bool
+    _where: _Where
+    _field: str
+    _boxes: _Boxes
+    _found: list
+
+    def error(self, message: str, field: str | None = None) -> ValueError:
+        """A ``ValueError`` naming the file, the record and ``field`` (default: the answer's)."""
+        return self._where.error(field or self._field, message)
+
+    def plain_answer(self) -> str:
+        """The answer with its boxes removed, spaces cleaned."""
+        return _strip_boxes(self.answer, self._found)
+
+    def render(self, box: np.ndarray) -> str:
+        """A pixel box as the model writes it (its convention)."""
+        return self._boxes.render(box)
+
+    def rerendered_answer(self, rotated: bool | None = None) -> str:
+        """The answer with every box re-rendered in the model's convention (``rotated``: as
+        rotated boxes, or as axis-aligned hulls when ``False``; as found when ``None``)."""
+        return clean_text(_rerender(self.answer, self._boxes, self._found, rotated))
+
+    def string_list(self, *names: str) -> tuple[str, ...]:
+        """The first of the record's fields ``names`` that is present, a list of strings."""
+        for name in names:
+            if name in self.record:
+                value = self.record[name]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise self.error("expected a list of strings", name)
+                return tuple(value)
+        return ()
 
 
 def _task_of(record: dict, prompt: str, explicit: str | None, where: _Where) -> tuple[str, bool]:
     """The exchange's task, and whether it came from a GeoChat tag."""
+    from geovlm.tasks import registry
+
     if explicit is not None:
         return explicit, False
     for field in ("task", "type"):
         if field in record:
             value = record[field]
-            key = (
-                value.strip().lower().replace("-", "_").replace(" ", "_")
-                if isinstance(value, str)
-                else None
-            )
-            task = key if key in TASKS else TASK_ALIASES.get(key or "")
+            task = registry.resolve(value) if isinstance(value, str) else None
             if task is None:
                 raise where.error(
                     field,
-                    f"unknown task {value!r}; known: {sorted(TASKS)} or {sorted(TASK_ALIASES)}",
+                    f"unknown task {value!r}; known: {list(registry.names())} "
+                    f"or {sorted(registry.aliases())}",
                 )
             return task, False
     tag = _TAG.match(prompt)
-    if tag and tag.group(1).lower() in GEOCHAT_TAGS:
-        return GEOCHAT_TAGS[tag.group(1).lower()], True
+    if tag and registry.from_tag(tag.group(1)) is not None:
+        return registry.from_tag(tag.group(1)), True
     raise where.error(
         "task", "cannot infer the task: pass task=..., or give the record a 'task' or 'type' field"
     )
 
 
-def _count(answer: str, where: _Where, field: str) -> int:
-    match = re.search(r"(?<![\d.])[-+]?\d+(?:\.\d+)?", answer)
-    if match:
-        value = float(match.group(0))
-        if value < 0 or value != int(value):
-            raise where.error(field, f"a count must be a non-negative integer, got {value}")
-        return int(value)
-    for word in re.findall(r"[a-z]+", answer.lower()):
-        if word in _NUMBER_WORDS:
-            return _NUMBER_WORDS[word]
-    raise where.error(field, f"no number in the answer {answer!r}")
-
-
-def _string_list(record: dict, names: tuple[str, ...], where: _Where) -> tuple[str, ...]:
-    for name in names:
-        if name in record:
-            value = record[name]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise where.error(name, "expected a list of strings")
-            return tuple(value)
-    return ()
-
-
 def _target(
     task: str,
+    fmt: str,
     prompt: str,
     answer_text: str,
     record: dict,
@@ -389,10 +384,10 @@ def _target(
     fields: tuple[str, str],
     from_tag: bool,
 ) -> tuple[Target, str]:
-    """The Target of one exchange, and its prompt with boxes re-rendered.
+    """The Target of one exchange (the task's ``from_record``), and its prompt with boxes
+    re-rendered."""
+    from geovlm.tasks import registry
 
-    A GeoChat ``[refer]`` whose answer boxes carry an angle is the rotated task.
-    """
     prompt_field, field = fields
     found = boxes.find(answer_text)
     for k, (_, box) in enumerate(found):
@@ -400,71 +395,26 @@ def _target(
     prompt_found = boxes.find(prompt)
     for k, (_, box) in enumerate(prompt_found):
         _check_box(box, where, f"{prompt_field} (box {k})")
-    prompt_out = _clean(_rerender(prompt, boxes, prompt_found))
-    if from_tag and task == "referred_det" and any(box.shape[0] == 5 for _, box in found):
-        task = "referred_det_rot"
-    common = {"task": task, "image_size": image_size}
-    if task in _BOX_TASKS:
-        if not found:
-            raise where.error(field, f"no box in the answer {answer_text!r}")
-        rotated = task == "referred_det_rot"
-        arr = np.stack([_as_rotated(b) if rotated else _enclosing(b) for _, b in found])
-        n = len(found)
-        area = float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in map(_enclosing, arr)]))
-        meta = {
-            "n_objects": n,
-            "objects": "single" if n == 1 else "multiple",
-            "size": size_bucket(area, image_size),
-        }
-        answer = ", ".join(boxes.render(b) for b in arr)
-        return Target(
-            answer=answer,
-            boxes=arr,
-            box_format="rotated" if rotated else "xyxy",
-            meta=meta,
-            **common,
-        ), prompt_out
-    if task == "counting":
-        n = _count(_strip_boxes(answer_text, found), where, field)
-        return Target(answer=str(n), count=n, **common), prompt_out
-    if task == "change_det":
-        words = re.findall(r"[a-z]+", answer_text.lower())
-        label = next((w for w in words if w in ("yes", "no")), None)
-        if label is None:
-            raise where.error(field, f"a change_det answer must say yes or no, got {answer_text!r}")
-        return Target(answer=label, label=label, classes=("yes", "no"), **common), prompt_out
-    classes = _string_list(record, ("classes", "options", "choices"), where)
-    if task in ("scene_cls", "temporal_cls", "vqa"):
-        label = _label(_strip_boxes(answer_text, found))
-        if not label:
-            raise where.error(field, "empty answer")
-        meta = (
-            {"question_type": record["question_type"]}
-            if isinstance(record.get("question_type"), str)
-            else {}
-        )
-        return Target(answer=label, label=label, classes=classes, meta=meta, **common), prompt_out
-    if task == "multilabel_cls":
-        parts = re.split(r",|;|\band\b", _strip_boxes(answer_text, found))
-        labels = tuple(p for p in (_label(x) for x in parts) if p)
-        if not labels:
-            raise where.error(field, "no labels in the answer")
-        return Target(
-            answer=", ".join(labels), labels=labels, classes=classes, **common
-        ), prompt_out
-    plain = _strip_boxes(answer_text, found)
-    if not plain and task != "grounding_desc":
-        raise where.error(field, "empty answer")
-    references = _string_list(record, ("captions", "references"), where)
-    captions = (plain, *[r for r in references if r != plain])
-    if task == "grounding_desc":
-        arr = np.stack([_enclosing(b) for _, b in found]) if found else np.zeros((0, 4))
-        answer = _clean(_rerender(answer_text, boxes, found, rotated=False))
-        return Target(
-            answer=answer, boxes=arr, box_format="xyxy", captions=captions, **common
-        ), prompt_out
-    region = _enclosing(prompt_found[0][1]) if task == "region_caption" and prompt_found else None
-    return Target(answer=plain, captions=captions, region=region, **common), prompt_out
+    prompt_out = clean_text(_rerender(prompt, boxes, prompt_found))
+    read = registry.get(task).from_record
+    if read is None:
+        raise where.error("task", f"task {task!r} cannot be read from data files")
+    exchange = Exchange(
+        task=task,
+        format=fmt,
+        record=record,
+        prompt=prompt,
+        answer=answer_text,
+        image_size=image_size,
+        answer_boxes=[box for _, box in found],
+        prompt_boxes=[box for _, box in prompt_found],
+        from_tag=from_tag,
+        _where=where,
+        _field=field,
+        _boxes=boxes,
+        _found=found,
+    )
+    return read(exchange), prompt_out
 
 
 def _split_answer(text: str) -> tuple[str, str]:
@@ -505,8 +455,10 @@ def read_samples(
     for name, value in (("convention", convention), ("source_convention", source_convention)):
         if value not in CONVENTIONS:
             raise ValueError(f"unknown {name} {value!r}; known: {CONVENTIONS}")
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    if task is not None:
+        from geovlm.tasks import registry
+
+        registry.check([task])
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     if fmt == "auto":
@@ -514,7 +466,8 @@ def read_samples(
     sizes = _ImageSizes(Path(image_root) if image_root is not None else path.parent)
     samples: list[Sample] = []
     seen: set[str] = set()
-    for index, line, record in _records(path, "vlmr1" if fmt == "vlmr1" else "llava"):
+    fmt = "vlmr1" if fmt == "vlmr1" else "llava"
+    for index, line, record in _records(path, fmt):
         where = _Where(path, index, line)
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -535,6 +488,7 @@ def read_samples(
             answer_text, think = _split_answer(assistant)
             target, prompt_out = _target(
                 sample_task,
+                fmt,
                 prompt,
                 answer_text,
                 record,

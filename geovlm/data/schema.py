@@ -3,6 +3,9 @@
 A ``Sample`` is one instruction: one or two images (two for bi-temporal change tasks), a user
 prompt, the SFT reasoning trace and the ``Target`` the rewards score against.
 
+A task is a name of the task registry (``geovlm.tasks.registry``: the GeoVLM-R1 families of the
+paper's Table 1, and any registered since); a Target checks its task against it.
+
 Coordinates: every box inside the project is float64 *pixels of the original image*
 (DESIGN.md, "Coordinates"): ``xyxy`` boxes are ``[K, 4]`` arrays ``x1, y1, x2, y2``; rotated boxes
 are ``[K, 5]`` arrays ``cx, cy, w, h, angle_deg`` with the angle counter-clockwise in degrees.
@@ -18,24 +21,6 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-# Task families of GeoVLM-R1 (paper, Table 1 and Section 3). The names are the registry keys of
-# ``geovlm.rewards.tasks`` and the ``task`` field of every Sample.
-TASKS: dict[str, str] = {
-    "scene_cls": "scene classification: one land-cover / scene label",
-    "multilabel_cls": "multi-label classification: every object class present",
-    "referred_det": "referred object detection, axis-aligned box(es) of the referred object(s)",
-    "referred_det_rot": "referred object detection, rotated box(es) of the referred object(s)",
-    "multi_det": "multi-object detection: every object of the asked class(es)",
-    "counting": "object counting: a number",
-    "vqa": "visual question answering (presence / comparison): a short answer",
-    "region_caption": "region captioning: describe the object inside a given box",
-    "grounding_desc": "grounding description: describe the image and box the objects mentioned",
-    "image_caption": "image captioning: a sentence about the whole scene",
-    "change_det": "change detection on a bi-temporal pair: yes / no",
-    "change_caption": "change captioning on a bi-temporal pair: a sentence about what changed",
-    "temporal_cls": "temporal classification on a bi-temporal pair: the kind of change",
-}
-
 BoxFormat = Literal["xyxy", "rotated"]
 
 
@@ -44,7 +29,7 @@ class Target:
     """Ground truth of one sample; a task uses the fields it needs and leaves the rest empty.
 
     Attributes:
-        task: a key of ``TASKS``.
+        task: a registered task name (``geovlm.tasks.registry``).
         answer: the canonical answer text, exactly as the SFT target renders it inside
             ``<answer>...</answer>`` (boxes in the model's convention).
         image_size: ``(width, height)`` of the (first) original image, in pixels.
@@ -76,8 +61,10 @@ class Target:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known: {sorted(TASKS)}")
+        # The registry sits above this module (its tasks build Targets): looked up on use.
+        from geovlm.tasks import registry
+
+        registry.get(self.task)
         if self.boxes is not None:
             boxes = np.asarray(self.boxes, dtype=np.float64)
             if boxes.ndim == 1:
@@ -96,7 +83,7 @@ class Sample:
 
     Attributes:
         id: unique, stable id (used to resume evaluation and to check split disjointness).
-        task: a key of ``TASKS``.
+        task: a registered task name (``geovlm.tasks.registry``).
         images: PIL images or paths to them; two for bi-temporal tasks (before, after).
         prompt: the user's text (without image placeholders; collation inserts them).
         target: the ground truth.

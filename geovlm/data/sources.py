@@ -5,13 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from geovlm.config import DataConfig
-from geovlm.data.schema import TASKS, Sample
+from geovlm.data.schema import Sample
 
 SPLITS = ("train", "val", "test")
 
 
 def load_splits(data: DataConfig, convention: str) -> dict[str, list[Sample]]:
-    """Every split's samples; ``"embedded"`` splits come from one call to the embedded world."""
+    """Every split's samples; ``"embedded"`` splits come from one call to the embedded world.
+
+    The modules of ``data.task_modules`` are imported first, so their tasks are registered in
+    every process that loads data (each rank under torchrun).
+    """
+    from geovlm.tasks import registry
+
+    registry.import_task_modules(data.task_modules)
     out: dict[str, list[Sample]] = {}
     if any(getattr(data, split) == "embedded" for split in SPLITS):
         from geovlm.data.synthetic import embedded_splits
@@ -44,8 +51,7 @@ def select_tasks(samples: list[Sample], tasks: Iterable[str] | None) -> list[Sam
     """The samples of ``tasks`` (all when None); an unknown task name is an error."""
     if tasks is None:
         return list(samples)
-    wanted = set(tasks)
-    unknown = sorted(wanted - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    from geovlm.tasks import registry
+
+    wanted = set(registry.check(tasks))
     return [s for s in samples if s.task in wanted]

@@ -5,20 +5,22 @@
 ``total [C] = w_format[task] * format + w_accuracy[task] * accuracy``. Each completion is parsed
 once (``parse.extract_answer`` then ``parse.parse_for_task``); the parse feeds both components.
 Completions are grouped by task and each group is scored by one call of its accuracy function, so
-the geometry and text kernels see whole batches.
+the geometry and text kernels see whole batches. Parsers, accuracy functions and default weights
+are the tasks' ``TaskSpec`` s in the registry (``geovlm.tasks.registry``): a registered task is
+scored like a built-in one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from geovlm.data.schema import TASKS, Target
+from geovlm.data.schema import Target
 from geovlm.rewards.format import format_reward
+from geovlm.rewards.options import RewardOptions
 from geovlm.rewards.parse import extract_answer, parse_for_task, resized_size_for
-from geovlm.rewards.tasks import REGISTRY, RewardOptions, TaskSpec
 
 COMPONENTS: tuple[str, ...] = ("format", "accuracy")
 
@@ -40,12 +42,17 @@ class RewardBatch:
 
 
 def _task_list(tasks: Sequence[str] | str, targets: Sequence[Target]) -> list[str]:
+    from geovlm.tasks import registry
+
     names = [tasks] * len(targets) if isinstance(tasks, str) else list(tasks)
     if len(names) != len(targets):
         raise ValueError(f"{len(names)} tasks for {len(targets)} targets")
+    known = set(registry.names())
     for i, (name, target) in enumerate(zip(names, targets, strict=True)):
-        if name not in TASKS:
-            raise ValueError(f"completion {i}: unknown task {name!r}; known: {sorted(TASKS)}")
+        if name not in known:
+            raise ValueError(
+                f"completion {i}: unknown task {name!r}; known: {sorted(registry.names())}"
+            )
         if target.task != name:
             raise ValueError(f"completion {i}: task {name!r} but its target is {target.task!r}")
     return names
@@ -53,19 +60,26 @@ def _task_list(tasks: Sequence[str] | str, targets: Sequence[Target]) -> list[st
 
 def resolve_weights(
     weights: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None,
-    registry: Mapping[str, TaskSpec],
-) -> dict[str, TaskSpec]:
-    """The registry with ``weights`` applied.
+    tasks: Iterable[str],
+) -> dict[str, tuple[float, float]]:
+    """task -> ``(format weight, accuracy weight)`` of each of ``tasks``: its ``TaskSpec``'s, with
+    ``weights`` applied.
 
     ``weights`` is either component -> weight for every task (``{"format": 0.5}``) or
-    task -> {component -> weight} (``{"counting": {"accuracy": 2.0}}``); weights are finite, >= 0.
+    task -> {component -> weight} (``{"counting": {"accuracy": 2.0}}``, any registered task);
+    weights are finite, >= 0.
     """
-    out = dict(registry)
+    from geovlm.tasks import registry
+
+    out = {}
+    for task in tasks:
+        spec = registry.get(task)
+        out[task] = (spec.format_weight, spec.accuracy_weight)
     if not weights:
         return out
     if set(weights) <= set(COMPONENTS):
         per_task = {task: weights for task in out}
-    elif set(weights) <= set(TASKS):
+    elif set(weights) <= set(registry.names()):
         per_task = weights
     else:
         raise ValueError(
@@ -78,11 +92,12 @@ def resolve_weights(
         for name, value in comp.items():
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"weight {task}.{name} must be finite and >= 0, got {value!r}")
-        out[task] = replace(
-            out[task],
-            format_weight=float(comp.get("format", out[task].format_weight)),
-            accuracy_weight=float(comp.get("accuracy", out[task].accuracy_weight)),
-        )
+        if task in out:
+            format_weight, accuracy_weight = out[task]
+            out[task] = (
+                float(comp.get("format", format_weight)),
+                float(comp.get("accuracy", accuracy_weight)),
+            )
     return out
 
 
@@ -99,7 +114,6 @@ def score(
     *,
     options: RewardOptions | None = None,
     prompts: Sequence[str | None] | None = None,
-    registry: Mapping[str, TaskSpec] | None = None,
 ) -> RewardBatch:
     """Format and accuracy rewards of ``completions`` against ``targets``, routed by task.
 
@@ -112,11 +126,12 @@ def score(
         weights: component weights, for every task or per task (``resolve_weights``).
         options: the accuracy rewards' choices (``RewardOptions``; defaults follow the paper).
         prompts: the prompt of each completion; answer blocks echoed from it are ignored.
-        registry: task -> ``TaskSpec`` (default ``tasks.REGISTRY``).
     """
+    from geovlm.tasks import registry
+
     options = options or RewardOptions()
-    specs = resolve_weights(weights, REGISTRY if registry is None else registry)
     names = _task_list(tasks, targets)
+    task_weights = resolve_weights(weights, dict.fromkeys(names))
     if len(completions) != len(targets):
         raise ValueError(f"{len(completions)} completions but {len(targets)} targets")
     if prompts is not None and len(prompts) != len(completions):
@@ -148,13 +163,10 @@ def score(
     for i, name in enumerate(names):
         groups.setdefault(name, []).append(i)
     for name, index in groups.items():
-        if name not in specs:
-            raise ValueError(f"no reward registered for task {name!r}")
-        spec = specs[name]
-        values = spec.accuracy([parsed[i] for i in index], [targets[i] for i in index], options)
+        accuracy_of = registry.get(name).accuracy
+        values = accuracy_of([parsed[i] for i in index], [targets[i] for i in index], options)
         accuracy[index] = _bounded(values)
-        w_format[index] = spec.format_weight
-        w_accuracy[index] = spec.accuracy_weight
+        w_format[index], w_accuracy[index] = task_weights[name]
     fmt = _bounded(fmt)
     return RewardBatch(
         total=w_format * fmt + w_accuracy * accuracy,

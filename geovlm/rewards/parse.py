@@ -15,6 +15,9 @@ text of the last *complete* answer block; the typed parsers below read that text
   read as GeoChat's 0..100 units). Coordinates outside the image are clipped to it; a box with a
   coordinate that overflows float64 is dropped.
 
+``parse_for_task`` hands an answer to its task's parser (``TaskSpec.parse`` in ``geovlm.tasks``),
+which combines the parsers above into the typed answer its accuracy reward scores.
+
 Every parser accepts any string and never raises on model output: unreadable text gives ``None``
 or an empty result.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
 
@@ -326,6 +330,11 @@ _YES = {"yes", "yeah", "yep", "true", "y"}
 _NO = {"no", "nope", "false", "n"}
 
 
+def is_yes_no(text: str | None) -> bool:
+    """Whether the whole of ``text`` is a yes or a no word ("Yes.", "false"), as a gold answer."""
+    return bool(text) and normalize_text(text) in _YES | _NO
+
+
 def parse_yes_no(answer: str | None) -> bool | None:
     """``True`` for yes, ``False`` for no, ``None`` when the answer says neither or both."""
     if not answer:
@@ -504,7 +513,15 @@ def says_none(answer: str) -> bool:
     return bool(words & _NONE_ANSWER_WORDS) and words <= _NONE_ANSWER_WORDS | _NONE_FILLER
 
 
-_CAPTION_TASKS = ("region_caption", "image_caption", "change_caption")
+@dataclass(frozen=True)
+class ParseOptions:
+    """How a task parser reads an answer: the model's box ``convention``, the Qwen2.5-VL
+    ``resized_size`` of the image (``None``: computed from the image size and the processor's
+    default budget) and extra ``synonyms`` groups for class names."""
+
+    convention: str = "qwen25vl"
+    resized_size: tuple[int, int] | None = None
+    synonyms: tuple[tuple[str, ...], ...] = ()
 
 
 def parse_for_task(
@@ -517,62 +534,12 @@ def parse_for_task(
 ) -> object | None:
     """The typed answer ``target.task`` needs, or ``None`` when the answer does not give one.
 
-    * ``scene_cls`` / ``temporal_cls``: the one class of ``target.classes`` named (``str``); with no
-      vocabulary the whole answer must be a variant of ``target.label``.
-    * ``multilabel_cls``: ``list[str]`` of classes named (empty for an explicit "none"); with no
-      vocabulary, the list items, each mapped to a ``target.labels`` class when it is one.
-    * ``referred_det`` / ``multi_det``: ``[K, 4]`` boxes; ``referred_det_rot``: ``[K, 5]`` boxes
-      (``K = 0`` only for an explicit "none").
-    * ``counting``: ``float`` >= 0.
-    * ``vqa``: ``bool`` when the reference is yes/no, else the normalised answer ``str``.
-    * ``change_det``: ``bool``.
-    * captioning tasks: the answer text (``str`` with at least one word).
-    * ``grounding_desc``: ``(text without boxes, [K, 4] boxes)``; at least one box when the target
-      has boxes.
+    A blank or missing answer is ``None`` for every task; any other text goes to the task's parser
+    (``TaskSpec.parse`` in ``geovlm.tasks``), which says what its typed answer is.
     """
     if not isinstance(answer, str) or not answer.strip():
         return None
-    task = target.task
-    if task in ("scene_cls", "temporal_cls"):
-        if target.classes:
-            return parse_label(answer, target.classes, synonyms)
-        vocab = (target.label,) if target.label else ()
-        return label_matcher(vocab, tuple(synonyms)).exact(answer) if vocab else None
-    if task == "multilabel_cls":
-        if target.classes:
-            labels = parse_labels(answer, target.classes, synonyms)
-        else:
-            matcher = label_matcher(tuple(target.labels), tuple(synonyms))
-            labels = list(dict.fromkeys(matcher.exact(i) or i for i in split_items(answer)))
-        if labels:
-            return labels
-        return [] if says_none(answer) else None
-    if task in ("referred_det", "multi_det", "referred_det_rot"):
-        boxes = parse_boxes(
-            answer,
-            target.image_size,
-            rotated=task == "referred_det_rot",
-            convention=convention,
-            resized_size=resized_size,
-        )
-        return boxes if len(boxes) or says_none(answer) else None
-    if task == "counting":
-        return parse_count(answer)
-    if task == "change_det":
-        return parse_yes_no(answer)
-    if task == "vqa":
-        if normalize_text(target.label or target.answer) in _YES | _NO:
-            return parse_yes_no(answer)
-        return normalize_text(answer) or None
-    if task in _CAPTION_TASKS:
-        return answer.strip() if normalize_text(answer) else None
-    if task == "grounding_desc":
-        boxes = parse_boxes(
-            answer, target.image_size, convention=convention, resized_size=resized_size
-        )
-        text = strip_boxes(answer)
-        if not normalize_text(text):
-            return None
-        needs_boxes = target.boxes is not None and len(target.boxes) > 0
-        return (text, boxes) if len(boxes) or not needs_boxes else None
-    raise ValueError(f"unknown task {task!r}")
+    from geovlm.tasks import registry
+
+    options = ParseOptions(convention, resized_size, tuple(synonyms))
+    return registry.get(target.task).parse(answer, target, options)

@@ -30,14 +30,11 @@ import numpy as np
 
 from geovlm.rewards import text
 from geovlm.rewards._text_encode import encode_strings
+from geovlm.rewards.options import LEXICAL_METRIC_NAMES
 
+# The metric functions behind ``options.LEXICAL_METRIC_NAMES`` (the names RewardOptions accepts).
 LEXICAL_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], np.ndarray]] = {
-    "rouge_l_f1": text.rouge_l_f1,
-    "rouge_1_f1": text.rouge_1_f1,
-    "rouge_l": text.rouge_l,
-    "levenshtein_ratio": text.levenshtein_ratio,
-    "token_jaccard": text.token_jaccard,
-    "cider_d_reward": text.cider_d_reward,
+    name: getattr(text, name) for name in LEXICAL_METRIC_NAMES
 }
 
 

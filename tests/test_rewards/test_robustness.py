@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geovlm.data.schema import TASKS, Target
+from geovlm.data.schema import Target
 from geovlm.data.synthetic import generate_scenes, samples_from_scene
 from geovlm.rewards import RewardOptions, score
 from geovlm.rewards.parse import (
@@ -28,6 +28,7 @@ from geovlm.rewards.parse import (
     parse_yes_no,
     strip_boxes,
 )
+from geovlm.tasks import registry
 
 OPTIONS = RewardOptions(use_embeddings=False)
 SETTINGS = settings(
@@ -152,7 +153,7 @@ def test_parsers_never_raise(text, convention):
         parse_for_task(text, target, convention=convention)
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", sorted(registry.names()))
 def test_empty_whitespace_and_missing_answers_score_zero(task):
     targets = [t for t in TARGETS if t.task == task][:1] * 5
     completions = [
@@ -235,7 +236,7 @@ def test_hedging_numbers_and_yes_no_does_not_pay():
         np.testing.assert_array_equal(_acc(task, ["yes or no", "yes/no", "no, yes"], target), 0.0)
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", sorted(registry.names()))
 def test_echoing_the_question_does_not_pay(task):
     sample = _sample(task)
     echo, truth = _acc(task, [sample.prompt, sample.target.answer], sample.target)

@@ -1,4 +1,5 @@
-"""Accuracy rewards per task and ``score``, against independent oracles.
+"""Accuracy rewards per task (the task modules of ``geovlm.tasks``) and ``score``, against
+independent oracles.
 
 Oracles: shapely polygons + scipy's Hungarian matching for boxes, scikit-learn's F1 for label
 sets, ``Levenshtein.ratio`` and rouge-score for text, hand-computed values elsewhere.
@@ -18,14 +19,14 @@ from shapely import affinity
 from shapely.geometry import box as shapely_box
 from sklearn.metrics import f1_score
 
-from geovlm.data.schema import TASKS, Target
+from geovlm.data.schema import Target
 from geovlm.data.synthetic import generate_scenes, samples_from_scene
-from geovlm.rewards import REGISTRY, RewardOptions, TaskSpec, score, text
-from geovlm.rewards.tasks import (
-    classification_accuracy,
-    counting_accuracy,
-    multilabel_accuracy,
-)
+from geovlm.rewards import RewardOptions, score, text
+from geovlm.tasks import registry
+from geovlm.tasks._labels import classification_accuracy
+from geovlm.tasks.counting import counting_accuracy
+from geovlm.tasks.multilabel_cls import multilabel_accuracy
+from tests.test_tasks import PAPER_TASKS
 
 PIX = RewardOptions(convention="pixels", use_embeddings=False)
 SIZE = (640, 480)
@@ -100,8 +101,8 @@ def jitter(rng, boxes: np.ndarray, scale: float) -> np.ndarray:
 
 
 def test_registry_covers_every_task_with_paper_weights():
-    assert set(REGISTRY) == set(TASKS)
-    assert all(s.format_weight == 1.0 and s.accuracy_weight == 1.0 for s in REGISTRY.values())
+    assert registry.names() == PAPER_TASKS
+    assert all(s.format_weight == 1.0 and s.accuracy_weight == 1.0 for s in registry.specs())
 
 
 @pytest.mark.parametrize(
@@ -430,11 +431,13 @@ def test_custom_registry_entries_are_bounded_and_lengths_checked():
     def wild(parsed, targets, options):
         return np.array([np.nan, 7.0, -2.0])[: len(parsed)]
 
-    registry = dict(REGISTRY, counting=TaskSpec(wild, format_weight=0.0))
+    spec = dataclasses.replace(registry.get("counting"), accuracy=wild, format_weight=0.0)
     t = Target("counting", "3", SIZE, count=3)
-    out = score("counting", [wrap("3")] * 3, [t] * 3, registry=registry)
+    with registry.registered(spec, replace=True):
+        out = score("counting", [wrap("3")] * 3, [t] * 3)
     np.testing.assert_array_equal(out.components["accuracy"], [0, 1, 0])
     np.testing.assert_array_equal(out.total, [0, 1, 0])
+    assert registry.get("counting").accuracy is not wild
 
 
 def test_prompt_echo_is_ignored_and_bad_calls_are_clear_errors():

@@ -1,0 +1,100 @@
+"""The accuracy rewards' options, defined once: ``RewardChoices`` (what a run config sets) and
+``RewardOptions`` (those plus what the trainer and the caller fill in).
+
+``geovlm.config`` builds ``stages.<i>.rewards`` from ``RewardChoices`` itself, so the YAML keys and
+their defaults are these fields. This module imports no numba and no torch (``import
+geovlm.config`` stays light); the text kernels the names below refer to load with
+``geovlm.rewards.semantic``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args, get_origin, get_type_hints
+
+if TYPE_CHECKING:
+    from geovlm.rewards.text import CiderDocumentFrequency
+
+# Lexical metrics a caption reward may use: names of ``geovlm.rewards.text`` functions
+# (``semantic.LEXICAL_METRICS`` maps each name to its function).
+LEXICAL_METRIC_NAMES: tuple[str, ...] = (
+    "rouge_l_f1",
+    "rouge_1_f1",
+    "rouge_l",
+    "levenshtein_ratio",
+    "token_jaccard",
+    "cider_d_reward",
+)
+
+
+@dataclass(frozen=True)
+class RewardChoices:
+    """The reward choices of a GRPO stage (``stages.<i>.rewards.*``); defaults follow GeoVLM-R1.
+
+    Attributes:
+        rotated_iou: ``"hbb"`` scores rotated boxes with the paper's axis-aligned IoU on each
+            box's axis-aligned hull; ``"rotated"`` with the exact IoU of the rotated rectangles.
+        referred_reward: ``"multibox"`` (matched IoU over ``max(n_pred, n_gt)``, equal to the IoU
+            for one box each) or ``"first_box"`` (IoU of the first predicted and first true box).
+        counting: ``"exact"`` or ``"smooth"`` (see the counting task's accuracy).
+        vqa: ``"jaccard"`` (token-set Jaccard) or ``"exact"`` (normalised match) for open answers.
+        caption_metric: ``"levenshtein"`` (the paper's image-captioning reward) or ``"cider_d"``.
+        use_embeddings: region / change captioning use the hybrid embedding + lexical reward;
+            ``False`` scores them with the lexical metric alone (no torch, no model load).
+        semantic_weight: weight of the embedding similarity in the hybrid caption reward.
+        lexical: the lexical metric of the hybrid and grounding rewards
+            (one of ``LEXICAL_METRIC_NAMES``).
+        grounding_text_weight: weight of the lexical score in the grounding-description reward.
+    """
+
+    rotated_iou: Literal["hbb", "rotated"] = "hbb"
+    referred_reward: Literal["multibox", "first_box"] = "multibox"
+    counting: Literal["exact", "smooth"] = "exact"
+    vqa: Literal["jaccard", "exact"] = "jaccard"
+    caption_metric: Literal["levenshtein", "cider_d"] = "levenshtein"
+    use_embeddings: bool = True
+    semantic_weight: float = 0.5
+    lexical: str = "rouge_l_f1"
+    grounding_text_weight: float = 0.5
+
+
+# The allowed values of every Literal choice, read off the annotations above.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(hint)
+    for name, hint in get_type_hints(RewardChoices).items()
+    if get_origin(hint) is Literal
+}
+_CHOICES["lexical"] = LEXICAL_METRIC_NAMES
+
+
+@dataclass(frozen=True)
+class RewardOptions(RewardChoices):
+    """Every choice of the accuracy rewards: the ``RewardChoices`` plus
+
+    Attributes:
+        convention: the box convention of the model's answers (``geovlm.data.boxes``).
+        min_pixels, max_pixels: the Qwen2.5-VL processor's pixel budget, which fixes the resized
+            input size that ``"qwen25vl"`` boxes are relative to (``None``: processor defaults).
+        synonyms: extra synonym groups for class names (``parse.SYNONYM_GROUPS`` always apply).
+        embedding_device: the torch device of the sentence-embedding model.
+        max_pred_boxes: predicted boxes matched per answer (more still count as extras).
+        cider_document_frequency: the idf table of the ``"cider_d"`` caption reward.
+    """
+
+    convention: str = "qwen25vl"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    synonyms: tuple[tuple[str, ...], ...] = ()
+    embedding_device: str = "cpu"
+    max_pred_boxes: int = 100
+    cider_document_frequency: CiderDocumentFrequency | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RewardOptions.{name}={getattr(self, name)!r}; one of {allowed}")
+        for name in ("semantic_weight", "grounding_text_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"RewardOptions.{name} must lie in [0, 1]")
+        if int(self.max_pred_boxes) != self.max_pred_boxes or self.max_pred_boxes < 1:
+            raise ValueError("RewardOptions.max_pred_boxes must be a positive integer")

@@ -1,0 +1,148 @@
+"""multilabel_cls: multi-label classification, every object class present in the image.
+
+* parse: the distinct classes of ``Target.classes`` named (``[]`` for an explicit "none"); without
+  a vocabulary the listed items, each mapped onto a ``Target.labels`` class it spells.
+* accuracy: F1 of the named against the true classes.
+* metrics: precision, recall, F1 and exact match of the class sets; headline ``f1``.
+* records: the answer lists the labels, separated by ``,`` ``;`` or "and".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from geovlm.data.readers import Exchange, as_label
+from geovlm.data.scenes import OBJECT_CLASSES
+from geovlm.data.schema import Target
+from geovlm.data.synthetic import SceneContext, class_counts, inventory
+from geovlm.metrics import MetricOptions, canonical_label, sample_mean
+from geovlm.rewards.options import RewardOptions
+from geovlm.rewards.parse import (
+    ParseOptions,
+    label_matcher,
+    normalize_text,
+    parse_labels,
+    says_none,
+    split_items,
+)
+from geovlm.tasks.spec import TaskSpec
+
+
+def parse(answer: str, target: Target, options: ParseOptions) -> list[str] | None:
+    """``list[str]`` of the classes named, ``[]`` for "none", else ``None``."""
+    if target.classes:
+        labels = parse_labels(answer, target.classes, options.synonyms)
+    else:
+        matcher = label_matcher(tuple(target.labels), tuple(options.synonyms))
+        labels = list(dict.fromkeys(matcher.exact(i) or i for i in split_items(answer)))
+    if labels:
+        return labels
+    return [] if says_none(answer) else None
+
+
+def multilabel_accuracy(
+    parsed: Sequence[list[str] | None], targets: Sequence[Target], options: RewardOptions
+) -> np.ndarray:
+    """Multi-label classification: F1 of the named classes ``P`` against the true ones ``G``.
+
+    ``F1 = 2 |P ∩ G| / (|P| + |G|)`` (1 when both are empty). Naming every class of a vocabulary
+    ``V`` scores ``2 |G| / (|V| + |G|)``, not 1: recall alone would pay for listing everything.
+    """
+    out = np.zeros(len(parsed))
+    for i, (pred, t) in enumerate(zip(parsed, targets, strict=True)):
+        if pred is None:
+            continue
+        matcher = label_matcher(tuple(t.classes) or tuple(t.labels), tuple(options.synonyms))
+        truth = {normalize_text(matcher.exact(label) or label) for label in t.labels}
+        guess = {normalize_text(label) for label in pred}
+        if not truth and not guess:
+            out[i] = 1.0
+        else:
+            out[i] = 2.0 * len(truth & guess) / (len(truth) + len(guess))
+    return out
+
+
+def multilabel_metrics(
+    answers: Sequence[str | None],
+    targets: Sequence[Target],
+    options: MetricOptions | None = None,
+) -> dict:
+    """multilabel_cls: per-sample set comparison of the named classes with ``Target.labels``.
+
+    With P the predicted set (``parse_labels`` over ``Target.classes``; without a vocabulary
+    the comma-separated items, each folded onto a gold label it spells) and G the gold set:
+    ``precision`` = |P∩G|/|P|, ``recall`` = |P∩G|/|G| (EarthDial's "accuracy" for multi-label
+    sets), ``f1`` = 2|P∩G|/(|P|+|G|), ``exact_match`` = [P == G]; an empty set on both sides
+    scores 1, an empty set on one side 0. Means over samples. The headline is ``f1``: recall
+    alone is maximised by naming every class.
+    """
+    rows = []
+    for answer, target in zip(answers, targets, strict=True):
+        if target.classes:
+            gold = {canonical_label(label, target.classes) for label in target.labels}
+            pred = set(parse_labels(answer, target.classes)) if answer else set()
+        else:
+            # No vocabulary: each listed item is a gold label (up to plurals / synonyms) or an
+            # extra class of its own, so extra items still cost precision.
+            matcher = label_matcher(tuple(target.labels))
+            gold = {canonical_label(label, tuple(target.labels)) for label in target.labels}
+            items = split_items(answer) if answer else []
+            pred = {matcher.exact(item) or item for item in items}
+        hit = len(pred & gold)
+        if not pred and not gold:
+            rows.append((1.0, 1.0, 1.0, 1.0))
+            continue
+        precision = hit / len(pred) if pred else 0.0
+        recall = hit / len(gold) if gold else 0.0
+        f1 = 2.0 * hit / (len(pred) + len(gold))
+        rows.append((precision, recall, f1, float(pred == gold)))
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+    names = ("precision", "recall", "f1", "exact_match")
+    return {name: sample_mean(arr[:, i]) for i, name in enumerate(names)}
+
+
+def from_record(exchange: Exchange) -> Target:
+    classes = exchange.string_list("classes", "options", "choices")
+    parts = re.split(r",|;|\band\b", exchange.plain_answer())
+    labels = tuple(p for p in (as_label(x) for x in parts) if p)
+    if not labels:
+        raise exchange.error("no labels in the answer")
+    return Target(
+        task="multilabel_cls",
+        answer=", ".join(labels),
+        image_size=exchange.image_size,
+        labels=labels,
+        classes=classes,
+    )
+
+
+def generate(ctx: SceneContext) -> tuple[str, str, Target]:
+    """The object classes of the scene, in ``OBJECT_CLASSES`` order."""
+    labels = tuple(class_counts(ctx.objects))
+    think = f"I see {inventory(ctx.objects)}."
+    target = ctx.target(", ".join(labels), labels=labels, classes=OBJECT_CLASSES)
+    return ctx.prompt(), think, target
+
+
+MULTILABEL_CLS = TaskSpec(
+    name="multilabel_cls",
+    description="multi-label classification: every object class present",
+    parse=parse,
+    accuracy=multilabel_accuracy,
+    metrics={"geovlm": multilabel_metrics},
+    headline="f1",
+    prompts={
+        "default": (
+            "Which object classes are in the image?",
+            "List the object classes in the image.",
+        )
+    },
+    generate=generate,
+    from_record=from_record,
+    aliases=("multilabel", "multi_label_classification"),
+)
+
+SPECS = (MULTILABEL_CLS,)
