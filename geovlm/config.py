@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from geovlm.engines import check_engine_name
 from geovlm.kernels.options import GRPOLossOptions, ImportanceSamplingLevel, LossType
 from geovlm.rewards.options import RewardChoices
 
@@ -208,6 +209,20 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Which rollout engine (``geovlm.engines``) samples the GRPO rollouts, the sampled-reward
+    objective and the held-out evaluation's answers."""
+
+    engine: str = "builtin"
+
+    def __post_init__(self) -> None:
+        try:
+            check_engine_name(self.engine)
+        except ValueError as err:
+            raise ConfigError(f"rollout.engine: {err}") from err
+
+
+@dataclass
 class DistributedConfig:
     """Data parallelism and sharding under torchrun."""
 
@@ -241,6 +256,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from geovlm.data.schema import Sample
+from geovlm.engines import build_engine
 
 GenerateFn = Callable[[list[Sample]], list[str]]
 
@@ -174,22 +175,19 @@ def _merge_files(path: Path, records: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- generation
 
 
-def greedy_generator(model, processor, max_new_tokens: int) -> GenerateFn:
-    """Greedy completions of a batch of samples with the model (``geovlm.rollout``, one each)."""
-    from geovlm.rollout import generate_rollouts
+def greedy_generator(
+    model, processor, max_new_tokens: int, rollout_engine: str = "builtin"
+) -> GenerateFn:
+    """Greedy completions of a batch of samples, one each, from the rollout engine registered
+    as ``rollout_engine`` (``geovlm.engines``)."""
+    # Here, not at the top: the CLI checks its input before torch is imported.
+    from geovlm.engines.base import EngineSetup, Sampling
+
+    engine = build_engine(rollout_engine, model, processor, EngineSetup())
+    sampling = Sampling(max_new_tokens, greedy=True)
 
     def generate(samples: list[Sample]) -> list[str]:
-        rollouts = generate_rollouts(
-            model,
-            processor,
-            samples,
-            num_generations=1,
-            max_new_tokens=max_new_tokens,
-            temperature=1.0,
-            top_p=1.0,
-            greedy=True,
-        )
-        return list(rollouts.texts)
+        return list(engine.generate(samples, 1, sampling).texts)
 
     return generate
 
@@ -327,6 +325,7 @@ def evaluate(
     generate_fn: GenerateFn | None = None,
     protocol: str = "geovlm",
     earthdial_fixes: bool = False,
+    rollout_engine: str = "builtin",
 ) -> EvalReport:
     """Generate greedy answers for ``samples`` and score them per task family.
 
@@ -346,6 +345,7 @@ def evaluate(
         meteor_backend: ``"coco"`` (pycocoevalcap, Java) or ``"nltk"``.
         generate_fn: ``list[Sample] -> list[str]`` used instead of the model's greedy decoding.
         protocol, earthdial_fixes: the metric set (``score_predictions``).
+        rollout_engine: the ``geovlm.engines`` engine that decodes (``rollout.engine``).
 
     Returns:
         The same ``EvalReport`` on every rank (metrics computed on rank 0 and broadcast).
@@ -374,7 +374,7 @@ def evaluate(
     from geovlm.model import unwrap
 
     model = unwrap(model)
-    generate = generate_fn or greedy_generator(model, processor, max_new_tokens)
+    generate = generate_fn or greedy_generator(model, processor, max_new_tokens, rollout_engine)
 
     was_training = getattr(model, "training", False)
     if model is not None and hasattr(model, "eval"):

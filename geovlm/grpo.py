@@ -2,7 +2,7 @@
 
 One step (DESIGN.md, "How data flows")::
 
-    P prompts (this rank's shard)  --generate_rollouts-->  P*G completions + sampling log-probs
+    P prompts (this rank's shard)  --rollout engine-->     P*G completions (geovlm.engines)
     rewards.score(tasks, texts, targets)                    [P*G] total + components (CPU, numba)
     group_advantages(total, G, scale)                       [P*G]
     ref log-probs (the stage's start model: a frozen copy, or with LoRA the policy with its
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from geovlm.advantages import group_advantages
 from geovlm.config import StageConfig
 from geovlm.data.schema import Sample
 from geovlm.distributed import Engine, prepare_engine, prepare_reference
+from geovlm.engines import build_engine
+from geovlm.engines.base import EngineSetup, Rollouts, Sampling
 from geovlm.loop import (
     StageContext,
     batch_indices,
@@ -44,9 +46,6 @@ from geovlm.loop import (
 )
 from geovlm.profiling import StepProfiler, nvtx_range
 from geovlm.runtime import gather_rows, reduce_metrics, seed_everything
-
-if TYPE_CHECKING:
-    from geovlm.rollout import Rollouts
 
 
 @dataclass
@@ -250,24 +249,20 @@ def sampled_reward(
     Greedy metrics move only when an argmax flips; this is the quantity GRPO optimises, so it is
     what shows whether a stage improved its tasks.
     """
-    from geovlm.rollout import generate_rollouts
-
     stage, options = ctx.stage, reward_options(ctx, processor)
+    setup = EngineSetup(share_prompt=shares_prompts(ctx))
+    rollout_engine = build_engine(ctx.config.rollout.engine, model, processor, setup)
     totals: dict[str, list[np.ndarray]] = {}
     per_call = max(1, batch_size // num_generations)
     for start in range(0, len(samples), per_call):
         chunk = samples[start : start + per_call]
-        rollouts = generate_rollouts(
-            model,
-            processor,
-            chunk,
-            num_generations=num_generations,
+        sampling = Sampling(
             max_new_tokens=stage.max_new_tokens,
             temperature=stage.temperature,
             top_p=stage.top_p,
             seed=seed + start,
-            share_prompt=shares_prompts(ctx),
         )
+        rollouts = rollout_engine.generate(chunk, num_generations, sampling)
         rewards = score_rollouts(rollouts, chunk, stage, options)
         totals.setdefault("reward", []).append(rewards.total)
         for name, values in rewards.components.items():
@@ -308,8 +303,6 @@ def run_grpo(
 
     Returns the engine holding the trained (possibly wrapped or sharded) model.
     """
-    from geovlm.rollout import generate_rollouts
-
     stage = ctx.stage
     if not train:
         raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
@@ -330,6 +323,12 @@ def run_grpo(
     synced = ctx.world_size > 1 and ctx.config.distributed.strategy != "ddp"
     per_rank = stage.batch_size // ctx.world_size
     options = reward_options(ctx, processor)
+    # Built after the resume: an engine holding its own copy of the weights starts from them.
+    setup = EngineSetup(share_prompt=shares_prompts(ctx), synced_ranks=synced)
+    rollout_engine = build_engine(ctx.config.rollout.engine, policy, processor, setup)
+    sampling = Sampling(
+        max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p
+    )
     profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
     bar = step_progress(ctx, start)
     for step in bar:
@@ -340,17 +339,7 @@ def run_grpo(
 
         with nvtx_range("grpo/rollout"):
             policy.eval()
-            rollouts = generate_rollouts(
-                policy,
-                processor,
-                prompts,
-                num_generations=stage.num_generations,
-                max_new_tokens=stage.max_new_tokens,
-                temperature=stage.temperature,
-                top_p=stage.top_p,
-                synced_gpus=synced,
-                share_prompt=shares_prompts(ctx),
-            )
+            rollouts = rollout_engine.generate(prompts, stage.num_generations, sampling)
             policy.train()
         with nvtx_range("grpo/reward"):
             rewards = score_rollouts(rollouts, prompts, stage, options)
@@ -390,6 +379,9 @@ def run_grpo(
                 grad_norm = engine.step(advance_schedule=iteration + 1 == stage.num_iterations)
             loss_metrics = {"loss": loss.item(), "grad_norm": grad_norm}
             loss_metrics.update({k: float(v) for k, v in metrics.items()})
+        # The next rollout samples from the updated weights (a no-op for the built-in engine,
+        # which samples with ``policy`` itself; vLLM / SGLang engines load them here).
+        rollout_engine.sync_weights(policy)
 
         record = {"stage": stage.name, "kind": "grpo", "step": step, "lr": lr}
         # Metrics of the global batch: reward statistics over every rank's rows, token means

@@ -73,6 +73,7 @@ def summary(
         desc=f"eval {label}",
         rank=runtime.rank,
         world_size=runtime.world_size,
+        rollout_engine=config.rollout.engine,
     )
     if runtime.is_main:
         report.save(saved)

@@ -14,9 +14,10 @@ its last checkpoint.
 
 Probes, so that a run's numbers do not depend on how the batch is split over ranks:
 
-- ``seeded_rollouts``: each prompt's group is sampled by its own ``generate`` call with a seed
-  derived from the step's seed and the sample id. HF samples a whole batch from one RNG stream, so
-  without this the rows a rank draws depend on which other prompts share its batch.
+- ``seeded_rollouts``: each prompt's group is sampled by its own call of the built-in rollout
+  engine's ``generate`` with a seed derived from the step's seed and the sample id. A call
+  samples a whole batch from one RNG stream, so without this the rows a rank draws depend on
+  which other prompts share its batch.
   The EOS logit is raised by ``EOS_BIAS`` so that completions end at different lengths.
 - ``probe_rewards``: adds a deterministic reward of the completion text to the real ones (which
   are all 0 for an untrained tiny model), so that advantages, hence gradients, are not all zero.
@@ -24,6 +25,7 @@ Probes, so that a run's numbers do not depend on how the batch is split over ran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -63,15 +65,14 @@ def _pad_right(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
 
 
 def seeded_rollouts(original: Callable) -> Callable:
-    """``generate_rollouts`` with each prompt's group drawn from its own seeded generator."""
+    """``BuiltinEngine.generate`` with each prompt's group drawn from its own seeded generator."""
     from geovlm.data.collate import collate_prompts
+    from geovlm.engines.completions import assemble_rollouts, special_ids
     from geovlm.model import unwrap
-    from geovlm.rollout import Rollouts, _special_ids
 
-    def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):
+    def generate(self, samples, num_generations, sampling):
         step_seed = torch.initial_seed()  # the step's seed (seed_everything), equal on all ranks
-        kwargs.pop("seed", None)  # replaced by the per-prompt seeds below
-        eos, _ = _special_ids(processor.tokenizer)
+        eos, pad = special_ids(self.processor.tokenizer)
 
         def favour_eos(module, inputs, logits):
             # While sampling only: completion lengths, hence per-rank token counts and the
@@ -80,38 +81,38 @@ def seeded_rollouts(original: Callable) -> Callable:
             logits[..., eos] += EOS_BIAS
             return logits
 
-        hook = unwrap(model).get_output_embeddings().register_forward_hook(favour_eos)
+        hook = unwrap(self.model).get_output_embeddings().register_forward_hook(favour_eos)
         try:
             pieces = [
                 original(
-                    model,
-                    processor,
+                    self,
                     [sample],
                     num_generations,
-                    max_new_tokens,
-                    *args,
-                    seed=(step_seed + zlib.crc32(sample.id.encode())) % (2**31 - 1),
-                    **kwargs,
+                    # replaces the call's own seed
+                    dataclasses.replace(
+                        sampling,
+                        seed=(step_seed + zlib.crc32(sample.id.encode())) % (2**31 - 1),
+                    ),
                 )
                 for sample in samples
             ]
         finally:
             hook.remove()
-        _, pad = _special_ids(processor.tokenizer)
         device = pieces[0].completion_ids.device
-        index = torch.arange(len(samples)).repeat_interleave(num_generations)
-        unique = collate_prompts(samples, processor)
-        return Rollouts(
-            unique_prompt={k: v.to(device) for k, v in unique.items()},
-            image_token_id=int(model.config.image_token_id),
-            completion_ids=_pad_right([p.completion_ids for p in pieces], pad),
-            completion_mask=_pad_right([p.completion_mask for p in pieces], 0),
-            logprobs=_pad_right([p.logprobs for p in pieces], 0.0),
-            texts=[t for p in pieces for t in p.texts],
-            sample_index=index.to(device),
-            finished=torch.cat([p.finished for p in pieces]),
-            num_generations=num_generations,
-            temperature=pieces[0].temperature,
+        unique = collate_prompts(samples, self.processor, self.setup.system_prompt)
+        logprobs = None
+        if sampling.return_logprobs:
+            logprobs = _pad_right([p.logprobs for p in pieces], 0.0)
+        return assemble_rollouts(
+            {k: v.to(device) for k, v in unique.items()},
+            int(self.model.config.image_token_id),
+            _pad_right([p.completion_ids for p in pieces], pad),
+            _pad_right([p.completion_mask for p in pieces], 0),
+            self.processor.tokenizer,
+            eos,
+            num_generations,
+            sampling.temperature,
+            logprobs,
         )
 
     return generate
@@ -120,12 +121,10 @@ def seeded_rollouts(original: Callable) -> Callable:
 def install_probes(stack: ExitStack) -> None:
     """Patch the probes into ``geovlm`` for as long as ``stack`` is open."""
     import geovlm.rewards
-    import geovlm.rollout
+    from geovlm.engines.builtin import BuiltinEngine
 
     stack.enter_context(
-        mock.patch.object(
-            geovlm.rollout, "generate_rollouts", seeded_rollouts(geovlm.rollout.generate_rollouts)
-        )
+        mock.patch.object(BuiltinEngine, "generate", seeded_rollouts(BuiltinEngine.generate))
     )
     stack.enter_context(
         mock.patch.object(geovlm.rewards, "score", probe_rewards(geovlm.rewards.score))
