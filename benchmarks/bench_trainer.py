@@ -98,6 +98,7 @@ class Spec:
     seed: int = 0
     tasks: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TASKS)
     vocab: int | None = None  # tiny model only: the LM head's vocabulary (default: the tokenizer's)
+    data_workers: int = 0  # ours: background processes preparing the next steps' prompts
 
 
 # --- the shared inputs --------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def prompt_tokens_ours(processor, samples) -> int:
 
 def stage_context(spec: Spec, workdir: Path, log=None, prompt_sharing: bool = True):
     """The run/stage config both sides take their settings from, as a ``StageContext``."""
-    from geovlm.config import RunConfig, StageConfig
+    from geovlm.config import DataConfig, RunConfig, StageConfig
     from geovlm.loop import StageContext
 
     stage = StageConfig(
@@ -273,7 +274,10 @@ def stage_context(spec: Spec, workdir: Path, log=None, prompt_sharing: bool = Tr
         max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, beta=spec.beta,
         loss_type=spec.loss_type, prompt_sharing=prompt_sharing,
     )
-    config = RunConfig(name="run", output_dir=str(workdir), device=spec.device, stages=[stage])
+    config = RunConfig(
+        name="run", output_dir=str(workdir), device=spec.device, stages=[stage],
+        data=DataConfig(workers=spec.data_workers),
+    )
     from geovlm.runtime import Runtime
 
     runtime = Runtime(0, 1, 0, torch.device(spec.device), torch.get_num_threads())
@@ -605,6 +609,7 @@ def default_spec(args: argparse.Namespace) -> Spec:
         checkpointing=args.checkpointing if args.checkpointing is not None else big,
         freeze_vision=args.freeze_vision if args.freeze_vision is not None else big,
         threads=args.threads, tasks=tuple(args.tasks.split(",")), vocab=args.vocab,
+        data_workers=args.data_workers,
     )
 
 
@@ -625,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                         help="train the language model only (default: on for 3b, as the preset)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="our side: background processes that prepare the next steps' "
+                        "prompts (data.workers; TRL's side keeps dataloader_num_workers=0)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--rounds", type=int, default=None,

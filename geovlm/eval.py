@@ -179,16 +179,19 @@ def greedy_generator(
     model, processor, max_new_tokens: int, rollout_engine: str = "builtin"
 ) -> GenerateFn:
     """Greedy completions of a batch of samples, one each, from the rollout engine registered
-    as ``rollout_engine`` (``geovlm.engines``)."""
+    as ``rollout_engine`` (``geovlm.engines``). The returned callable also has the engine's
+    ``prepare`` (or None), so ``evaluate`` can collate the next batches in background workers."""
     # Here, not at the top: the CLI checks its input before torch is imported.
-    from geovlm.engines.base import EngineSetup, Sampling
+    from geovlm.engines.base import EngineSetup, Sampling, prompt_preparer
 
     engine = build_engine(rollout_engine, model, processor, EngineSetup())
     sampling = Sampling(max_new_tokens, greedy=True)
 
-    def generate(samples: list[Sample]) -> list[str]:
-        return list(engine.generate(samples, 1, sampling).texts)
+    def generate(samples: list[Sample], prepared: Any = None) -> list[str]:
+        extra = {} if prepared is None else {"prepared": prepared}
+        return list(engine.generate(samples, 1, sampling, **extra).texts)
 
+    generate.prepare = prompt_preparer(engine)
     return generate
 
 
@@ -323,6 +326,7 @@ def evaluate(
     world_size: int = 1,
     meteor_backend: str = "coco",
     generate_fn: GenerateFn | None = None,
+    workers: int = 0,
     protocol: str = "geovlm",
     earthdial_fixes: bool = False,
     rollout_engine: str = "builtin",
@@ -346,6 +350,10 @@ def evaluate(
         generate_fn: ``list[Sample] -> list[str]`` used instead of the model's greedy decoding.
         protocol, earthdial_fixes: the metric set (``score_predictions``).
         rollout_engine: the ``geovlm.engines`` engine that decodes (``rollout.engine``).
+        workers: background processes that prepare the next batches' prompts (images, chat
+            template, tokens) while the model decodes (``geovlm.data.loader.prefetched``); 0
+            prepares each batch inline. Only with the engine's greedy decoding, or a
+            ``generate_fn`` that has a ``prepare`` attribute (and then takes ``prepared=``).
 
     Returns:
         The same ``EvalReport`` on every rank (metrics computed on rank 0 and broadcast).
@@ -371,6 +379,7 @@ def evaluate(
     todo = [s for s in mine if s.id not in done]
     out_file = None if path is None else (rank_file(path, rank) if dist else path)
     # A DDP-wrapped policy generates through its module (every rank holds full weights).
+    from geovlm.data.loader import prefetched
     from geovlm.model import unwrap
 
     model = unwrap(model)
@@ -382,10 +391,16 @@ def evaluate(
     new: list[dict[str, Any]] = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=rank != 0,
                dynamic_ncols=True)
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    prepare = getattr(generate, "prepare", None)
+    ahead = (
+        prefetched(lambda i: prepare(batches[i]), range(len(batches)), workers)
+        if prepare is not None and workers > 0
+        else (None for _ in batches)
+    )
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            texts = generate(batch)
+        for batch, prepared in zip(batches, ahead, strict=True):
+            texts = generate(batch) if prepared is None else generate(batch, prepared=prepared)
             if len(texts) != len(batch):
                 raise RuntimeError(
                     f"generator returned {len(texts)} texts for {len(batch)} samples"
@@ -562,6 +577,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--task-modules", default=None,
                         help="comma-separated modules that register more tasks (besides the "
                         "checkpoint's run_config.yaml data.task_modules)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="background processes that prepare the next batches' prompts "
+                        "(default: up to 4 on CUDA, 1 on CPU when at least 3 cores are free)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-samples-per-task", type=int, default=None,
@@ -749,6 +767,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise EvalInputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        raise EvalInputError("--workers must be >= 0")
     run_config = read_run_config(checkpoint)
     import_task_modules(run_config, args.task_modules)
     convention = (args.convention or _section(run_config, "model").get("box_convention")
@@ -869,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from geovlm.data.loader import auto_workers
     from geovlm.model import build_policy
     from geovlm.runtime import RuntimeSetupError, shutdown, start
 
@@ -895,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
             meteor_backend=args.meteor,
             protocol=args.protocol,
             earthdial_fixes=args.earthdial_fixes,
+            workers=auto_workers(runtime.device, args.workers),
         )
         results = None
         if rank == 0:

@@ -32,10 +32,11 @@ import torch
 
 from geovlm.advantages import group_advantages
 from geovlm.config import StageConfig
+from geovlm.data.loader import auto_workers, prefetched
 from geovlm.data.schema import Sample
 from geovlm.distributed import Engine, prepare_engine, prepare_reference
 from geovlm.engines import build_engine
-from geovlm.engines.base import EngineSetup, Rollouts, Sampling
+from geovlm.engines.base import EngineSetup, Rollouts, Sampling, prompt_preparer
 from geovlm.loop import (
     StageContext,
     batch_indices,
@@ -329,17 +330,33 @@ def run_grpo(
     sampling = Sampling(
         max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p
     )
+
+    def step_prompts(step: int) -> list[Sample]:
+        """This rank's prompts of ``step``: a pure function of the step, so resumable."""
+        idx = batch_indices(len(train), stage.batch_size, step, ctx.config.seed + ctx.index)
+        return [train[i] for i in idx[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]]
+
+    # The engine's CPU work on the prompts (images, chat template, tokens) runs ahead of the
+    # loop in background workers when the engine can split it off and workers are available.
+    prepare = prompt_preparer(rollout_engine)
+    steps = range(start, stage.steps)
+    workers = auto_workers(ctx.device, ctx.config.data.workers) if prepare is not None else 0
+    ahead = (
+        prefetched(lambda step: prepare(step_prompts(step)), steps, workers)
+        if workers
+        else (None for _ in steps)
+    )
     profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
     bar = step_progress(ctx, start)
-    for step in bar:
+    for step, prepared in zip(bar, ahead, strict=True):
         profiler.step()
         seed_everything(step_seed(ctx.config.seed, ctx.index, step))
-        idx = batch_indices(len(train), stage.batch_size, step, ctx.config.seed + ctx.index)
-        prompts = [train[i] for i in idx[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]]
+        prompts = step_prompts(step)
 
         with nvtx_range("grpo/rollout"):
             policy.eval()
-            rollouts = rollout_engine.generate(prompts, stage.num_generations, sampling)
+            extra = {} if prepared is None else {"prepared": prepared}
+            rollouts = rollout_engine.generate(prompts, stage.num_generations, sampling, **extra)
             policy.train()
         with nvtx_range("grpo/reward"):
             rewards = score_rollouts(rollouts, prompts, stage, options)

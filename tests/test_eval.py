@@ -229,6 +229,7 @@ def test_cli_malformed_benchmark_is_a_clean_error(tmp_path, capsys):
         (["--data", "embedded:holdout"], "split must be train, val or test"),
         (["--tasks", "scene_cls,dance"], "unknown task(s) ['dance']"),
         (["--max-samples-per-task", "0"], "must be >= 1"),
+        (["--workers", "-1"], "--workers must be >= 0"),
     ],
 )
 def test_cli_bad_options(tmp_path, capsys, args, message):
@@ -317,6 +318,20 @@ def test_cli_on_a_benchmark_file(tiny_checkpoint, tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["metrics"]) == ["referred_det", "vqa"]
     assert set(E.read_predictions(out / "predictions.jsonl")) == {"b1", "b3"}
+
+
+def test_prompts_prepared_by_background_workers_give_the_same_predictions(tiny_checkpoint,
+                                                                          tmp_path):
+    common = ["--checkpoint", str(tiny_checkpoint), "--max-samples-per-task", "1",
+              "--tasks", "scene_cls,referred_det,change_det,vqa", "--max-new-tokens", "5",
+              "--batch-size", "2"]
+    predictions = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers-{workers}"
+        assert E.main([*common, "--workers", workers, "--out", str(out)]) == 0
+        predictions[workers] = E.read_predictions(out / "predictions.jsonl")
+    assert len(predictions["0"]) == 4
+    assert predictions["2"] == predictions["0"]
 
 
 # --------------------------------------------------------------------------- predictions files

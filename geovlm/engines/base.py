@@ -18,9 +18,9 @@ fp32 or None; ``sample_index`` / ``finished`` ``[N]``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -174,3 +174,18 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the next ``generate`` sample from ``model``'s current weights."""
         ...
+
+
+def prompt_preparer(engine: RolloutEngine) -> Callable[[Sequence[Sample]], Any] | None:
+    """The engine's optional ``prepare(samples)``, or None.
+
+    An engine may split ``generate``'s CPU work on the prompts (decoding and resizing images, the
+    chat template, tokenising) into ``prepare(samples) -> prepared``: CPU only, its result
+    picklable, a pure function of the samples. Callers then build the next batches' ``prepared``
+    ahead of time in background workers (``geovlm.data.loader.prefetched``) and pass each back
+    as ``generate(samples, num_generations, sampling, prepared=prepared)``, which must give
+    exactly what ``generate`` without it gives. An engine without ``prepare`` does that work
+    inside ``generate``.
+    """
+    prepare = getattr(engine, "prepare", None)
+    return prepare if callable(prepare) else None

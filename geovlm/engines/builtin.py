@@ -67,11 +67,22 @@ class BuiltinEngine:
         calls after each step pass the module this engine already holds: nothing to copy."""
         self.model = model
 
+    def prepare(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The prompts of ``samples`` collated on the CPU (``collate_prompts``: images decoded
+        and resized, chat template, tokens), the part of ``generate`` a background worker can do
+        ahead of time (``geovlm.engines.base.prompt_preparer``)."""
+        return collate_prompts(samples, self.processor, self.setup.system_prompt)
+
     def generate(
-        self, samples: Sequence[Sample], num_generations: int, sampling: Sampling
+        self,
+        samples: Sequence[Sample],
+        num_generations: int,
+        sampling: Sampling,
+        prepared: dict[str, torch.Tensor] | None = None,
     ) -> Rollouts:
         """``num_generations`` completions of each sample's prompt.
 
+        ``prepared`` is ``self.prepare(samples)`` when the caller built it ahead of time.
         The model is put in eval mode for the call and restored after. With ``sampling.seed``
         the draw is reproducible and the caller's RNG state is left as it was.
         """
@@ -82,7 +93,7 @@ class BuiltinEngine:
         model, setup = self.model, self.setup
         device = model.device
         image_token_id = int(model.config.image_token_id)
-        prompts = collate_prompts(samples, self.processor, setup.system_prompt)
+        prompts = prepared if prepared is not None else self.prepare(samples)
         unique = {key: value.to(device) for key, value in prompts.items()}
         n_rows = len(samples) * num_generations
         chunk_rows = setup.max_rows or n_rows

@@ -440,3 +440,23 @@ def test_log_probs_cost_nothing_unless_asked(eos_prone, policy, samples, share):
     assert torch.equal(plain.completion_ids, scored.completion_ids)
     assert torch.equal(plain.completion_mask, scored.completion_mask)
     assert torch.equal(plain.finished, scored.finished) and plain.texts == scored.texts
+
+
+def test_prompts_prepared_ahead_in_a_worker_give_the_same_rollouts(policy, samples, share):
+    """``prepare`` is the CPU half of ``generate``: built in a background process (as the GRPO
+    stage and the evaluation do) and passed back, it changes nothing that is sampled."""
+    from geovlm.data.loader import prefetched
+    from geovlm.engines.base import prompt_preparer
+
+    model, processor = policy
+    engine = BuiltinEngine(model, processor, EngineSetup(share))
+    prepare = prompt_preparer(engine)
+    assert prepare is not None
+    (prepared,) = list(prefetched(lambda _: prepare(samples), [0], workers=1))
+    sampling = Sampling(max_new_tokens=6, seed=3)
+    inline = engine.generate(samples, G, sampling)
+    ahead = engine.generate(samples, G, sampling, prepared=prepared)
+    torch.testing.assert_close(ahead.completion_ids, inline.completion_ids)
+    assert ahead.texts == inline.texts
+    for key, value in inline.unique_prompt.items():
+        torch.testing.assert_close(ahead.unique_prompt[key], value)
