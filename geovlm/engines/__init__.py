@@ -2,7 +2,9 @@
 
 The GRPO stage (rollouts, the sampled-reward objective) and the evaluation get their sampler
 from ``build_engine(config.rollout.engine, model, processor, setup)`` and only ever call
-``generate`` and ``sync_weights`` on it (``geovlm.engines.base.RolloutEngine``)::
+``generate`` and ``sync_weights`` on it (``geovlm.engines.base.RolloutEngine``), plus its
+optional ``prepare`` (``geovlm.engines.base.prompt_preparer``), the CPU work on the prompts that
+background workers do ahead of time::
 
     engine = build_engine("builtin", policy, processor, EngineSetup(share_prompt=True))
     rollouts = engine.generate(samples, num_generations=8, sampling=Sampling(max_new_tokens=64))
