@@ -21,10 +21,11 @@ from geovlm.advantages import group_advantages
 from geovlm.config import ConfigError, LoraConfig, RunConfig, StageConfig, load_config
 from geovlm.data.collate import collate_prompts
 from geovlm.distributed import prepare_engine
+from geovlm.engines.base import EngineSetup, Sampling
+from geovlm.engines.builtin import BuiltinEngine
 from geovlm.grpo import build_policy_batch, completion_logps, policy_loss, reference_logps
 from geovlm.loop import StageContext
 from geovlm.lora import target_module_names
-from geovlm.rollout import generate_rollouts
 from geovlm.runtime import Runtime
 from tests._distributed_worker import install_probes
 from tests.test_model import make_sample, tiny_policy
@@ -105,7 +106,8 @@ def rollouts_setup():
     model, processor = tiny_policy(seed=5)
     rng = np.random.default_rng(3)
     samples = [make_sample(rng, 0), make_sample(rng, 1, ((112, 112), (84, 140)))]
-    rollouts = generate_rollouts(model, processor, samples, G, max_new_tokens=6, seed=2)
+    engine = BuiltinEngine(model, processor, EngineSetup())
+    rollouts = engine.generate(samples, G, Sampling(max_new_tokens=6, seed=2))
     return model, rollouts
 
 
