@@ -57,6 +57,7 @@ def summary(
         return {task: tuple(v) for task, v in json.loads(saved.read_text())["summary"].items()}
     if not config.eval.enabled or not samples:
         return None
+    from geovlm.data.loader import auto_workers
     from geovlm.eval import evaluate
 
     model, processor = get_model()
@@ -73,6 +74,8 @@ def summary(
         desc=f"eval {label}",
         rank=runtime.rank,
         world_size=runtime.world_size,
+        rollout_engine=config.rollout.engine,
+        workers=auto_workers(runtime.device, config.data.workers),
     )
     if runtime.is_main:
         report.save(saved)

@@ -1,4 +1,5 @@
-"""The run's report: ``summary.md`` / ``summary.json`` and the plots, redrawn whenever a run ends.
+"""The run's report: ``summary.md`` / ``summary.json`` and the plots, redrawn whenever a run ends,
+and the held-out table sent to the experiment trackers after every evaluation.
 
 ``summary.md`` holds the headline metric of every task after every stage (columns in stage order,
 ``init`` first) and each GRPO stage's objective (mean sampled reward on held-out prompts) before
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from geovlm.tasks import registry
+
+if TYPE_CHECKING:
+    from geovlm.trackers import Trackers
 
 
 def summary_table(summaries: dict[str, dict], objective: dict[str, dict]) -> str:
@@ -44,6 +49,15 @@ def summary_table(summaries: dict[str, dict], objective: dict[str, dict]) -> str
             "|---|---|---|---|---|---|\n" + "\n".join(rows)
         )
     return table
+
+
+def log_heldout(
+    trackers: Trackers, label: str, summaries: dict[str, dict], objective: dict[str, dict]
+) -> None:
+    """Send the held-out table after ``label`` (its scalars, and the Markdown tables of
+    ``summary_table`` so far) to the run's trackers."""
+    if label in summaries:
+        trackers.log_heldout(label, summaries, summary_table(summaries, objective))
 
 
 def write_summary(

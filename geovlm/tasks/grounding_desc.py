@@ -5,7 +5,8 @@
   ground it (``RewardOptions.grounding``; ``"sum"`` is the paper's ``(1 - v) B + v L``).
 * metrics: acc@0.5 / acc@0.25 and EarthDial's box precision of the boxes, ROUGE and METEOR of
   the text; headline ``acc@0.5``.
-* records: the answer with its boxes (as axis-aligned boxes) and its text as the first reference.
+* records: the answer with its boxes (as axis-aligned boxes) and its text as the first reference;
+  an EarthDial record's boxes are its ``obj_ids``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange, enclosing_box
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import (
@@ -97,7 +99,9 @@ def grounding_metrics(
 
 def from_record(exchange: Exchange) -> Target:
     captions = record_captions(exchange, exchange.plain_answer())
-    found = exchange.answer_boxes
+    # EarthDial's grounding records list the grounded objects' boxes in obj_ids (its script
+    # scores against those); elsewhere they are the boxes written in the answer.
+    found = exchange.field_boxes("obj_ids") or exchange.answer_boxes
     arr = np.stack([enclosing_box(b) for b in found]) if found else np.zeros((0, 4))
     return Target(
         task="grounding_desc",
@@ -135,7 +139,10 @@ GROUNDING_DESC = TaskSpec(
     description="grounding description: describe the image and box the objects mentioned",
     parse=parse,
     accuracy=grounding_accuracy,
-    metrics={"geovlm": grounding_metrics},
+    metrics={
+        "geovlm": grounding_metrics,
+        "earthdial": earthdial_metrics.grounding_metrics,
+    },
     headline="acc@0.5",
     prompts={
         "default": (

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import COVER_CUES, SceneContext, inventory, scene_captions
 from geovlm.metrics import MetricOptions, caption_metrics
@@ -77,7 +78,10 @@ IMAGE_CAPTION = TaskSpec(
     description="image captioning: a sentence about the whole scene",
     parse=parse_caption,
     accuracy=image_caption_accuracy,
-    metrics={"geovlm": full_caption_metrics},
+    metrics={
+        "geovlm": full_caption_metrics,
+        "earthdial": earthdial_metrics.caption_metrics,
+    },
     headline="rouge_l",
     prompts={
         "default": (

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange, as_label
 from geovlm.data.scenes import OBJECT_CLASSES
 from geovlm.data.schema import Target
@@ -154,7 +155,10 @@ MULTILABEL_CLS = TaskSpec(
     description="multi-label classification: every object class present",
     parse=parse,
     accuracy=multilabel_accuracy,
-    metrics={"geovlm": multilabel_metrics},
+    metrics={
+        "geovlm": multilabel_metrics,
+        "earthdial": earthdial_metrics.classification_metrics,
+    },
     headline="f1",
     prompts={
         "default": (

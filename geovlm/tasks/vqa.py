@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.scenes import OBJECT_CLASSES, PLURALS
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import SceneContext, class_counts, noun
@@ -168,7 +169,10 @@ VQA = TaskSpec(
     description="visual question answering (presence / comparison): a short answer",
     parse=parse,
     accuracy=vqa_accuracy,
-    metrics={"geovlm": vqa_metrics},
+    metrics={
+        "geovlm": vqa_metrics,
+        "earthdial": earthdial_metrics.vqa_metrics,
+    },
     headline="accuracy",
     prompts={
         "presence": ("Is there a {singular} in the image?", "Are there any {plural}?"),
@@ -177,6 +181,7 @@ VQA = TaskSpec(
     },
     generate=generate,
     from_record=label_target,
+    aliases=("visual_question_answering",),
     tags=("vqa",),
 )
 
