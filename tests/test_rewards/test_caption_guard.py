@@ -67,3 +67,24 @@ def test_caption_guard_combines_the_factors():
     assert guard.caption_guard(["the image"], [("the image",)])[0] == 1.0
     with pytest.raises(ValueError, match="2 candidates but 1"):
         guard.caption_guard(["a", "b"], [REFS])
+
+
+def test_real_captions_keep_their_score():
+    """RSICD test captions, each against (up to) 5 others of its scene category: the guard leaves
+    honest captions alone but for a few long ones and two typos ("the is", "a a")."""
+    from tests.test_rewards.rsicd import captions_by_category
+
+    rng = np.random.default_rng(0)
+    factors, salad = [], []
+    for captions in captions_by_category().values():
+        for i, caption in enumerate(captions):
+            others = [c for j, c in enumerate(captions) if j != i] or [caption]
+            refs = [others[k] for k in rng.choice(len(others), min(5, len(others)), False)]
+            factors.append(guard.caption_guard([caption], [refs])[0])
+            tokens = guard.words(caption)
+            assert guard.repetition_factor(tokens, refs) == 1.0, caption
+            if guard.word_salad_factor(tokens) < 1:
+                salad.append(caption)
+    assert len(factors) > 1000
+    assert np.mean(factors) > 0.98 and np.mean(np.array(factors) < 1) < 0.05
+    assert len(salad) == 2 and all(" the is " in f" {c} " or " a a " in f" {c} " for c in salad)
