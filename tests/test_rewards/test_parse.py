@@ -214,6 +214,11 @@ def test_named_choices_by_whole_choice_or_an_ending_no_other_shares():
     assert named_choices("ship", choices) == {0}
     assert named_choices("tanks", choices) == set()  # shared ending: names neither
     assert named_choices("ships and oil tanks", choices) == {0, 2}
+    # A content word no other choice has names its choice; "an", "it" name nothing.
+    rsvqa = offered_choices("Is it a rural or an urban area?")
+    assert named_choices("urban", rsvqa) == {1} and named_choices("rural", rsvqa) == {0}
+    assert named_choices("rural or urban", rsvqa) == {0, 1}
+    assert named_choices("it is an area", rsvqa) == {1}
 
 
 def test_valid_unicode_replaces_only_lone_surrogates():
