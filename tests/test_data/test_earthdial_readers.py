@@ -183,8 +183,9 @@ def test_training_boxes_use_the_models_pixel_budget(tmp_path):
                                 tiny=asdict(TinyModelConfig()))
     assert pixel_budget(processor) == budget
     completion = f"<think>a ship</think><answer>{sample.target.answer}</answer>"
+    # The plain IoU (box_credit="iou"): the frame of the boxes is what is checked here.
     options = RewardOptions(convention="qwen25vl", min_pixels=budget[0], max_pixels=budget[1],
-                            use_embeddings=False)
+                            use_embeddings=False, box_credit="iou")
     reward = score(sample.task, [completion], [sample.target], options=options)
     # [22, 45, 112, 134] is [44, 90, 224, 268] px against [45, 90, 224, 269]: the intersection
     # is 179 x 178, the boxes 180 x 178 and 179 x 179.
