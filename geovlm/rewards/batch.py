@@ -3,7 +3,8 @@
 ``score(tasks, completions [C], targets [C]) -> RewardBatch`` with ``components["format"] [C]``,
 ``components["accuracy"] [C]`` (float64, each in [0, 1]) and
 ``total [C] = w_format[task] * format + w_accuracy[task] * accuracy``. Each completion is parsed
-once (``parse.extract_answer`` then ``parse.parse_for_task``); the parse feeds both components.
+once (``parse.extract_answer`` then ``parse.parse_for_task``; completions with the same answer to
+the same target and prompt share one parse); the parse feeds both components.
 Completions are grouped by task and each group is scored by one call of its accuracy function, so
 the geometry and text kernels see whole batches. Parsers, accuracy functions and default weights
 are the tasks' ``TaskSpec`` s in the registry (``geovlm.tasks.registry``): a registered task is
@@ -132,7 +133,8 @@ def score(
         targets: the ground truth of each completion; the G completions of one prompt may share
             one ``Target`` object (its boxes are then matched once).
         weights: component weights, for every task or per task (``resolve_weights``).
-        options: the accuracy rewards' choices (``RewardOptions``; defaults follow the paper).
+        options: the accuracy rewards' choices (``RewardOptions``; defaults follow the paper but
+            where its rewards can be gamed, ``docs/rewards.md``).
         prompts: the prompt of each completion; answer blocks echoed from it are ignored, and
             parsers may read the choices it offers (vqa).
     """

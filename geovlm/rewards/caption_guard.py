@@ -20,7 +20,7 @@ scales the caption reward by
 * the repetition factor ``min(1, u / t) ** 2``, ``u`` the share of distinct word trigrams
   (1 for a caption that repeats no phrase; about 0.1 for a caption said three times), ``t`` 0.75
   or the lowest share among the references;
-* the word-salad factor ``0.5 ** k`` for ``k`` determiners followed by a word no English phrase
+* the word-salad factor ``0.5 ** k`` for ``k`` articles followed by a word no English phrase
   puts there ("a the", "the and", "an with"): a bag of the most frequent words, in any order but
   a sentence's, has several; an honest caption has none.
 
@@ -61,8 +61,9 @@ FUNCTION_WORDS: frozenset[str] = frozenset(
     """.split()
 )
 
-# Words that open a noun phrase, and the words that never follow one of them directly.
-DETERMINERS: frozenset[str] = frozenset("a an the this these those every each".split())
+# The articles, and the words that never follow one directly ("this", "each" are left out: as
+# pronouns they do take "is", "of": "this is a harbor", "each of them").
+DETERMINERS: frozenset[str] = frozenset("a an the".split())
 _NOT_AFTER_DETERMINER: frozenset[str] = DETERMINERS | frozenset(
     """
     of in on at by for from to into onto with within without about across along among between
@@ -117,7 +118,7 @@ def repetition_factor(tokens: Sequence[str], references: Sequence[str] = ()) -> 
 
 
 def word_salad_factor(tokens: Sequence[str]) -> float:
-    """``0.5 ** k`` for ``k`` determiners directly followed by a word that cannot follow one."""
+    """``0.5 ** k`` for ``k`` articles directly followed by a word that cannot follow one."""
     clashes = sum(
         a in DETERMINERS and b in _NOT_AFTER_DETERMINER
         for a, b in zip(tokens, tokens[1:], strict=False)

@@ -283,17 +283,26 @@ def offered_choices(question: str | None) -> tuple[str, ...]:
     return tuple(choices)
 
 
+# Words that name no choice by themselves ("Is it a rural or an urban area?": "it", "a", "an").
+_NOT_A_CHOICE_WORD = _QUESTION_WORDS | frozenset(
+    "a an the it its this that there these those of in on at to for with by".split()
+)
+
+
 def named_choices(
     answer: str, choices: tuple[str, ...], synonyms: tuple[tuple[str, ...], ...] = ()
 ) -> set[int]:
-    """Indices of the ``choices`` an answer names: by the whole choice or any ending of it that no
-    other choice shares ("tanks" names "storage tanks" unless another choice ends in "tanks"),
-    up to plural forms and synonyms."""
+    """Indices of the ``choices`` an answer names: by the whole choice, any ending of it, or any
+    content word of it that no other choice shares ("tanks" names "storage tanks" unless another
+    choice ends in "tanks"; "urban" names "an urban area"), up to plural forms and synonyms."""
     endings: dict[str, set[int]] = {}
     for index, choice in enumerate(choices):
         words = normalize_text(choice).split()
         for n in range(1, len(words) + 1):
             endings.setdefault(" ".join(words[-n:]), set()).add(index)
+        for word in words:
+            if word not in _NOT_A_CHOICE_WORD:
+                endings.setdefault(word, set()).add(index)
     owned = {ending: next(iter(owners)) for ending, owners in endings.items() if len(owners) == 1}
     found = label_matcher(tuple(owned), tuple(synonyms)).find_all(answer)
     return {owned[normalize_text(name)] for name in found}

@@ -123,6 +123,18 @@ def test_lone_surrogates_in_captions_are_scored(use_embeddings):
         assert totals[3] > 1.5  # a stray surrogate in the think block costs nothing
 
 
+def test_open_vqa_hedges_over_the_questions_options():
+    """An RSVQA-style question: answering both options, in any wording, is no answer."""
+    target = Target("vqa", "urban", (256, 256), label="urban")
+    sample = type("S", (), {"task": "vqa", "target": target,
+                            "prompt": "Is it a rural or an urban area?"})
+    answers = ["urban", "rural", "rural or urban", "urban, rural", "an urban or a rural area",
+               "either rural or urban", "urban/rural"]
+    totals = _totals(sample, [adv.wrap(a) for a in answers])
+    assert totals[0] == 2.0 and totals[1] == 1.0
+    assert totals[2:].max() <= totals[1]
+
+
 def test_non_string_completions_score_zero():
     sample = SAMPLES[0]
     batch = score(sample.task, [None, b"<answer>x</answer>", 3, {"content": "x"}],
