@@ -45,7 +45,7 @@ embeddings off on 128 x 8 = 1,024 completions; embeddings on on 16 x 8 = 128 com
 anchor encodes every caption answer and its references on every call, seconds per call); the
 default and adversarial groups above.
 
-``PYTHONPATH=. python benchmarks/bench_rewards_score.py [N]`` (a script, outside pytest): ``N``
+``python benchmarks/bench_rewards_score.py [N]`` (a script, outside pytest): ``N``
 (default 1,000,000) hostile completions scored in GRPO-sized batches of 1,024, their
 completions/s, and a check that every component is finite and in [0, 1].
 """
