@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as scripts, the benchmarks import the test suite's generators (``tests.test_rewards.
+# adversarial``) as pytest would: from the repository root.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
 
 def cpu() -> str:

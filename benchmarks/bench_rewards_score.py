@@ -17,14 +17,44 @@ same parser, then shapely polygons + scipy's Hungarian matching for boxes, ``Lev
 rouge-score, Python token sets, and (with embeddings) sentence-transformers encoding the answer
 and its references on every call. Both must give the same rewards before they are timed.
 
+The library anchor computes the paper's rewards (plain matched IoU, the grounding reward's
+weighted sum, raw caption metrics), so these two groups score with ``PAPER`` options; the hack
+guards of the defaults (``box_credit``, ``grounding``, ``caption_guard``, ``multilabel``) have no
+library equivalent.
+
+Defaults and adversarial batches (``docs/rewards.md``): ours, one ``score`` call with the default
+``RewardOptions``, against the same ``score`` called once per completion (the per-sample reward
+function path; the rewards are the same):
+
+* well-formed: the mixed batch above;
+* hostile: 4,096 completions of ``tests/test_rewards/adversarial.py`` (every hack class and crash
+  input, over 13 tasks);
+* box floods: 64 detection answers, each the true boxes and a 10,000-box grid (not read: over
+  ``MAX_ANSWER_CHARS``) or 3,000 compact boxes just under it (``MAX_BOXES`` = 1,000 read);
+* long answers: 64 caption / classification answers of 100,000 characters (not read) or of
+  32,000 characters of words (read: the text metrics' work is linear in it, or in it times the
+  references' length).
+
+Throughput = completions / median time. The work per completion is bounded: an answer over
+``parse.MAX_ANSWER_CHARS`` (32,768) characters is not read, at most ``parse.MAX_BOXES`` (1,000)
+boxes are parsed and ``RewardOptions.max_pred_boxes`` (100) matched, ``extract_answer`` skips at
+most ``MAX_ECHOED_BLOCKS`` echoed blocks; everything else is linear in the completion's length.
+
 pytest-benchmark groups (``make bench``, or ``pytest benchmarks/bench_rewards_score.py``):
 embeddings off on 128 x 8 = 1,024 completions; embeddings on on 16 x 8 = 128 completions (the
-anchor encodes every caption answer and its references on every call, seconds per call).
+anchor encodes every caption answer and its references on every call, seconds per call); the
+default and adversarial groups above.
+
+``python benchmarks/bench_rewards_score.py [N]`` (a script, outside pytest): ``N``
+(default 1,000,000) hostile completions scored in GRPO-sized batches of 1,024, their
+completions/s, and a check that every component is finite and in [0, 1].
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 import Levenshtein
 import numpy as np
@@ -39,10 +69,18 @@ from geovlm.data.synthetic import generate_scenes, samples_from_scene
 from geovlm.rewards import RewardOptions, score, text
 from geovlm.rewards.accuracy import references
 from geovlm.rewards.format import has_think_answer_format
-from geovlm.rewards.parse import extract_answer, parse_for_task, resized_size_for
+from geovlm.rewards.parse import (
+    MAX_ANSWER_CHARS,
+    extract_answer,
+    parse_for_task,
+    resized_size_for,
+)
 from geovlm.tasks import registry
+from tests.test_rewards import adversarial
 
 CAPTION_TASKS = ("region_caption", "change_caption")
+# The paper's rewards, which the library anchor computes: no hack guards.
+PAPER = {"box_credit": "iou", "grounding": "sum", "caption_guard": False}
 GROUP = 8  # completions per prompt
 _WORDS = ("large", "small", "near", "two", "several", "bright", "dark", "field", "road", "river")
 
@@ -57,14 +95,15 @@ def _edit(answer: str, rng: np.random.Generator) -> str:
 
 
 def build_batch(n_prompts: int, group: int, seed: int = 0):
-    """``n_prompts * group`` (task, completion, target) triples; a prompt's completions adjacent."""
+    """``n_prompts * group`` tasks, completions, targets and prompts; a prompt's completions
+    adjacent."""
     scenes = generate_scenes(seed, math.ceil(n_prompts / 13))
     samples = [s for scene in scenes for s in samples_from_scene(scene)][:n_prompts]
     by_task: dict[str, list] = {}
     for s in samples:
         by_task.setdefault(s.task, []).append(s)
     rng = np.random.default_rng(seed)
-    tasks, completions, targets = [], [], []
+    tasks, completions, targets, prompts = [], [], [], []
     for s in samples:
         for _ in range(group):
             r = rng.random()
@@ -82,7 +121,8 @@ def build_batch(n_prompts: int, group: int, seed: int = 0):
             tasks.append(s.task)
             completions.append(c)
             targets.append(s.target)
-    return tasks, completions, targets
+            prompts.append(s.prompt)
+    return tasks, completions, targets, prompts
 
 
 # --------------------------------------------------------------------------- anchor
@@ -166,11 +206,11 @@ class Anchor:
 
 
 def score_case(group: str, prompts: int, use_embeddings: bool, anchor_rounds: int | None) -> Case:
-    tasks, completions, targets = build_batch(prompts, GROUP)
-    options = RewardOptions(use_embeddings=use_embeddings)
+    tasks, completions, targets, _ = build_batch(prompts, GROUP)
+    options = RewardOptions(use_embeddings=use_embeddings, **PAPER)
     reference = Anchor(options)
-    return Case(group, f"{prompts}x{GROUP} = {len(completions):,} completions, "
-                       f"{len(set(tasks))} tasks", {
+    shape = f"{prompts}x{GROUP} = {len(completions):,} completions, {len(set(tasks))} tasks"
+    return Case(group + " (paper rewards)", shape, {
         "ours": ours(lambda: score(tasks, completions, targets, options=options).total),
         "per-completion libraries": anchor(lambda: reference.score(completions, targets),
                                            rounds=anchor_rounds),
@@ -195,3 +235,119 @@ def embeddings_on():
 @pytest.mark.parametrize("method", ["ours", "per-completion libraries"])
 def test_score_embeddings_on(benchmark, embeddings_on, method):
     time_method(benchmark, embeddings_on, method)
+
+
+# --------------------------------------------------------------------------- defaults, adversarial
+
+
+def per_completion(tasks, completions, targets, prompts, options) -> np.ndarray:
+    """The anchor of the default and adversarial groups: ``score`` once per completion."""
+    return np.array([
+        score(task, [c], [t], options=options, prompts=[p]).total[0]
+        for task, c, t, p in zip(tasks, completions, targets, prompts, strict=True)
+    ])
+
+
+def batch_case(group: str, shape: str, tasks, completions, targets, prompts) -> Case:
+    options = RewardOptions(use_embeddings=False)
+    return Case(group, f"{len(completions):,} completions, {shape}", {
+        "ours": ours(lambda: score(tasks, completions, targets, options=options,
+                                   prompts=prompts).total),
+        "score per completion": anchor(
+            lambda: per_completion(tasks, completions, targets, prompts, options), rounds=3
+        ),
+    }, close(atol=1e-12))
+
+
+def _samples(n_scenes: int = 12, seed: int = 3):
+    return [s for scene in generate_scenes(seed, n_scenes) for s in samples_from_scene(scene)]
+
+
+def hostile(n: int, seed: int = 0):
+    """``n`` hostile completions (``tests/test_rewards/adversarial.py``) as score's arguments."""
+    completions, samples = adversarial.hostile_batch(_samples(), n, seed=seed)
+    return ([s.task for s in samples], completions, [s.target for s in samples],
+            [s.prompt for s in samples])
+
+
+def floods(n: int):
+    """``n`` detection answers: the true boxes then a 10,000-box grid (over MAX_ANSWER_CHARS) or
+    3,000 compact boxes (under it)."""
+    samples = [s for s in _samples() if s.task in ("referred_det", "multi_det")]
+    compact = ",".join(f"[{i % 90},{i % 70},{i % 90 + 9},{i % 70 + 9}]" for i in range(3000))
+    compact = compact[: MAX_ANSWER_CHARS - 200]
+    out = ([], [], [], [])
+    for i in range(n):
+        s = samples[i % len(samples)]
+        grid = compact if i % 2 else adversarial._rendered_grid(s.target.image_size, 100, False)
+        for column, value in zip(out, (s.task, adversarial.wrap(f"{s.target.answer}, {grid}"),
+                                       s.target, s.prompt), strict=True):
+            column.append(value)
+    return out
+
+
+def long_answers(n: int):
+    """``n`` caption and classification answers of 100,000 characters or of 32,000 characters
+    of words."""
+    samples = [s for s in _samples() if s.task in ("image_caption", "region_caption", "scene_cls")]
+    rng = np.random.default_rng(0)
+    out = ([], [], [], [])
+    for i in range(n):
+        s = samples[i % len(samples)]
+        length = 100_000 if i % 2 else MAX_ANSWER_CHARS - 768
+        words = " ".join(rng.choice(_WORDS, length // 5))[:length]
+        for column, value in zip(out, (s.task, adversarial.wrap(words), s.target, s.prompt),
+                                 strict=True):
+            column.append(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def defaults_well_formed():
+    return batch_case("score defaults, well-formed", "13 tasks", *build_batch(128, GROUP))
+
+
+@pytest.fixture(scope="module")
+def defaults_hostile():
+    return batch_case("score defaults, hostile mix", "13 tasks", *hostile(4096))
+
+
+@pytest.fixture(scope="module")
+def defaults_floods():
+    return batch_case("score defaults, box floods", "10,000-box / 3,000-box answers", *floods(64))
+
+
+@pytest.fixture(scope="module")
+def defaults_long():
+    return batch_case("score defaults, long answers", "100k / 32k characters",
+                      *long_answers(64))
+
+
+@pytest.mark.parametrize("method", ["ours", "score per completion"])
+@pytest.mark.parametrize(
+    "case", ["defaults_well_formed", "defaults_hostile", "defaults_floods", "defaults_long"]
+)
+def test_score_defaults_and_adversarial(benchmark, request, case, method):
+    time_method(benchmark, request.getfixturevalue(case), method)
+
+
+def main(n: int = 1_000_000, batch: int = 1024) -> None:
+    """Score ``n`` hostile completions in batches of ``batch``; print completions/s."""
+    tasks, completions, targets, prompts = hostile(n, seed=1)
+    options = RewardOptions(use_embeddings=False)
+    start = time.perf_counter()
+    worst = 0.0
+    for i in range(0, n, batch):
+        out = score(tasks[i : i + batch], completions[i : i + batch], targets[i : i + batch],
+                    options=options, prompts=prompts[i : i + batch])
+        for values in out.components.values():
+            if not (np.all(np.isfinite(values)) and np.all((values >= 0) & (values <= 1))):
+                raise AssertionError(f"batch {i // batch}: a component outside [0, 1]")
+        worst = max(worst, out.total.max())
+    elapsed = time.perf_counter() - start
+    print(f"{n:,} hostile completions in {elapsed:.1f} s: {n / elapsed:,.0f} completions/s; "
+          f"every component finite and in [0, 1]; largest total {worst:.3f}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000)

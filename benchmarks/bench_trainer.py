@@ -12,7 +12,7 @@ template with the project's system prompt) -> G sampled completions each, exactl
 - the prompts: the same P samples every step on both sides (the training set *is* those P
   samples); the parent checks both sides count the same prompt tokens;
 - the completion length: ``min_new_tokens = max_new_tokens = L`` on both sides (TRL through
-  ``generation_kwargs``; ours through the generation config ``geovlm.rollout`` builds, see
+  ``generation_kwargs``; ours through the generation config ``geovlm.engines.builtin`` builds, see
   ``fix_completion_length``), and the image / video placeholder tokens are suppressed on both
   (TRL suppresses the image token by default; a sampled one breaks the next forward);
   both sides must report a mean completion length of exactly L;
@@ -31,6 +31,15 @@ consecutive optimizer steps (CUDA synchronised), so it includes everything the t
 step (generation, rewards, reference forward, loss, backward, optimizer, logging). The table
 gives the median (min) step time, completion tokens per second (P * G * L / median) and, on
 CUDA, the peak memory allocated over the timed steps; ratio = TRL median / ours median.
+
+``--rollout`` times the rollout alone instead (``run_rollout``): the built-in engine's
+``generate`` of the same P x G completions of exactly L tokens, in one process, alternating calls
+that return the sampling log-probs (``return_logprobs=True``: the full-vocabulary log-softmax
+every decode step that each rollout paid before the rollout-engine seam) with calls that do not
+(the default now), the same seed for both so that they sample the same tokens. Each setting is
+also timed with L = 1, so ``(t(L) - t(1)) / (L - 1)`` is the time of one decode step.
+``--vocab V`` gives the tiny model a V-token LM head (151,936 is Qwen2.5-VL's) to see the
+vocabulary's share on CPU.
 
 Defaults: on CPU the embedded default tiny model (``TinyModelConfig``), fp32, P = 4, G = 8,
 L = 32; on CUDA a randomly initialised model of the real Qwen2.5-VL-3B architecture (config only,
@@ -88,6 +97,8 @@ class Spec:
     threads: int = 1
     seed: int = 0
     tasks: tuple[str, ...] = field(default_factory=lambda: DEFAULT_TASKS)
+    vocab: int | None = None  # tiny model only: the LM head's vocabulary (default: the tokenizer's)
+    data_workers: int = 0  # ours: background processes preparing the next steps' prompts
 
 
 # --- the shared inputs --------------------------------------------------------------------------
@@ -136,7 +147,23 @@ def prepare(spec: Spec, model_dir: Path) -> None:
     from geovlm.model import build_policy, save_pretrained
 
     train, _ = bench_samples(spec)
-    if spec.model == "tiny":
+    if spec.model == "tiny" and spec.vocab:
+        from transformers import AutoModelForImageTextToText
+
+        from geovlm.config import TinyModelConfig
+        from geovlm.model import tiny_config, tiny_processor
+        from geovlm.tokenizer import build_tokenizer
+
+        sizes = asdict(TinyModelConfig())
+        tokenizer = build_tokenizer(corpus(train), vocab_size=sizes["vocab_size"])
+        processor = tiny_processor(tokenizer, sizes["min_pixels"], sizes["max_pixels"])
+        config = tiny_config(tokenizer, sizes)
+        config.text_config.vocab_size = spec.vocab
+        torch.manual_seed(spec.seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model.generation_config.eos_token_id = config.text_config.eos_token_id
+        model.generation_config.pad_token_id = config.text_config.pad_token_id
+    elif spec.model == "tiny":
         from geovlm.config import TinyModelConfig
 
         model, processor = build_policy(
@@ -178,20 +205,22 @@ def placeholder_ids(model) -> list[int]:
 def fix_completion_length(length: int) -> None:
     """Every rollout of our trainer emits exactly ``length`` tokens.
 
-    ``geovlm.rollout`` builds one GenerationConfig per call (vision placeholders suppressed) and
-    both of its decoders (the shared-prompt loop and HF generate) honour ``min_new_tokens``; this
-    sets it on that config and changes nothing else.
+    The built-in engine (``geovlm.engines.builtin``) builds one GenerationConfig per call
+    (vision placeholders suppressed) and both of its decoders (the shared-prompt loop and HF
+    generate) honour ``min_new_tokens``; this sets it on that config and changes nothing else.
+    Calling it again replaces the length (the original builder is wrapped once).
     """
-    from geovlm import rollout
+    from geovlm.engines import builtin
 
-    make_config = rollout._generation_config
+    make_config = getattr(builtin._generation_config, "unfixed", builtin._generation_config)
 
     def generation_config(*args, **kwargs):
         config = copy.deepcopy(make_config(*args, **kwargs))
         config.min_new_tokens = length
         return config
 
-    rollout._generation_config = generation_config
+    generation_config.unfixed = make_config
+    builtin._generation_config = generation_config
 
 
 def parameter_sum(model) -> float:
@@ -236,7 +265,7 @@ def prompt_tokens_ours(processor, samples) -> int:
 
 def stage_context(spec: Spec, workdir: Path, log=None, prompt_sharing: bool = True):
     """The run/stage config both sides take their settings from, as a ``StageContext``."""
-    from geovlm.config import RunConfig, StageConfig
+    from geovlm.config import DataConfig, RunConfig, StageConfig
     from geovlm.loop import StageContext
 
     stage = StageConfig(
@@ -245,7 +274,10 @@ def stage_context(spec: Spec, workdir: Path, log=None, prompt_sharing: bool = Tr
         max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, beta=spec.beta,
         loss_type=spec.loss_type, prompt_sharing=prompt_sharing,
     )
-    config = RunConfig(name="run", output_dir=str(workdir), device=spec.device, stages=[stage])
+    config = RunConfig(
+        name="run", output_dir=str(workdir), device=spec.device, stages=[stage],
+        data=DataConfig(workers=spec.data_workers),
+    )
     from geovlm.runtime import Runtime
 
     runtime = Runtime(0, 1, 0, torch.device(spec.device), torch.get_num_threads())
@@ -354,6 +386,94 @@ def run_trl(spec: Spec, model_dir: Path, workdir: Path) -> dict:
     }
 
 
+def run_rollout(spec: Spec, model_dir: Path) -> dict:
+    """Seconds of each rollout by clock (``wall``; on CPU also ``cpu``, the process's CPU time,
+    which a shared machine's load disturbs far less), then by (log-probs returned, completion
+    length), warm-up excluded.
+
+    Calls alternate the settings (and their order every repeat) so that load drift spreads over
+    both; both settings of a repeat use the same seed, hence sample the same tokens.
+    """
+    from geovlm.engines.base import EngineSetup, Sampling
+    from geovlm.engines.builtin import BuiltinEngine
+
+    model, processor = load_model(spec, model_dir)
+    _, samples = bench_samples(spec)
+    engine = BuiltinEngine(model, processor, EngineSetup())
+    settings = [(flag, length) for flag in (True, False) for length in (spec.max_new_tokens, 1)]
+    clocks = {"wall": time.perf_counter}
+    if spec.device == "cpu":
+        clocks["cpu"] = time.process_time
+    times = {clock: {f"{flag}/{length}": [] for flag, length in settings} for clock in clocks}
+    lengths = set()
+    for repeat in range(spec.warmup + spec.steps):
+        for flag, length in settings if repeat % 2 == 0 else settings[::-1]:
+            fix_completion_length(length)
+            sampling = Sampling(
+                length, spec.temperature, seed=spec.seed + repeat, return_logprobs=flag
+            )
+            if spec.device == "cuda":
+                torch.cuda.synchronize()
+            starts = {clock: now() for clock, now in clocks.items()}
+            rollouts = engine.generate(samples, spec.generations, sampling)
+            if spec.device == "cuda":
+                torch.cuda.synchronize()
+            if repeat >= spec.warmup:
+                for clock, now in clocks.items():
+                    times[clock][f"{flag}/{length}"].append(now() - starts[clock])
+            lengths.update(rollouts.lengths.tolist())
+            if (rollouts.logprobs is not None) != flag:
+                raise RuntimeError(f"return_logprobs={flag} returned {rollouts.logprobs}")
+    if lengths != {1, spec.max_new_tokens}:
+        raise RuntimeError(f"completion lengths {sorted(lengths)}, not 1 and {spec.max_new_tokens}")
+    return {"times": times, "prompt_tokens": prompt_tokens_ours(processor, samples),
+            "vocab": int(model.config.get_text_config().vocab_size)}
+
+
+def report_rollout(spec: Spec, runs: list[dict], csv_path: str | None) -> None:
+    """Median rollout and decode-step times with and without log-probs, and their ratio, per
+    clock; the decode step is ``(t(L) - t(1)) / (L - 1)`` of the medians."""
+    first = runs[0]
+    L = spec.max_new_tokens
+    shape = (f"{spec.model} model, V={first['vocab']}, P={spec.prompts} x G={spec.generations}, "
+             f"L={L}, {first['prompt_tokens']} prompt tokens, T={spec.temperature}")
+    machine = _provenance.machine(spec.device)
+    print(f"# Rollout (built-in engine, shared prompts) with and without sampling log-probs "
+          f"({spec.device})")
+    print(f"machine: {machine}; load {_provenance.load_text()}; commit {_provenance.commit()}; "
+          f"{shape}; median of {len(runs)} x {spec.steps} calls each, after {spec.warmup} "
+          "warm-up")
+    print("| clock | log-probs | rollout median (min) s | decode step ms |")
+    print("|---|---|---|---|")
+    rows = []
+    for clock in first["times"]:
+        times = {key: [t for run in runs for t in run["times"][clock][key]]
+                 for key in first["times"][clock]}
+        median = {key: statistics.median(values) for key, values in times.items()}
+        step = {}
+        for flag in (True, False):
+            full, one = median[f"{flag}/{L}"], median[f"{flag}/1"]
+            step[flag] = (full - one) / max(L - 1, 1)
+            name = "returned (before)" if flag else "not returned (now)"
+            print(f"| {clock} | {name} | {full:.4f} ({min(times[f'{flag}/{L}']):.4f}) | "
+                  f"{step[flag] * 1e3:.3f} |")
+            rows.append({
+                "machine": machine, "date": datetime.date.today().isoformat(),
+                "commit": _provenance.commit(), "load": _provenance.load_text(), "shape": shape,
+                "clock": clock, "return_logprobs": flag, "rollout_median_s": full,
+                "rollout_min_s": min(times[f"{flag}/{L}"]), "decode_step_ms": step[flag] * 1e3,
+                "rollouts": ";".join(f"{t:.4f}" for t in times[f"{flag}/{L}"]),
+            })
+        print(f"{clock}: ratio before / now: rollout "
+              f"{median[f'True/{L}'] / median[f'False/{L}']:.3f}x, "
+              f"decode step {step[True] / step[False]:.3f}x")
+    if csv_path:
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def worker(side: str, spec: Spec, workdir: Path, result: Path) -> None:
     torch.set_num_threads(spec.threads)
     if spec.device == "cuda":
@@ -362,6 +482,8 @@ def worker(side: str, spec: Spec, workdir: Path, result: Path) -> None:
     if side == "prepare":
         prepare(spec, model_dir)
         out: dict = {}
+    elif side == "rollout":
+        out = run_rollout(spec, model_dir)
     else:
         if side == "trl":
             out = run_trl(spec, model_dir, workdir / side)
@@ -486,7 +608,8 @@ def default_spec(args: argparse.Namespace) -> Spec:
         beta=args.beta, image_size=args.image_size or (448 if big else 112),
         checkpointing=args.checkpointing if args.checkpointing is not None else big,
         freeze_vision=args.freeze_vision if args.freeze_vision is not None else big,
-        threads=args.threads, tasks=tuple(args.tasks.split(",")),
+        threads=args.threads, tasks=tuple(args.tasks.split(",")), vocab=args.vocab,
+        data_workers=args.data_workers,
     )
 
 
@@ -507,12 +630,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                         help="train the language model only (default: on for 3b, as the preset)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="our side: background processes that prepare the next steps' "
+                        "prompts (data.workers; TRL's side keeps dataloader_num_workers=0)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--rounds", type=int, default=None,
                         help="run each side this many times, alternating the order "
                              "(default 2 on CPU, 1 on CUDA)")
-    parser.add_argument("--worker", choices=["prepare", *SIDES], help=argparse.SUPPRESS)
+    parser.add_argument("--rollout", action="store_true",
+                        help="time the rollout alone, with and without sampling log-probs")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="tiny model: LM-head vocabulary (151936 = Qwen2.5-VL's)")
+    parser.add_argument("--worker", choices=["prepare", "rollout", *SIDES],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -524,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     spec = default_spec(args)
+    if spec.vocab is not None and spec.model != "tiny":
+        parser.error("--vocab applies to the tiny model only")
     if spec.warmup < 1 or spec.steps < 1:
         parser.error("--warmup and --steps must be >= 1 (a step is timed from the previous end)")
     sides = [s for s in args.sides.split(",") if s]
@@ -533,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if spec.device == "cuda" else 2)
     if rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.rollout:
+        with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
+            spawn("prepare", spec, Path(tmp))
+            report_rollout(spec, [spawn("rollout", spec, Path(tmp)) for _ in range(rounds)],
+                           args.csv)
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
         workdir = Path(tmp)
         spawn("prepare", spec, workdir)

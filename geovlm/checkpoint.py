@@ -7,6 +7,11 @@ Layout of one checkpoint directory::
         trainer_state.pt                        optimizer, scheduler, RNG states, step, extras
         run_config.yaml                         the resolved RunConfig
 
+With LoRA (``geovlm.lora``) the model files are the adapters instead, in PEFT's format
+(``adapter_config.json``, ``adapter_model.safetensors``: ``PeftModel.from_pretrained`` loads them
+onto the base they name); a stage's ``final/`` may add ``merged/``, the full merged weights, which
+``from_pretrained`` loads alone.
+
 A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
 leaves either the previous checkpoint or the new one, never half of one. ``final/`` marks a
 finished stage.
@@ -27,6 +32,13 @@ from geovlm.config import RunConfig, save_config
 
 STATE_FILE = "trainer_state.pt"
 FINAL = "final"
+MERGED = "merged"
+
+
+def holds_model(directory: Path) -> bool:
+    """Whether ``directory`` holds a saved model: full weights or LoRA adapters."""
+    names = ("config.json", "adapter_config.json")
+    return any((Path(directory) / name).is_file() for name in names)
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,11 +72,14 @@ def save_checkpoint(
     optimizer_state: dict[str, Any] | None = None,
     scheduler_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    adapters: Any = None,
+    merge: bool = False,
 ) -> Path:
     """Write a loadable HF model dir + trainer state atomically; returns ``directory``.
 
     ``model_state`` is the full (unsharded) state dict when the live model is sharded; by default
-    the model's own ``state_dict()``.
+    the model's own ``state_dict()``. With ``adapters`` (the ``PeftModel`` around ``model``) the
+    LoRA adapters are written instead of the weights, and with ``merge`` also ``merged/``.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +88,17 @@ def save_checkpoint(
         from geovlm.model import unwrap
 
         unwrapped = unwrap(model)
-        unwrapped.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        if adapters is not None:
+            from geovlm.lora import save_adapters
+
+            state = model_state if model_state is not None else unwrapped.state_dict()
+            save_adapters(adapters, tmp, state)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
+        if merge:
+            _save_merged(tmp, unwrapped, processor, config)
         state = {
             "step": step,
             "rng": rng_state(),
@@ -90,6 +113,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _save_merged(folder: Path, like: torch.nn.Module, processor: Any, config: RunConfig) -> None:
+    """``folder/merged``: the adapters in ``folder`` merged into their base, loaded afresh on the
+    CPU (so that it works the same for sharded engines), with the processor and run config."""
+    from geovlm.lora import load_merged
+
+    dtype = next(like.parameters()).dtype
+    merged, _ = load_merged(str(folder), dtype, like.config._attn_implementation)
+    merged.save_pretrained(folder / MERGED, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(folder / MERGED)
+    save_config(config, folder / MERGED / "run_config.yaml")
 
 
 def load_model_state(directory: Path, like: torch.nn.Module) -> dict[str, torch.Tensor]:

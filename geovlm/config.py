@@ -19,6 +19,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from geovlm.engines import check_engine_name
+from geovlm.kernels.options import GRPOLossOptions, ImportanceSamplingLevel, LossType
 from geovlm.rewards.options import RewardChoices
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -55,8 +57,36 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through PEFT (``geovlm.lora``): each stage trains its own adapters on top of
+    the model it starts from, and a GRPO stage's reference is that model (the adapters disabled).
+
+    ``target_modules`` are module names (the last part of a dotted name) adapted in the language
+    model's decoder layers; with ``vision`` also ``vision_target_modules`` in the vision tower's
+    blocks. ``merge_on_save`` also writes each stage's merged weights to ``final/merged/``.
+    """
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )
+    vision: bool = False
+    vision_target_modules: list[str] = field(
+        default_factory=lambda: ["qkv", "proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_on_save: bool = False
+
+
+@dataclass
 class ModelConfig:
-    """Which policy to build and how to run it."""
+    """Which policy to build and how to run it. ``path``: a local model folder (HF format, or a
+    PEFT adapter folder), or a Hugging Face hub id resolved through the local HF cache (and
+    downloaded where the network allows); unset: the embedded tiny model."""
 
     path: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -67,6 +97,7 @@ class ModelConfig:
     liger_kernels: bool = True
     fused_linear_loss: Literal["auto", "on", "off"] = "auto"
     box_convention: Literal["pixels", "qwen2vl", "qwen25vl", "geochat"] = "qwen25vl"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -79,7 +110,12 @@ class DataConfig:
     val: str | None = "embedded"
     test: str | None = "embedded"
     image_root: str | None = None
-    format: Literal["auto", "llava", "vlmr1"] = "auto"
+    format: Literal["auto", "llava", "vlmr1", "earthdial"] = "auto"
+    # How bracketed boxes in the files are written (geovlm.data.boxes): their units (null: the
+    # format's, 0..100 "geochat" for EarthDial / GeoChat benchmarks, else pixels) and what five
+    # numbers mean (null: the format's, corners + angle for EarthDial / GeoChat, else centre).
+    source_convention: Literal["pixels", "qwen2vl", "qwen25vl", "geochat"] | None = None
+    box_layout: Literal["corners", "centre", "xyxy"] | None = None
     tasks: list[str] | None = None
     task_modules: list[str] = field(default_factory=list)  # imported to register their tasks
     n_train_scenes: int = 600
@@ -133,14 +169,28 @@ class StageConfig:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     delta: float | None = None
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = (
-        "dapo"
-    )
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    # Allowed values: geovlm.kernels.options (LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS).
+    loss_type: LossType = "dapo"
+    importance_sampling_level: ImportanceSamplingLevel = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     use_bias_correction_kl: bool = False
     reward_weights: dict[str, float] = field(default_factory=dict)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+
+    def loss_options(self) -> GRPOLossOptions:
+        """The GRPO loss options of this stage (the sampling temperature, TRL's epsilon names,
+        ``max_new_tokens`` as dr_grpo's length); sapo / vespo keep the kernels' defaults."""
+        return GRPOLossOptions(
+            temperature=self.temperature,
+            beta=self.beta,
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_new_tokens,
+            delta=self.delta,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+        )
 
 
 @dataclass
@@ -159,6 +209,20 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Which rollout engine (``geovlm.engines``) samples the GRPO rollouts, the sampled-reward
+    objective and the held-out evaluation's answers."""
+
+    engine: str = "builtin"
+
+    def __post_init__(self) -> None:
+        try:
+            check_engine_name(self.engine)
+        except ValueError as err:
+            raise ConfigError(f"rollout.engine: {err}") from err
+
+
+@dataclass
 class DistributedConfig:
     """Data parallelism and sharding under torchrun."""
 
@@ -167,9 +231,19 @@ class DistributedConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
+# Experiment trackers ``report_to`` may name (as HF ``TrainingArguments.report_to``).
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "mlflow")
+
+
 @dataclass
 class RunConfig:
-    """Everything one ``python -m geovlm.train`` run needs."""
+    """Everything one ``python -m geovlm.train`` run needs.
+
+    ``report_to``: the experiment trackers that receive the run's metrics, config and held-out
+    tables (``geovlm.trackers``): one of ``REPORT_TO``, several as a list or a comma-separated
+    string. TensorBoard by default: it writes local files only (``<run>/tensorboard``), needs no
+    account or network, and is what most users open first.
+    """
 
     name: str = "tiny-cpu"
     output_dir: str = "runs"
@@ -177,10 +251,12 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
     profile: bool = False
+    report_to: str | list[str] = "tensorboard"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
@@ -377,9 +453,39 @@ def known_tasks(task_modules: list[str] | tuple[str, ...] = ()) -> list[str]:
     return list(registry.names())
 
 
+def report_targets(value: str | list[str]) -> list[str]:
+    """``report_to`` as the list of trackers to open (``[]`` for ``none``), in the given order.
+
+    ``"tensorboard,wandb"`` and ``["tensorboard", "wandb"]`` are the same; ``none`` may not be
+    combined with a tracker; an unknown name is a ``ConfigError``.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [item.strip().lower() for item in items if item.strip()]
+    unknown = [name for name in names if name not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"report_to: unknown tracker(s) {unknown}; choose from {list(REPORT_TO)}")
+    if "none" in names and len(set(names)) > 1:
+        raise ConfigError(f"report_to: 'none' cannot be combined with trackers ({names})")
+    return list(dict.fromkeys(name for name in names if name != "none"))
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    if not lora.enabled:
+        return
+    if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise ConfigError(
+            f"model.lora: r={lora.r} must be >= 1, alpha={lora.alpha} > 0 and "
+            f"dropout={lora.dropout} in [0, 1)"
+        )
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: name at least one module (e.g. q_proj)")
+
+
 def check(config: RunConfig) -> RunConfig:
     """Checks across fields, before anything is built: task names, the data splits' sources,
-    unique stage names. Raises ``ConfigError`` naming the key."""
+    unique stage names, tracker names, LoRA sizes. Raises ``ConfigError`` naming the key."""
+    report_targets(config.report_to)
+    _check_lora(config.model.lora)
     try:
         known = known_tasks(config.data.task_modules)
     except ValueError as err:
@@ -458,7 +564,11 @@ def describe_options(config: RunConfig | None = None) -> str:
             elif f.name == "stages":
                 continue
             else:
-                note = "   (the run folder is output_dir/name)" if key == "name" else ""
+                notes = {
+                    "name": "the run folder is output_dir/name",
+                    "report_to": " | ".join(REPORT_TO) + "; several: a list or a,b",
+                }
+                note = f"   ({notes[key]})" if key in notes else ""
                 lines.append(f"  {key} = {value!r}   [{_choices(tp)}]{note}")
 
     walk(RunConfig, "", config)

@@ -7,6 +7,13 @@ scores the predictions per task family with ``geovlm.metrics`` plus the mean tas
 The trainer calls ``evaluate`` at the end of every stage; the CLI calls the same function, so
 both print the same table.
 
+The CLI scores with the ``geovlm`` protocol (the project's metrics and rewards) or the
+``earthdial`` one (the paper's columns as EarthDial's scripts compute them, ``--earthdial-fixes``
+for their bugs corrected; ``docs/evaluation.md``), and ``--predictions`` scores existing answers
+without a model: EarthDial's result files as they are, or this project's predictions with the
+``--data`` they answer. ``score_benchmarks`` / ``write_tables`` give the paper's layout, one row
+per benchmark (``tables.md``, ``table_<task>.csv``).
+
 Predictions file: one JSON object per line, ``{"id", "task", "prediction", "reference"}``.
 A rerun skips every sample whose id is already there and reuses its stored prediction. Under
 torchrun each rank appends to ``<stem>.rank<r>.jsonl`` beside it while generating; rank 0 merges
@@ -16,6 +23,8 @@ them into the predictions file at the end (a crashed multi-rank run resumes from
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -25,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from geovlm.data.schema import Sample
+from geovlm.engines import build_engine
 
 GenerateFn = Callable[[list[Sample]], list[str]]
 
@@ -165,23 +175,23 @@ def _merge_files(path: Path, records: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- generation
 
 
-def greedy_generator(model, processor, max_new_tokens: int) -> GenerateFn:
-    """Greedy completions of a batch of samples with the model (``geovlm.rollout``, one each)."""
-    from geovlm.rollout import generate_rollouts
+def greedy_generator(
+    model, processor, max_new_tokens: int, rollout_engine: str = "builtin"
+) -> GenerateFn:
+    """Greedy completions of a batch of samples, one each, from the rollout engine registered
+    as ``rollout_engine`` (``geovlm.engines``). The returned callable also has the engine's
+    ``prepare`` (or None), so ``evaluate`` can collate the next batches in background workers."""
+    # Here, not at the top: the CLI checks its input before torch is imported.
+    from geovlm.engines.base import EngineSetup, Sampling, prompt_preparer
 
-    def generate(samples: list[Sample]) -> list[str]:
-        rollouts = generate_rollouts(
-            model,
-            processor,
-            samples,
-            num_generations=1,
-            max_new_tokens=max_new_tokens,
-            temperature=1.0,
-            top_p=1.0,
-            greedy=True,
-        )
-        return list(rollouts.texts)
+    engine = build_engine(rollout_engine, model, processor, EngineSetup())
+    sampling = Sampling(max_new_tokens, greedy=True)
 
+    def generate(samples: list[Sample], prepared: Any = None) -> list[str]:
+        extra = {} if prepared is None else {"prepared": prepared}
+        return list(engine.generate(samples, 1, sampling, **extra).texts)
+
+    generate.prepare = prompt_preparer(engine)
     return generate
 
 
@@ -208,10 +218,13 @@ def score_predictions(
     use_embeddings: bool = False,
     meteor_backend: str = "coco",
     pixel_budget: tuple[int, int] | None = None,
+    protocol: str = "geovlm",
+    earthdial_fixes: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """task -> metrics: ``n``, the task family's metrics (``geovlm.metrics.task_metrics``), and
-    the mean reward of ``geovlm.rewards.score`` (``reward`` and ``reward/<component>``) under the
-    same box convention and pixel budget.
+    """task -> metrics: ``n`` and the task family's metrics of ``protocol``
+    (``geovlm.metrics.task_metrics``); with the ``"geovlm"`` protocol also the mean reward of
+    ``geovlm.rewards.score`` (``reward`` and ``reward/<component>``) under the same box convention
+    and pixel budget.
     """
     import numpy as np
 
@@ -244,8 +257,13 @@ def score_predictions(
                 convention=convention,
                 pixel_budget=pixel_budget,
                 meteor_backend=meteor_backend,
+                protocol=protocol,
+                earthdial_fixes=earthdial_fixes,
             )
         )
+        if protocol != "geovlm":
+            out[task] = values
+            continue
         rewards = score(task, texts, targets, options=options, prompts=prompts)
         values["reward"] = float(np.mean(rewards.total))
         for name, component in rewards.components.items():
@@ -308,6 +326,10 @@ def evaluate(
     world_size: int = 1,
     meteor_backend: str = "coco",
     generate_fn: GenerateFn | None = None,
+    workers: int = 0,
+    protocol: str = "geovlm",
+    earthdial_fixes: bool = False,
+    rollout_engine: str = "builtin",
 ) -> EvalReport:
     """Generate greedy answers for ``samples`` and score them per task family.
 
@@ -326,6 +348,12 @@ def evaluate(
             ``all_gather_object``. ``world_size=1`` needs no process group.
         meteor_backend: ``"coco"`` (pycocoevalcap, Java) or ``"nltk"``.
         generate_fn: ``list[Sample] -> list[str]`` used instead of the model's greedy decoding.
+        protocol, earthdial_fixes: the metric set (``score_predictions``).
+        rollout_engine: the ``geovlm.engines`` engine that decodes (``rollout.engine``).
+        workers: background processes that prepare the next batches' prompts (images, chat
+            template, tokens) while the model decodes (``geovlm.data.loader.prefetched``); 0
+            prepares each batch inline. Only with the engine's greedy decoding, or a
+            ``generate_fn`` that has a ``prepare`` attribute (and then takes ``prepared=``).
 
     Returns:
         The same ``EvalReport`` on every rank (metrics computed on rank 0 and broadcast).
@@ -351,10 +379,11 @@ def evaluate(
     todo = [s for s in mine if s.id not in done]
     out_file = None if path is None else (rank_file(path, rank) if dist else path)
     # A DDP-wrapped policy generates through its module (every rank holds full weights).
+    from geovlm.data.loader import prefetched
     from geovlm.model import unwrap
 
     model = unwrap(model)
-    generate = generate_fn or greedy_generator(model, processor, max_new_tokens)
+    generate = generate_fn or greedy_generator(model, processor, max_new_tokens, rollout_engine)
 
     was_training = getattr(model, "training", False)
     if model is not None and hasattr(model, "eval"):
@@ -362,10 +391,16 @@ def evaluate(
     new: list[dict[str, Any]] = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=rank != 0,
                dynamic_ncols=True)
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    prepare = getattr(generate, "prepare", None)
+    ahead = (
+        prefetched(lambda i: prepare(batches[i]), range(len(batches)), workers)
+        if prepare is not None and workers > 0
+        else (None for _ in batches)
+    )
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            texts = generate(batch)
+        for batch, prepared in zip(batches, ahead, strict=True):
+            texts = generate(batch) if prepared is None else generate(batch, prepared=prepared)
             if len(texts) != len(batch):
                 raise RuntimeError(
                     f"generator returned {len(texts)} texts for {len(batch)} samples"
@@ -400,6 +435,8 @@ def evaluate(
                 use_embeddings=use_embeddings,
                 meteor_backend=meteor_backend,
                 pixel_budget=_pixel_budget(processor),
+                protocol=protocol,
+                earthdial_fixes=earthdial_fixes,
             )
             outcome = EvalReport(metrics, records)
         except Exception as err:
@@ -418,6 +455,73 @@ def evaluate(
     return cast(EvalReport, outcome)
 
 
+# --------------------------------------------------------------------------- tables
+
+
+def benchmark_of(sample: Sample, default: str) -> str:
+    """The benchmark (table row) a sample belongs to: ``Target.meta["benchmark"]`` (set by the
+    EarthDial / GeoChat readers), else ``default`` (the data file's name)."""
+    return str(sample.target.meta.get("benchmark") or default)
+
+
+def score_benchmarks(
+    samples: Sequence[Sample], completions: Sequence[str], default: str, **options: Any
+) -> dict[str, dict[str, dict[str, float]]]:
+    """benchmark -> task -> metrics: ``score_predictions`` (with ``options``) per benchmark."""
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(benchmark_of(sample, default), []).append(i)
+    return {
+        name: score_predictions([samples[i] for i in index], [completions[i] for i in index],
+                                **options)
+        for name, index in groups.items()
+    }
+
+
+def paper_tables(results: dict[str, dict[str, dict[str, float]]]) -> tuple[str, dict[str, str]]:
+    """The paper's layout of ``score_benchmarks`` results: one table per task family (registry
+    order), one row per benchmark, one column per metric. Returns the Markdown document and
+    task -> CSV text (full precision; an empty cell where a benchmark lacks a metric)."""
+    by_task: dict[str, dict[str, dict[str, float]]] = {}
+    for benchmark, tasks in results.items():
+        for task, values in tasks.items():
+            by_task.setdefault(task, {})[benchmark] = values
+    markdown: list[str] = []
+    tables: dict[str, str] = {}
+    for task in _ordered_tasks(by_task):
+        rows = by_task[task]
+        columns = list(dict.fromkeys(k for values in rows.values() for k in values if k != "n"))
+        header = ["benchmark", "n", *columns]
+        markdown += [f"### {task}", "", "| " + " | ".join(header) + " |",
+                     "|" + "---|" * len(header)]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        for benchmark, values in rows.items():
+            n = str(int(values.get("n", 0)))
+            shown = [f"{values[c]:.4f}" if c in values else "" for c in columns]
+            markdown.append("| " + " | ".join([benchmark, n, *shown]) + " |")
+            writer.writerow([benchmark, n, *[repr(values[c]) if c in values else ""
+                                             for c in columns]])
+        markdown.append("")
+        tables[task] = buffer.getvalue()
+    return "\n".join(markdown), tables
+
+
+def write_tables(out: Path, results: dict[str, dict[str, dict[str, float]]]) -> list[Path]:
+    """``tables.md`` and one ``table_<task>.csv`` per task family in ``out``; returns them."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown, tables = paper_tables(results)
+    written = [out / "tables.md"]
+    written[0].write_text(markdown + "\n", encoding="utf-8")
+    for task, text in tables.items():
+        path = out / f"table_{task}.csv"
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return written
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -425,39 +529,72 @@ class EvalInputError(ValueError):
     """A checkpoint, data file or option the CLI cannot use; the message names it."""
 
 
+PROTOCOLS = ("geovlm", "earthdial")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m geovlm.eval",
-        description="Evaluate a checkpoint with GeoVLM-R1's protocol: greedy answers, "
-        "per-task metrics, predictions.jsonl + metrics.json, a markdown table.",
+        description="Evaluate a checkpoint (greedy answers, then per-task metrics), or score "
+        "existing predictions without a model. Writes predictions.jsonl, metrics.json and the "
+        "paper's tables (tables.md, table_<task>.csv: one row per benchmark).",
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="HF model directory (a geovlm checkpoint or a Qwen2/2.5-VL model)")
-    parser.add_argument("--data", default="embedded",
-                        help="benchmark file (LLaVA/GeoChat JSON or VLM-R1 JSONL), or 'embedded' "
-                        "(the embedded world's test split; 'embedded:val' for another split)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="HF model directory (a geovlm checkpoint or a Qwen2/2.5-VL model) or "
+                        "LoRA adapters (merged into the base they name); "
+                        "with --predictions only its run_config.yaml and pixel budget are read")
+    parser.add_argument("--predictions", nargs="+", default=None, metavar="FILE.jsonl",
+                        help="score these predictions instead of generating: EarthDial's "
+                        "results/*.jsonl (or GeoChat answer files) as they are, or this "
+                        "project's predictions.jsonl (with --data, the benchmark they answer)")
+    parser.add_argument("--data", default=None,
+                        help="benchmark: LLaVA/GeoChat JSON, VLM-R1 JSONL, EarthDial / GeoChat "
+                        "benchmark JSONL, an EarthDial Arrow test set (a folder), or 'embedded' "
+                        "(the embedded world's test split; 'embedded:val' for another split); "
+                        "default embedded")
+    parser.add_argument("--protocol", default="geovlm", choices=PROTOCOLS,
+                        help="geovlm: the project's metrics (and mean rewards); earthdial: every "
+                        "column of the paper's tables as EarthDial's scripts compute it")
+    parser.add_argument("--earthdial-fixes", action="store_true",
+                        help="with --protocol earthdial: correct the scripts' bugs instead of "
+                        "reproducing them (docs/evaluation.md)")
+    parser.add_argument("--task", default=None,
+                        help="the task family of every record (default: inferred per record)")
     parser.add_argument("--image-root", default=None, help="directory of relative image paths")
-    parser.add_argument("--format", default="auto", choices=("auto", "llava", "geochat", "vlmr1"),
+    parser.add_argument("--format", default="auto",
+                        choices=("auto", "llava", "geochat", "vlmr1", "earthdial"),
                         help="benchmark file format (default: detected)")
-    parser.add_argument("--source-convention", default="pixels",
+    parser.add_argument("--source-convention", default=None,
                         choices=("pixels", "qwen2vl", "qwen25vl", "geochat"),
-                        help="convention of bracketed [x1, y1, x2, y2] boxes in the benchmark "
-                        "file (GeoChat {<..>} boxes are always read as geochat)")
+                        help="convention of bracketed boxes in the benchmark file (default: the "
+                        "format's: geochat (0..100) for EarthDial / GeoChat benchmarks, else "
+                        "pixels; GeoChat {<..>} boxes are always geochat)")
+    parser.add_argument("--box-layout", default=None, choices=("corners", "centre", "xyxy"),
+                        help="five bracketed numbers: x1, y1, x2, y2, θ (corners; EarthDial / "
+                        "GeoChat benchmarks) or cx, cy, w, h, θ (centre; the other formats' "
+                        "default); xyxy refuses them")
     parser.add_argument("--tasks", default=None, help="comma-separated task families to keep")
     parser.add_argument("--task-modules", default=None,
                         help="comma-separated modules that register more tasks (besides the "
                         "checkpoint's run_config.yaml data.task_modules)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="background processes that prepare the next batches' prompts "
+                        "(default: up to 4 on CUDA, 1 on CPU when at least 3 cores are free)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-samples-per-task", type=int, default=None,
                         help="keep the first N samples of each task")
-    parser.add_argument("--out", default=None, help="output directory (default <checkpoint>/eval)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default <checkpoint>/eval, or ./eval when "
+                        "scoring --predictions without a checkpoint)")
     parser.add_argument("--convention", default=None,
                         choices=("pixels", "qwen2vl", "qwen25vl", "geochat"),
-                        help="box convention of the model's answers (default: the checkpoint's "
-                        "run_config.yaml model.box_convention, else qwen25vl)")
+                        help="box convention of the answers (default: geochat for EarthDial "
+                        "result files, else the checkpoint's run_config.yaml "
+                        "model.box_convention, else qwen25vl)")
     parser.add_argument("--meteor", default="coco", choices=("coco", "nltk"),
-                        help="METEOR implementation (pycocoevalcap needs Java)")
+                        help="METEOR of the geovlm protocol (pycocoevalcap needs Java; the "
+                        "earthdial protocol always uses NLTK's, as its scripts)")
     parser.add_argument("--use-embeddings", action="store_true",
                         help="caption rewards with the sentence-embedding hybrid")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -485,9 +622,15 @@ def _section(run_config: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def embedded_samples(split: str, run_config: dict[str, Any], convention: str) -> list[Sample]:
+def embedded_samples(
+    split: str,
+    run_config: dict[str, Any],
+    convention: str,
+    pixel_budget: tuple[int | None, int | None] = (None, None),
+) -> list[Sample]:
     """A split of the embedded world: its defaults, or the data settings of the checkpoint's run
-    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``)."""
+    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``), boxes in
+    the frame of the processor's ``pixel_budget``."""
     import inspect
 
     from geovlm.data.synthetic import embedded_splits
@@ -496,7 +639,9 @@ def embedded_samples(split: str, run_config: dict[str, Any], convention: str) ->
         raise EvalInputError(f"--data embedded:{split}: split must be train, val or test")
     data = _section(run_config, "data")
     defaults = inspect.signature(embedded_splits).parameters
-    kwargs: dict[str, Any] = {"convention": convention}
+    kwargs: dict[str, Any] = {
+        "convention": convention, "min_pixels": pixel_budget[0], "max_pixels": pixel_budget[1]
+    }
     for key in ("seed", "image_size", "tasks"):
         if data.get(key) is not None:
             kwargs[key] = data[key]
@@ -528,30 +673,14 @@ def import_task_modules(run_config: dict[str, Any], extra: str | None = None) ->
 
 
 def checkpoint_pixel_budget(checkpoint: Path) -> tuple[int | None, int | None]:
-    """``(min_pixels, max_pixels)`` saved with a checkpoint's image processor (``None`` if absent).
+    """``(min_pixels, max_pixels)`` saved with a checkpoint's image processor (``None`` if absent;
+    ``geovlm.data.boxes.saved_pixel_budget``)."""
+    from geovlm.data.boxes import saved_pixel_budget
 
-    transformers 5 saves ``processor_config.json`` with an ``image_processor`` section, older
-    checkpoints ``preprocessor_config.json``; the budget is ``size.shortest_edge`` /
-    ``size.longest_edge`` or the legacy ``min_pixels`` / ``max_pixels``.
-    """
-    for name, section in (("processor_config.json", "image_processor"),
-                          ("preprocessor_config.json", None)):
-        path = Path(checkpoint) / name
-        if not path.is_file():
-            continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise EvalInputError(f"{path}: not valid JSON ({err.msg})") from err
-        config = config.get(section, {}) if section else config
-        if not isinstance(config, dict):
-            continue
-        size = config.get("size") if isinstance(config.get("size"), dict) else {}
-        low = size.get("shortest_edge", config.get("min_pixels"))
-        high = size.get("longest_edge", config.get("max_pixels"))
-        if low is not None or high is not None:
-            return low, high
-    return None, None
+    try:
+        return saved_pixel_budget(checkpoint)
+    except ValueError as err:
+        raise EvalInputError(str(err)) from err
 
 
 def load_samples(
@@ -561,27 +690,33 @@ def load_samples(
     convention: str,
     run_config: dict[str, Any],
     *,
-    source_convention: str = "pixels",
+    source_convention: str | None = None,
     pixel_budget: tuple[int | None, int | None] = (None, None),
+    box_layout: str | None = None,
+    task: str | None = None,
 ) -> list[Sample]:
-    """``--data``: ``embedded[:split]`` or a benchmark file read by ``geovlm.data.readers``
-    (its bracketed boxes in ``source_convention``; prompts and answers rendered in the model's
-    ``convention`` with the processor's ``pixel_budget``)."""
+    """``--data``: ``embedded[:split]`` or a benchmark read by ``geovlm.data.readers`` (its
+    bracketed boxes in ``source_convention`` and ``box_layout``; prompts and answers rendered in
+    the model's ``convention`` with the processor's ``pixel_budget``; ``task`` for every
+    record)."""
     if data == "embedded" or data.startswith("embedded:"):
-        return embedded_samples(data.partition(":")[2] or "test", run_config, convention)
+        split = data.partition(":")[2] or "test"
+        return embedded_samples(split, run_config, convention, pixel_budget)
     from geovlm.data.readers import read_samples
 
     path = Path(data)
-    if not path.is_file():
-        raise EvalInputError(f"--data {data}: no such file (or use 'embedded')")
+    if not path.exists():
+        raise EvalInputError(f"--data {data}: no such file or folder (or use 'embedded')")
     return read_samples(
         path,
         image_root=image_root,
         fmt=fmt,
+        task=task,
         convention=convention,
         source_convention=source_convention,
         min_pixels=pixel_budget[0],
         max_pixels=pixel_budget[1],
+        box_layout=box_layout,
     )
 
 
@@ -611,45 +746,150 @@ def select_samples(
     return samples
 
 
+def _default_benchmark(data: str) -> str:
+    if data == "embedded" or data.startswith("embedded:"):
+        return "embedded"
+    from geovlm.data.earthdial import benchmark_name
+
+    return benchmark_name(Path(data))
+
+
 def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
     """Checks and data loading before any model is built: (checkpoint, convention, samples, out)."""
+    from geovlm.checkpoint import holds_model
+
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise EvalInputError(f"--checkpoint {checkpoint}: not a model directory (no config.json)")
+    if not holds_model(checkpoint):
+        raise EvalInputError(
+            f"--checkpoint {checkpoint}: not a model directory (no config.json, nor the "
+            "adapter_config.json of LoRA adapters)"
+        )
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise EvalInputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        raise EvalInputError("--workers must be >= 0")
     run_config = read_run_config(checkpoint)
     import_task_modules(run_config, args.task_modules)
     convention = (args.convention or _section(run_config, "model").get("box_convention")
                   or "qwen25vl")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    samples = load_samples(
-        args.data,
-        args.image_root,
-        args.format,
-        convention,
-        run_config,
-        source_convention=args.source_convention,
-        pixel_budget=checkpoint_pixel_budget(checkpoint),
-    )
-    samples = select_samples(samples, tasks, args.max_samples_per_task)
-    if not samples:
-        raise EvalInputError(f"--data {args.data}: no samples left for tasks {tasks or 'all'}")
+    samples = _benchmark_samples(args, convention, run_config, checkpoint_pixel_budget(checkpoint))
     out = Path(args.out) if args.out else checkpoint / "eval"
     stored_predictions(out / "predictions.jsonl")
     return checkpoint, convention, samples, out
 
 
+def _benchmark_samples(args, convention: str, run_config: dict, budget) -> list[Sample]:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.task is not None:
+        from geovlm.tasks import registry
+
+        if args.task not in registry.names():
+            raise EvalInputError(f"--task {args.task}: unknown; known: {list(registry.names())}")
+    samples = load_samples(
+        args.data or "embedded",
+        args.image_root,
+        args.format,
+        convention,
+        run_config,
+        source_convention=args.source_convention,
+        pixel_budget=budget,
+        box_layout=args.box_layout,
+        task=args.task,
+    )
+    samples = select_samples(samples, tasks, args.max_samples_per_task)
+    if not samples:
+        raise EvalInputError(f"--data {args.data}: no samples left for tasks {tasks or 'all'}")
+    return samples
+
+
+def _is_result_file(path: Path) -> bool:
+    """An EarthDial / GeoChat answer file (``answer`` + ground truth), not this project's
+    predictions (``id`` + ``prediction``)."""
+    with path.open(encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        record = json.loads(first) if first else {}
+    except json.JSONDecodeError as err:
+        raise EvalInputError(f"{path}:1: not a JSON object ({err.msg})") from err
+    return isinstance(record, dict) and "answer" in record and "prediction" not in record
+
+
+def score_files(args: argparse.Namespace) -> tuple[dict, Path]:
+    """``--predictions``: every file scored without a model -> (benchmark -> task -> metrics,
+    output folder)."""
+    run_config: dict[str, Any] = {}
+    budget: tuple[int | None, int | None] = (None, None)
+    if args.checkpoint is not None:
+        run_config = read_run_config(Path(args.checkpoint))
+        budget = checkpoint_pixel_budget(Path(args.checkpoint))
+    import_task_modules(run_config, args.task_modules)
+    options = dict(meteor_backend=args.meteor, protocol=args.protocol,
+                   earthdial_fixes=args.earthdial_fixes, use_embeddings=args.use_embeddings)
+    own_convention = (args.convention or _section(run_config, "model").get("box_convention")
+                      or "qwen25vl")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    data_samples: list[Sample] | None = None
+    for name in args.predictions:
+        path = Path(name)
+        if not path.is_file():
+            raise EvalInputError(f"--predictions {name}: no such file")
+        if _is_result_file(path):
+            from geovlm.data.earthdial import read_results
+
+            samples, completions = read_results(path, task=args.task,
+                                                box_layout=args.box_layout or "corners")
+            convention, file_budget = args.convention or "geochat", None
+            default = path.stem
+        else:
+            if args.data is None:
+                raise EvalInputError(f"--predictions {name}: this project's predictions need "
+                                     "--data, the benchmark they answer")
+            if data_samples is None:
+                data_samples = _benchmark_samples(args, own_convention, run_config, budget)
+            by_id = {s.id: s for s in data_samples}
+            records = read_predictions(path)
+            missing = sorted(set(records) - set(by_id))
+            if missing:
+                raise EvalInputError(f"{path}: {len(missing)} prediction id(s) not in --data "
+                                     f"{args.data}, e.g. {missing[:3]}")
+            samples = [by_id[i] for i in records]
+            completions = [records[i]["prediction"] for i in records]
+            convention, default = own_convention, _default_benchmark(args.data)
+            file_budget = budget if None not in budget else None
+        scored = score_benchmarks(samples, completions, default, convention=convention,
+                                  pixel_budget=file_budget, **options)
+        for benchmark, tasks in scored.items():
+            results.setdefault(benchmark, {}).update(tasks)
+    out = Path(args.out) if args.out else (
+        Path(args.checkpoint) / "eval" if args.checkpoint else Path("eval"))
+    return results, out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for unusable input, with a one-line error)."""
     args = parse_args(argv)
+    if args.predictions is not None:
+        try:
+            results, out = score_files(args)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        written = write_tables(out, results)
+        print(f"\n## {args.protocol} protocol\n\n{paper_tables(results)[0]}", flush=True)
+        print("tables: " + ", ".join(str(p) for p in written))
+        return 0
+    if args.checkpoint is None:
+        print("error: give --checkpoint (to generate answers) or --predictions (to score them)",
+              file=sys.stderr)
+        return 2
     try:
         checkpoint, convention, samples, out = _prepare(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from geovlm.data.loader import auto_workers
     from geovlm.model import build_policy
     from geovlm.runtime import RuntimeSetupError, shutdown, start
 
@@ -674,7 +914,19 @@ def main(argv: list[str] | None = None) -> int:
             rank=rank,
             world_size=world,
             meteor_backend=args.meteor,
+            protocol=args.protocol,
+            earthdial_fixes=args.earthdial_fixes,
+            workers=auto_workers(runtime.device, args.workers),
         )
+        results = None
+        if rank == 0:
+            texts = [r["prediction"] for r in report.predictions]
+            results = score_benchmarks(
+                samples, texts, _default_benchmark(args.data or "embedded"),
+                convention=convention, use_embeddings=args.use_embeddings,
+                meteor_backend=args.meteor, pixel_budget=_pixel_budget(processor),
+                protocol=args.protocol, earthdial_fixes=args.earthdial_fixes,
+            )
     except (EvalInputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -682,8 +934,11 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
     if rank == 0:
         report.save(out / "metrics.json")
-        print(f"\n## Evaluation of {checkpoint} on {args.data}\n\n{report.table()}\n", flush=True)
-        print(f"predictions: {out / 'predictions.jsonl'}\nmetrics: {out / 'metrics.json'}")
+        write_tables(out, results)
+        print(f"\n## Evaluation of {checkpoint} on {args.data or 'embedded'}\n\n"
+              f"{report.table()}\n", flush=True)
+        print(f"predictions: {out / 'predictions.jsonl'}\nmetrics: {out / 'metrics.json'}\n"
+              f"tables: {out / 'tables.md'}")
     return 0
 
 

@@ -2,10 +2,11 @@
 
 One step (DESIGN.md, "How data flows")::
 
-    P prompts (this rank's shard)  --generate_rollouts-->  P*G completions + sampling log-probs
+    P prompts (this rank's shard)  --rollout engine-->     P*G completions (geovlm.engines)
     rewards.score(tasks, texts, targets)                    [P*G] total + components (CPU, numba)
     group_advantages(total, G, scale)                       [P*G]
-    ref log-probs (frozen copy of the stage's start model; skipped when beta == 0)
+    ref log-probs (the stage's start model: a frozen copy, or with LoRA the policy with its
+                   adapters disabled; skipped when beta == 0)
     old log-probs (mu > 1: the policy before this batch's first update; else on-policy)
     mu x (policy forward -> grpo loss -> backward -> clip -> AdamW step)
 
@@ -24,15 +25,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from geovlm.advantages import group_advantages
 from geovlm.config import StageConfig
+from geovlm.data.loader import auto_workers, prefetched
 from geovlm.data.schema import Sample
 from geovlm.distributed import Engine, prepare_engine, prepare_reference
+from geovlm.engines import build_engine
+from geovlm.engines.base import EngineSetup, Rollouts, Sampling, prompt_preparer
 from geovlm.loop import (
     StageContext,
     batch_indices,
@@ -43,9 +47,6 @@ from geovlm.loop import (
 )
 from geovlm.profiling import StepProfiler, nvtx_range
 from geovlm.runtime import gather_rows, reduce_metrics, seed_everything
-
-if TYPE_CHECKING:
-    from geovlm.rollout import Rollouts
 
 
 @dataclass
@@ -142,48 +143,63 @@ def completion_logps(
         return selective_log_softmax(logits, batch.completion_ids, temperature).float()
 
 
+def reference_logps(
+    engine: Engine, reference, batch: PolicyBatch, temperature: float, share_prompt: bool
+) -> torch.Tensor:
+    """``[R, Lc]`` log-probs (fp32, no grad) under the stage's start model: its frozen copy
+    ``reference``, or, with LoRA adapters (``reference`` None), the policy with them disabled,
+    which is the same model without a second copy of its weights."""
+    if reference is not None:
+        return completion_logps(reference, batch, temperature, share_prompt)
+    with engine.adapters_disabled():
+        return completion_logps(engine.policy, batch, temperature, share_prompt)
+
+
 def policy_loss(
     model, batch: PolicyBatch, ctx: StageContext, fused_linear: bool = False
 ) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of ``batch`` under ``model`` (with grad) and TRL's metrics.
 
-    Per-token log-probs come from a fused kernel (the linear one on the last hidden state and
-    ``lm_head.weight``, or the logits one), then ``reference.grpo_loss_from_logps`` (the one
-    definition of the GRPO math, shared by both kernels) turns them into the loss.
+    ``linear_grpo_loss`` on the last hidden state and ``lm_head.weight`` with ``fused_linear``
+    (the engine's choice), else ``grpo_loss`` on the completion logits: both the one GRPO math of
+    ``geovlm.kernels.reference``, with the stage's ``loss_options()``. The kernels never
+    communicate: the dapo / cispo / vespo normaliser gets the completion-token count of the
+    whole step over every rank (``num_items_in_batch``), summed here.
     """
-    from geovlm.kernels import fused_log_probs
-    from geovlm.kernels.reference import grpo_loss_from_logps
+    from geovlm.kernels import grpo_loss, linear_grpo_loss
     from geovlm.model import lm_head_weight
+    from geovlm.runtime import all_reduce_sum
 
-    stage = ctx.stage
+    options = ctx.stage.loss_options()
     shared = shares_prompts(ctx)
+    mask = batch.completion_mask
+    num_items = all_reduce_sum(int(mask.sum())) if options.normalises_by_batch_tokens else None
     if fused_linear:
-        from geovlm.kernels.linear_grpo_loss import linear_selective_log_softmax
-
         hidden = completion_outputs(model, batch, shared, "hidden")
-        ids = batch.completion_ids * batch.completion_mask.to(batch.completion_ids.dtype)
-        logps = linear_selective_log_softmax(
-            hidden, lm_head_weight(model), ids, temperature=stage.temperature
+        return linear_grpo_loss(
+            hidden,
+            lm_head_weight(model),
+            batch.completion_ids,
+            batch.advantages,
+            old_logp=batch.old_logps,
+            ref_logp=batch.ref_logps,
+            completion_mask=mask,
+            options=options,
+            num_items_in_batch=num_items,
         )
-    else:
-        logits = completion_outputs(model, batch, shared, "logits")
-        logps, _ = fused_log_probs(
-            logits, batch.completion_ids, batch.completion_mask, stage.temperature
-        )
-    return grpo_loss_from_logps(
-        logps,
+    logits = completion_outputs(model, batch, shared, "logits")
+    return grpo_loss(
+        logits,
         batch.old_logps,
         batch.ref_logps,
+        batch.completion_ids,
         batch.advantages,
-        batch.completion_mask,
-        beta=stage.beta,
-        eps_low=stage.epsilon_low,
-        eps_high=stage.epsilon_high,
-        loss_type=stage.loss_type,
-        importance_sampling_level=stage.importance_sampling_level,
-        max_completion_length=stage.max_new_tokens,
-        delta=stage.delta,
-        use_bias_correction_kl=stage.use_bias_correction_kl,
+        mask,
+        inplace=False,
+        reduce=True,
+        num_items_in_batch=num_items,
+        options=options,
+        named_metrics=True,
     )
 
 
@@ -234,24 +250,20 @@ def sampled_reward(
     Greedy metrics move only when an argmax flips; this is the quantity GRPO optimises, so it is
     what shows whether a stage improved its tasks.
     """
-    from geovlm.rollout import generate_rollouts
-
     stage, options = ctx.stage, reward_options(ctx, processor)
+    setup = EngineSetup(share_prompt=shares_prompts(ctx))
+    rollout_engine = build_engine(ctx.config.rollout.engine, model, processor, setup)
     totals: dict[str, list[np.ndarray]] = {}
     per_call = max(1, batch_size // num_generations)
     for start in range(0, len(samples), per_call):
         chunk = samples[start : start + per_call]
-        rollouts = generate_rollouts(
-            model,
-            processor,
-            chunk,
-            num_generations=num_generations,
+        sampling = Sampling(
             max_new_tokens=stage.max_new_tokens,
             temperature=stage.temperature,
             top_p=stage.top_p,
             seed=seed + start,
-            share_prompt=shares_prompts(ctx),
         )
+        rollouts = rollout_engine.generate(chunk, num_generations, sampling)
         rewards = score_rollouts(rollouts, chunk, stage, options)
         totals.setdefault("reward", []).append(rewards.total)
         for name, values in rewards.components.items():
@@ -292,8 +304,6 @@ def run_grpo(
 
     Returns the engine holding the trained (possibly wrapped or sharded) model.
     """
-    from geovlm.rollout import generate_rollouts
-
     stage = ctx.stage
     if not train:
         raise ValueError(f"stage {stage.name!r}: no training samples for tasks {stage.tasks}")
@@ -303,7 +313,7 @@ def run_grpo(
             f"multiple of the world size {ctx.world_size}"
         )
     reference = None
-    if stage.beta != 0.0:
+    if stage.beta != 0.0 and not ctx.config.model.lora.enabled:
         # The frozen reference is the model this stage starts from (the SFT / previous stage),
         # copied before the policy is wrapped, and sharded like the policy.
         reference = prepare_reference(model, ctx.config, stage, ctx.runtime)
@@ -314,27 +324,39 @@ def run_grpo(
     synced = ctx.world_size > 1 and ctx.config.distributed.strategy != "ddp"
     per_rank = stage.batch_size // ctx.world_size
     options = reward_options(ctx, processor)
+    # Built after the resume: an engine holding its own copy of the weights starts from them.
+    setup = EngineSetup(share_prompt=shares_prompts(ctx), synced_ranks=synced)
+    rollout_engine = build_engine(ctx.config.rollout.engine, policy, processor, setup)
+    sampling = Sampling(
+        max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_p=stage.top_p
+    )
+
+    def step_prompts(step: int) -> list[Sample]:
+        """This rank's prompts of ``step``: a pure function of the step, so resumable."""
+        idx = batch_indices(len(train), stage.batch_size, step, ctx.config.seed + ctx.index)
+        return [train[i] for i in idx[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]]
+
+    # The engine's CPU work on the prompts (images, chat template, tokens) runs ahead of the
+    # loop in background workers when the engine can split it off and workers are available.
+    prepare = prompt_preparer(rollout_engine)
+    steps = range(start, stage.steps)
+    workers = auto_workers(ctx.device, ctx.config.data.workers) if prepare is not None else 0
+    ahead = (
+        prefetched(lambda step: prepare(step_prompts(step)), steps, workers)
+        if workers
+        else (None for _ in steps)
+    )
     profiler = StepProfiler(ctx.config.run_dir / "profile", stage.name, profile and ctx.is_main)
     bar = step_progress(ctx, start)
-    for step in bar:
+    for step, prepared in zip(bar, ahead, strict=True):
         profiler.step()
         seed_everything(step_seed(ctx.config.seed, ctx.index, step))
-        idx = batch_indices(len(train), stage.batch_size, step, ctx.config.seed + ctx.index)
-        prompts = [train[i] for i in idx[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]]
+        prompts = step_prompts(step)
 
         with nvtx_range("grpo/rollout"):
             policy.eval()
-            rollouts = generate_rollouts(
-                policy,
-                processor,
-                prompts,
-                num_generations=stage.num_generations,
-                max_new_tokens=stage.max_new_tokens,
-                temperature=stage.temperature,
-                top_p=stage.top_p,
-                synced_gpus=synced,
-                share_prompt=shares_prompts(ctx),
-            )
+            extra = {} if prepared is None else {"prepared": prepared}
+            rollouts = rollout_engine.generate(prompts, stage.num_generations, sampling, **extra)
             policy.train()
         with nvtx_range("grpo/reward"):
             rewards = score_rollouts(rollouts, prompts, stage, options)
@@ -351,10 +373,10 @@ def run_grpo(
         )
         mine = slice(ctx.rank * len(rewards.total), (ctx.rank + 1) * len(rewards.total))
         batch = build_policy_batch(rollouts, all_advantages[mine], ctx.device)
-        if reference is not None:
+        if stage.beta != 0.0:
             with nvtx_range("grpo/ref_logps"):
-                batch.ref_logps = completion_logps(
-                    reference, batch, stage.temperature, shares_prompts(ctx)
+                batch.ref_logps = reference_logps(
+                    engine, reference, batch, stage.temperature, shares_prompts(ctx)
                 )
         if stage.num_iterations > 1:
             with nvtx_range("grpo/old_logps"):
@@ -374,6 +396,9 @@ def run_grpo(
                 grad_norm = engine.step(advance_schedule=iteration + 1 == stage.num_iterations)
             loss_metrics = {"loss": loss.item(), "grad_norm": grad_norm}
             loss_metrics.update({k: float(v) for k, v in metrics.items()})
+        # The next rollout samples from the updated weights (a no-op for the built-in engine,
+        # which samples with ``policy`` itself; vLLM / SGLang engines load them here).
+        rollout_engine.sync_weights(policy)
 
         record = {"stage": stage.name, "kind": "grpo", "step": step, "lr": lr}
         # Metrics of the global batch: reward statistics over every rank's rows, token means

@@ -62,6 +62,7 @@ def summary(
         return held_out_rows(data["metrics"], headline)
     if not config.eval.enabled or not samples:
         return None
+    from geovlm.data.loader import auto_workers
     from geovlm.eval import evaluate
 
     model, processor = get_model()
@@ -78,6 +79,8 @@ def summary(
         desc=f"eval {label}",
         rank=runtime.rank,
         world_size=runtime.world_size,
+        rollout_engine=config.rollout.engine,
+        workers=auto_workers(runtime.device, config.data.workers),
     )
     if runtime.is_main:
         report.save(saved)

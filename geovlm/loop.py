@@ -22,6 +22,7 @@ from geovlm.runtime import Runtime
 
 if TYPE_CHECKING:
     from geovlm.distributed import Engine
+    from geovlm.trackers import Trackers
 
 
 @dataclass
@@ -89,11 +90,13 @@ def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[i
 
 
 class MetricsLog:
-    """Append-only JSONL of per-step metrics; one line per (stage, step)."""
+    """Append-only JSONL of per-step metrics; one line per (stage, step). Every record also goes
+    to the run's experiment trackers (``geovlm.trackers``), which follow its truncation."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers: Trackers | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = trackers
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -106,6 +109,8 @@ class MetricsLog:
         }
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
+        if self.trackers is not None:
+            self.trackers.log_record(clean)
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -114,7 +119,11 @@ class MetricsLog:
 
     def truncate(self, stage: str, keep_through_step: int) -> None:
         """Drop this stage's records after ``keep_through_step`` (recomputed on resume)."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
+            return
+        if self.trackers is not None:
+            self.trackers.rewind(stage, keep_through_step + 1)
+        if not self.path.is_file():
             return
         kept = [
             r
@@ -127,7 +136,11 @@ class MetricsLog:
 
 
 def resume_if_possible(ctx: StageContext, engine: Engine) -> tuple[int, dict[str, Any]]:
-    """Load the newest checkpoint of this stage into ``engine``; returns (next step, extras)."""
+    """Load the newest checkpoint of this stage into ``engine``; returns (next step, extras).
+
+    Records of this stage after the checkpoint (an interrupted attempt's) are dropped: the
+    stage recomputes them.
+    """
     path = latest_checkpoint(ctx.stage_dir)
     if path is None:
         return 0, {}

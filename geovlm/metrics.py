@@ -1,4 +1,4 @@
-"""Evaluation metrics, as GeoVLM-R1's tables report them (EarthDial protocol).
+"""Evaluation metrics: the project's (``"geovlm"`` protocol) and the dispatch to every protocol.
 
 ``task_metrics(task, completions [C], targets [C])`` reads each completion's answer
 (``answer_text``) and calls the task's metric function for the protocol asked
@@ -51,11 +51,14 @@ class MetricOptions:
         pixel_budget: the processor's ``(min_pixels, max_pixels)``, which fixes the resized input
             size ``"qwen25vl"`` boxes are relative to (``None``: Qwen2.5-VL's default budget).
         meteor_backend: ``"coco"`` (pycocoevalcap's Java METEOR 1.5) or ``"nltk"``.
+        earthdial_fixes: the ``"earthdial"`` protocol corrects its scripts' bugs instead of
+            reproducing them (``geovlm.earthdial_metrics``).
     """
 
     convention: str = "qwen25vl"
     pixel_budget: tuple[int, int] | None = None
     meteor_backend: str = "coco"
+    earthdial_fixes: bool = False
 
 
 # --------------------------------------------------------------------------- answers
@@ -424,12 +427,14 @@ def task_metrics(
     pixel_budget: tuple[int, int] | None = None,
     meteor_backend: str = "coco",
     protocol: str = "geovlm",
+    earthdial_fixes: bool = False,
 ) -> dict[str, float]:
     """The metrics of one task on ``completions`` [C] (all of ``task``) and ``targets``.
 
     ``prompts`` (one per completion) let ``answer_text`` skip answer blocks echoed from the
     prompt; ``convention`` / ``pixel_budget`` say how the model writes boxes; ``protocol`` picks
-    the task's metric set (``TaskSpec.metrics``; ``"geovlm"``: GeoVLM-R1's tables).
+    the task's metric set (``TaskSpec.metrics``; ``"geovlm"``: the project's metrics,
+    ``"earthdial"``: EarthDial's scripts, ``earthdial_fixes`` with their bugs corrected).
     """
     from geovlm.tasks import registry
 
@@ -444,5 +449,5 @@ def task_metrics(
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
     answers = [answer_text(c, p) for c, p in zip(completions, prompts, strict=True)]
-    options = MetricOptions(convention, pixel_budget, meteor_backend)
+    options = MetricOptions(convention, pixel_budget, meteor_backend, earthdial_fixes)
     return spec.metrics[protocol](answers, targets, options)

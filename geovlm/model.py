@@ -21,7 +21,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -201,24 +201,94 @@ def _build_tiny(
     return model, processor
 
 
-def _load_pretrained(
+# What a model source holds: full weights (an HF model) or PEFT adapters on a base model.
+SOURCE_FILES = (("config.json", "model"), ("adapter_config.json", "adapter"))
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_model_source(path: str | Path) -> tuple[str, Literal["model", "adapter"]]:
+    """Where ``model.path`` (or a checkpoint) loads from, and what it holds.
+
+    A local folder is used as it is. Anything else must be a Hugging Face hub id
+    (``Qwen/Qwen2.5-VL-3B-Instruct``): its ``config.json`` (or, for PEFT adapters,
+    ``adapter_config.json``) is looked up in the local HF cache, and downloaded where the network
+    allows (not under ``HF_HUB_OFFLINE=1``); ``from_pretrained`` then takes the rest from there.
+    A source that is neither raises ``FileNotFoundError`` saying where it looked and how to fix
+    it.
+    """
+    text = str(path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        for name, kind in SOURCE_FILES:
+            if (local / name).is_file():
+                return str(local), kind
+        raise FileNotFoundError(
+            f"model.path={text}: this folder has neither config.json (an HF model) nor "
+            "adapter_config.json (PEFT adapters)"
+        )
+    if not _looks_like_hub_id(text):
+        raise FileNotFoundError(
+            f"model.path={text}: no such folder (no config.json to load), and not a hub id "
+            "such as Qwen/Qwen2.5-VL-3B-Instruct"
+        )
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    why = " and downloads are off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""
+    for name, kind in SOURCE_FILES:
+        try:
+            hf_hub_download(text, name)
+        except LocalEntryNotFoundError:
+            if constants.HF_HUB_OFFLINE:
+                continue  # not cached: maybe the other kind is
+            why = " and the hub could not be reached"
+            break  # the next file would wait for the network again
+        except EntryNotFoundError:
+            continue  # the repository has no such file: try the other kind
+        except HfHubHTTPError as err:
+            raise FileNotFoundError(
+                f"model.path={text}: the hub refused it ({err}). Check the id, or log in "
+                "(hf auth login) for a gated or private model, or set model.path to a local "
+                "folder"
+            ) from err
+        return text, kind
+    raise FileNotFoundError(
+        f"model.path={text}: not a local folder, and the hub model {text!r} is not in the "
+        f"Hugging Face cache {constants.HF_HUB_CACHE}{why}. Download it where the network "
+        f"allows into that cache (`hf download {text}`; HF_HOME / HF_HUB_CACHE choose the "
+        "cache), or set model.path to a local folder with its config.json and weights"
+    )
+
+
+def load_pretrained(
     path: str | Path, dtype: torch.dtype, attn: str
 ) -> tuple[PreTrainedModel, Any]:
-    directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path={path}: no config.json there (a local HF checkpoint dir)"
-        )
-    config = AutoConfig.from_pretrained(directory)
+    """Model + processor of ``path`` (``resolve_model_source``): full weights, or adapters merged
+    into their base (``geovlm.lora.load_merged``)."""
+    source, kind = resolve_model_source(path)
+    if kind == "adapter":
+        from geovlm.lora import load_merged
+
+        return load_merged(source, dtype, attn)
+    config = AutoConfig.from_pretrained(source)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model.path={path}: model_type {config.model_type!r} is not supported; "
             f"known: {SUPPORTED_MODEL_TYPES}"
         )
     model = AutoModelForImageTextToText.from_pretrained(
-        directory, dtype=dtype, attn_implementation=attn
+        source, dtype=dtype, attn_implementation=attn
     )
-    processor = AutoProcessor.from_pretrained(directory)
+    processor = AutoProcessor.from_pretrained(source)
     return model, processor
 
 
@@ -272,7 +342,8 @@ def build_policy(
 
     With ``path`` None, a tiny Qwen2.5-VL is built from ``tiny`` (overrides of
     ``TINY_DEFAULTS``) with a tokenizer trained on ``tokenizer_corpus``; otherwise the Qwen2-VL /
-    Qwen2.5-VL checkpoint in the local directory ``path`` is loaded (a saved tiny model too).
+    Qwen2.5-VL checkpoint ``path`` is loaded: a local folder (a saved tiny model too) or a hub id
+    (``resolve_model_source``), holding full weights or PEFT adapters (merged into their base).
     ``dtype`` defaults to bf16 on CUDA and fp32 on CPU, ``attn_implementation`` to flash-attention
     2 when importable on CUDA and SDPA otherwise. ``min_pixels`` / ``max_pixels`` override the
     processor's pixel budget. The model is returned in train mode on ``device``.
@@ -283,9 +354,11 @@ def build_policy(
     else:
         if tokenizer_corpus is not None or tiny is not None:
             raise ValueError("tokenizer_corpus and tiny only apply when building (path=None)")
-        model, processor = _load_pretrained(path, dtype, attn)
+        model, processor = load_pretrained(path, dtype, attn)
     _set_pixel_budget(processor, min_pixels, max_pixels)
     model.to(device)
+    # Every weight trains (merged adapters come back frozen from PEFT) unless frozen here.
+    model.requires_grad_(True)
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     if gradient_checkpointing:
@@ -437,6 +510,8 @@ def initial_policy(
         from geovlm.checkpoint import save_checkpoint
 
         save_checkpoint(init_dir, model, processor, config, step=0)
+    # The model is init/ from now on (LoRA adapters name it as their base).
+    model.name_or_path = str(init_dir.resolve())
     apply_kernel_patches(model, liger=config.model.liger_kernels)
     return (model, processor), init_dir
 

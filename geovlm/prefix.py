@@ -13,7 +13,11 @@ Activation checkpointing: a checkpointed layer normally drops the KV cache, beca
 in the backward pass would write the cache a second time. The teacher-forced passes here use
 caches that a replay cannot disturb (the prompt pass *replaces* its layer's keys and values;
 the completion pass reads a fixed, already repeated prefix and stores nothing), and tell the
-checkpointed layers so (``_can_checkpoint_with_cache``) for the duration of the call.
+layers that checkpoint so for the duration of the call, through the one switch transformers
+has for it (``GradientCheckpointingLayer._can_checkpoint_with_cache``, meant for layers that
+only read the cache; a transformers without it is refused, not silently given no cache). Without
+activation checkpointing nothing is switched. The caches are plain public ``Cache`` objects
+built from the two layer kinds below.
 
 The positions are computed explicitly (``rope_positions``), not left to the model's stateful
 ``rope_deltas``: the prompt keeps the 3-D mRoPE positions a full forward would give it, and
@@ -39,8 +43,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from geovlm.model import forward_hidden, forward_logits, unwrap
@@ -126,20 +130,15 @@ class _PrefixedLayer(DynamicLayer):
         )
 
 
-class _LayerCache(DynamicCache):
-    """A ``DynamicCache`` made of the given layers (or of ``layer_class``, one per model layer)."""
-
-    def __init__(self, layers=None, layer_class=None):
-        Cache.__init__(self, layers=layers, layer_class_to_replicate=layer_class)
-
-
 @contextmanager
 def _cache_through_checkpoints(model: torch.nn.Module) -> Iterator[None]:
     """Checkpointed layers keep the cache argument (safe with the two layer kinds above)."""
-    layers = [m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache") and any(
-        layer.gradient_checkpointing for layer in layers
-    ):
+    layers = [
+        m
+        for m in unwrap(model).modules()
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+    ]
+    if layers and not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
         # An older transformers would silently drop the cache: completions without their prompt.
         raise RuntimeError(
             "this transformers version drops the KV cache in checkpointed layers; turn "
@@ -167,7 +166,7 @@ class EncodedPrompts:
     """
 
     last: torch.Tensor
-    cache: DynamicCache
+    cache: Cache
     attention_mask: torch.Tensor
     positions: torch.Tensor
 
@@ -237,12 +236,12 @@ def completion_outputs(
     first_output = "hidden" if output == "hidden" else "last_logits"
     with _cache_through_checkpoints(model):
         encoded = encode_prompts(
-            model, prompt, _LayerCache(layer_class=_PromptLayer), output=first_output
+            model, prompt, Cache(layer_class_to_replicate=_PromptLayer), output=first_output
         )
         first = encoded.last.repeat_interleave(num_generations, dim=0)[:, None]
         if length == 1:
             return first
-        encoded.cache = _LayerCache(
+        encoded.cache = Cache(
             layers=[
                 _PrefixedLayer(
                     layer.keys.repeat_interleave(num_generations, dim=0),

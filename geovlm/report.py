@@ -1,4 +1,5 @@
-"""The run's report: ``summary.md`` / ``summary.json`` and the plots, redrawn whenever a run ends.
+"""The run's report: ``summary.md`` / ``summary.json`` and the plots, redrawn whenever a run ends,
+and the held-out table sent to the experiment trackers after every evaluation.
 
 ``summary.md`` holds, for every task, its headline metric (and the secondary metrics of
 ``REPORTED_METRICS`` it has) after every stage, columns in stage order with ``init`` first; the
@@ -14,8 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from geovlm.tasks import registry
+
+if TYPE_CHECKING:
+    from geovlm.trackers import Trackers
 
 # Metrics reported next to a task's headline wherever its evaluation computes them: mean IoU
 # shows how far the boxes moved when acc@0.5 (a threshold) barely moves.
@@ -101,6 +106,15 @@ def summary_table(
             "|---|---|---|---|---|---|\n" + "\n".join(rows)
         )
     return table
+
+
+def log_heldout(
+    trackers: Trackers, label: str, summaries: dict[str, dict], objective: dict[str, dict]
+) -> None:
+    """Send the held-out table after ``label`` (its scalars, and the Markdown tables of
+    ``summary_table`` so far) to the run's trackers."""
+    if label in summaries:
+        trackers.log_heldout(label, summaries, summary_table(summaries, objective))
 
 
 def write_summary(

@@ -12,8 +12,9 @@ threads than the cores actually free stalls whenever another process takes one: 
 one other CPU-bound process, 8 tiny-model SFT steps took 72 s with 2 threads and 15 s with 1.
 The automatic count is therefore the CPUs this process may use (affinity mask and cgroup quota),
 shared among the processes of this machine that run the same job (torchrun's local ranks,
-pytest-xdist workers), minus the cores other processes keep busy (the 1-minute load average
-when we start), and never less than 1.
+pytest-xdist workers), minus the cores other processes keep busy when we start (their non-idle
+share over a tenth of a second, from /proc/stat; the 1-minute load average elsewhere), and never
+less than 1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -100,21 +102,65 @@ def processes_sharing_cpus() -> int:
     return max(1, local) * max(1, workers)
 
 
-def cpu_threads(requested: int | None = None, load: float | None = None) -> int:
+def busy_cpus(interval: float = 0.1, stat: Path = Path("/proc/stat")) -> float | None:
+    """CPUs' worth of work the rest of the machine is doing now on the CPUs this process may use:
+    their non-idle share over ``interval`` seconds (``/proc/stat``), times ``usable_cpus()``.
+
+    None where ``/proc/stat`` cannot be read. Unlike the load average, which is a one-minute
+    moving average, this does not count processes that ended seconds ago (a ``pip install``
+    just before ``make train``) nor miss ones that just started.
+    """
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = None
+
+    def sample() -> dict[int, tuple[int, int]]:
+        """cpu index -> (idle + iowait ticks, all ticks)."""
+        rows = {}
+        for line in stat.read_text().splitlines():
+            name, _, rest = line.partition(" ")
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(value) for value in rest.split()[:8]]
+                rows[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+        return rows
+
+    try:
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = [c for c in before if c in after and (allowed is None or c in allowed)]
+    shares = []
+    for c in cpus:
+        total = after[c][1] - before[c][1]
+        if total > 0:
+            shares.append(1.0 - (after[c][0] - before[c][0]) / total)
+    if not shares:
+        return None
+    return sum(shares) / len(shares) * usable_cpus()
+
+
+def cpu_threads(requested: int | None = None, busy: float | None = None) -> int:
     """Intra-op threads for CPU work: ``requested`` if given, else this process's share of the
-    usable CPUs minus those other processes keep busy (``load``: the 1-minute load average)."""
+    usable CPUs minus those other processes keep busy (``busy``: CPUs' worth, measured by
+    ``busy_cpus`` when not given, the one-minute load average where that cannot be read)."""
     if requested is not None:
         if requested < 1:
             raise RuntimeSetupError(f"threads must be >= 1, got {requested}")
         return requested
     sharing = processes_sharing_cpus()
-    if load is None:
+    if busy is None:
+        busy = busy_cpus()
+    if busy is None:
         try:
-            load = os.getloadavg()[0]
+            busy = os.getloadavg()[0]
         except OSError:
-            load = 0.0
-    # The other processes of this job may be counted in the load already.
-    busy_elsewhere = max(0, round(load) - (sharing - 1))
+            busy = 0.0
+    # The other processes of this job (torchrun ranks, pytest-xdist workers) are counted in
+    # ``busy`` already: they are not "elsewhere".
+    busy_elsewhere = max(0, round(busy) - (sharing - 1))
     return max(1, (usable_cpus() - busy_elsewhere) // sharing)
 
 

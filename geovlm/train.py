@@ -5,6 +5,7 @@ model on the embedded synthetic EO world, on CPU, end to end, writing ``runs/<na
 
     config.yaml            the resolved config
     metrics.jsonl          one line per optimizer step (and per evaluation)
+    tensorboard/           the same metrics, the config and the held-out tables (report_to)
     init/                  the initial model + processor (HF format)
     stages/<i>-<name>/     checkpoint-<step>/ while running, final/ when done, eval/ tables
     training_curves.png    loss / reward / KL curves of every stage
@@ -36,23 +37,34 @@ from geovlm.rundir import EXISTING_RUN_CHOICES, ExistingRun
 def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resume") -> dict:
     """Run every stage of ``config``; returns {stage label: held-out summary}."""
     from geovlm import heldout, report
-    from geovlm.data.sources import load_splits, select_tasks
+    from geovlm.checkpoint import holds_model
+    from geovlm.data.sources import load_splits, model_pixel_budget, select_tasks
     from geovlm.data.synthetic import corpus
     from geovlm.loop import MetricsLog, StageContext
-    from geovlm.model import initial_policy, load_policy
+    from geovlm.model import initial_policy, load_policy, resolve_model_source
     from geovlm.runtime import RuntimeSetupError, barrier, seed_everything, start
+    from geovlm.trackers import check_trackers, open_trackers
 
     started = time.time()
     check_stage_tasks(config)
+    check_trackers(config)
+    if config.model.path:
+        try:
+            resolve_model_source(config.model.path)  # a missing model is named before any work
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from err
     try:
         runtime = start(config.device, config.distributed.backend, config.threads)
     except RuntimeSetupError as err:
         raise ConfigError(str(err)) from err
     status = _claim_run_dir(config, existing, runtime)
     seed_everything(config.seed)
-    log = MetricsLog(config.run_dir / "metrics.jsonl", enabled=runtime.is_main)
+    trackers = open_trackers(config, runtime.is_main)
+    log = MetricsLog(config.run_dir / "metrics.jsonl", enabled=runtime.is_main, trackers=trackers)
     try:
-        splits = load_splits(config.data, config.model.box_convention)
+        splits = load_splits(
+            config.data, config.model.box_convention, model_pixel_budget(config.model)
+        )
     except (ValueError, FileNotFoundError) as err:
         # Readers name the file, record and field; say it without a traceback.
         raise ConfigError(f"data: {err}") from err
@@ -73,17 +85,22 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     def draw() -> None:
         report.draw_plots(config.run_dir, log.records(), summaries, trained, majority)
 
-    def evaluate(label: str, out_dir: Path, get_model) -> None:
+    def evaluate(label: str, out_dir: Path, get_model) -> bool:
+        """Held-out table after ``label``; whether it is new (not saved by an earlier launch,
+        which already sent it to the trackers)."""
+        new = not (out_dir / "metrics.json").is_file()
         result = heldout.summary(config, runtime, test, out_dir, label, get_model)
         if result is not None:
             summaries[label] = result
+        return new
 
-    evaluate("init", config.run_dir / "init_eval", lambda: (model, processor))
+    if evaluate("init", config.run_dir / "init_eval", lambda: (model, processor)):
+        report.log_heldout(trackers, "init", summaries, objective)
     for index, stage in enumerate(config.stages):
         ctx = StageContext(config, stage, index, runtime, log)
         final = ctx.stage_dir / "final"
         tasks = stage.tasks or config.data.tasks
-        if (final / "config.json").is_file():
+        if holds_model(final):
             if runtime.is_main:
                 print(f"[{index}] {stage.name}: already finished ({final})", flush=True)
             model = None
@@ -101,11 +118,10 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
 
                 engine = run_grpo(model, processor, train, ctx, profile or config.profile)
             engine.save_final(final, processor, config, stage.steps)
-            model = engine.policy
+            # LoRA adapters merged; None when sharded: evaluate (and start the next stage) from
+            # the saved checkpoint.
+            model = engine.release_model(final)
             del engine
-            if runtime.world_size > 1 and config.distributed.strategy != "ddp":
-                # Sharded weights: evaluate (and start the next stage) from the full checkpoint.
-                model = None
 
         def current(final=final):
             nonlocal model, processor
@@ -113,7 +129,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
                 model, processor = load_policy(config, final, runtime.device)
             return model, processor
 
-        evaluate(stage.name, ctx.stage_dir / "eval", current)
+        new_table = evaluate(stage.name, ctx.stage_dir / "eval", current)
         if stage.kind == "grpo" and runtime.is_main:
             objective[stage.name] = heldout.grpo_objective(
                 ctx,
@@ -121,6 +137,8 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
                 lambda before=previous: load_policy(config, before, runtime.device),
                 current,
             )
+        if new_table:
+            report.log_heldout(trackers, stage.name, summaries, objective)
         previous = final
         if runtime.is_main:
             draw()
@@ -134,6 +152,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
             )
             print(f"\n## Summary (headline metric per task, by stage)\n\n{table}\n\nwall time: "
                   f"{time.time() - started:.0f} s; run directory: {config.run_dir}", flush=True)
+    trackers.close()
     return summaries
 
 

@@ -3,18 +3,21 @@ torchrun worker and the single-process baseline install.
 
 Launched as ``python -m torch.distributed.run --nproc_per_node N --module tests._distributed_worker
 SPEC.json``: as a module, so that ``tests/`` never lands on ``sys.path`` (where a test folder could
-shadow an installed package). SPEC is ``{"collectives": OUT.json, "runs": [{"argv": [...],
-"crash_after": k}]}`` (``crash_after`` optional). ``check_collectives`` first reduces known per-
-rank values into OUT.json; then every run is ``geovlm.train.main(argv)`` (the code path of ``python
--m geovlm.train``), all in one process group so that the interpreter and the process group start
-once. A run with ``crash_after=k`` raises on every rank at its k-th optimizer step (as if killed
-there) and is then run again, which resumes from its last checkpoint.
+shadow an installed package). SPEC is ``{"collectives": OUT.json, "optimizers": OUT.json, "runs":
+[{"argv": [...], "crash_after": k}]}`` (``crash_after`` optional). ``check_collectives`` first
+reduces known per-rank values into its OUT.json; then every run is ``geovlm.train.main(argv)``
+(the code path of ``python -m geovlm.train``), all in one process group so that the interpreter
+and the process group start once; "optimizers" receives the class of the optimizer DeepSpeed
+steps in each DeepSpeed run (``record_optimizers``). A run with ``crash_after=k`` raises on every
+rank at its k-th optimizer step (as if killed there) and is then run again, which resumes from
+its last checkpoint.
 
 Probes, so that a run's numbers do not depend on how the batch is split over ranks:
 
-- ``seeded_rollouts``: each prompt's group is sampled by its own ``generate`` call with a seed
-  derived from the step's seed and the sample id. HF samples a whole batch from one RNG stream, so
-  without this the rows a rank draws depend on which other prompts share its batch.
+- ``seeded_rollouts``: each prompt's group is sampled by its own call of the built-in rollout
+  engine's ``generate`` with a seed derived from the step's seed and the sample id. A call
+  samples a whole batch from one RNG stream, so without this the rows a rank draws depend on
+  which other prompts share its batch.
   The EOS logit is raised by ``EOS_BIAS`` so that completions end at different lengths.
 - ``probe_rewards``: adds a deterministic reward of the completion text to the real ones (which
   are all 0 for an untrained tiny model), so that advantages, hence gradients, are not all zero.
@@ -22,6 +25,7 @@ Probes, so that a run's numbers do not depend on how the batch is split over ran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -61,15 +65,14 @@ def _pad_right(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
 
 
 def seeded_rollouts(original: Callable) -> Callable:
-    """``generate_rollouts`` with each prompt's group drawn from its own seeded generator."""
+    """``BuiltinEngine.generate`` with each prompt's group drawn from its own seeded generator."""
     from geovlm.data.collate import collate_prompts
+    from geovlm.engines.completions import assemble_rollouts, special_ids
     from geovlm.model import unwrap
-    from geovlm.rollout import Rollouts, _special_ids
 
-    def generate(model, processor, samples, num_generations, max_new_tokens, *args, **kwargs):
+    def generate(self, samples, num_generations, sampling):
         step_seed = torch.initial_seed()  # the step's seed (seed_everything), equal on all ranks
-        kwargs.pop("seed", None)  # replaced by the per-prompt seeds below
-        eos, _ = _special_ids(processor.tokenizer)
+        eos, pad = special_ids(self.processor.tokenizer)
 
         def favour_eos(module, inputs, logits):
             # While sampling only: completion lengths, hence per-rank token counts and the
@@ -78,38 +81,38 @@ def seeded_rollouts(original: Callable) -> Callable:
             logits[..., eos] += EOS_BIAS
             return logits
 
-        hook = unwrap(model).get_output_embeddings().register_forward_hook(favour_eos)
+        hook = unwrap(self.model).get_output_embeddings().register_forward_hook(favour_eos)
         try:
             pieces = [
                 original(
-                    model,
-                    processor,
+                    self,
                     [sample],
                     num_generations,
-                    max_new_tokens,
-                    *args,
-                    seed=(step_seed + zlib.crc32(sample.id.encode())) % (2**31 - 1),
-                    **kwargs,
+                    # replaces the call's own seed
+                    dataclasses.replace(
+                        sampling,
+                        seed=(step_seed + zlib.crc32(sample.id.encode())) % (2**31 - 1),
+                    ),
                 )
                 for sample in samples
             ]
         finally:
             hook.remove()
-        _, pad = _special_ids(processor.tokenizer)
         device = pieces[0].completion_ids.device
-        index = torch.arange(len(samples)).repeat_interleave(num_generations)
-        unique = collate_prompts(samples, processor)
-        return Rollouts(
-            unique_prompt={k: v.to(device) for k, v in unique.items()},
-            image_token_id=int(model.config.image_token_id),
-            completion_ids=_pad_right([p.completion_ids for p in pieces], pad),
-            completion_mask=_pad_right([p.completion_mask for p in pieces], 0),
-            logprobs=_pad_right([p.logprobs for p in pieces], 0.0),
-            texts=[t for p in pieces for t in p.texts],
-            sample_index=index.to(device),
-            finished=torch.cat([p.finished for p in pieces]),
-            num_generations=num_generations,
-            temperature=pieces[0].temperature,
+        unique = collate_prompts(samples, self.processor, self.setup.system_prompt)
+        logprobs = None
+        if sampling.return_logprobs:
+            logprobs = _pad_right([p.logprobs for p in pieces], 0.0)
+        return assemble_rollouts(
+            {k: v.to(device) for k, v in unique.items()},
+            int(self.model.config.image_token_id),
+            _pad_right([p.completion_ids for p in pieces], pad),
+            _pad_right([p.completion_mask for p in pieces], 0),
+            self.processor.tokenizer,
+            eos,
+            num_generations,
+            sampling.temperature,
+            logprobs,
         )
 
     return generate
@@ -118,12 +121,10 @@ def seeded_rollouts(original: Callable) -> Callable:
 def install_probes(stack: ExitStack) -> None:
     """Patch the probes into ``geovlm`` for as long as ``stack`` is open."""
     import geovlm.rewards
-    import geovlm.rollout
+    from geovlm.engines.builtin import BuiltinEngine
 
     stack.enter_context(
-        mock.patch.object(
-            geovlm.rollout, "generate_rollouts", seeded_rollouts(geovlm.rollout.generate_rollouts)
-        )
+        mock.patch.object(BuiltinEngine, "generate", seeded_rollouts(BuiltinEngine.generate))
     )
     stack.enter_context(
         mock.patch.object(geovlm.rewards, "score", probe_rewards(geovlm.rewards.score))
@@ -151,6 +152,20 @@ def crash_after(stack: ExitStack, n: int) -> None:
         stack.enter_context(mock.patch.object(cls, "step", step))
 
 
+def record_optimizers(stack: ExitStack, seen: dict[str, str]) -> None:
+    """Record, per run (output folder name), the class of the optimizer DeepSpeed steps."""
+    from geovlm import distributed
+
+    original = distributed._deepspeed_engine
+
+    def build(model, config, *args, **kwargs):
+        engine = original(model, config, *args, **kwargs)
+        seen[config.name] = type(engine.model.basic_optimizer).__name__
+        return engine
+
+    stack.enter_context(mock.patch.object(distributed, "_deepspeed_engine", build))
+
+
 def check_collectives(out: Path) -> None:
     """Reduce rank-dependent metrics and rows; rank 0 writes what it got (the test has oracles)."""
     from geovlm.runtime import gather_rows, reduce_metrics, start
@@ -172,8 +187,10 @@ def main(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     check_collectives(Path(spec["collectives"]))
+    optimizers: dict[str, str] = {}
     with ExitStack() as probes:
         install_probes(probes)
+        record_optimizers(probes, optimizers)
         for run in spec["runs"]:
             if run.get("crash_after"):
                 with ExitStack() as crash:
@@ -186,6 +203,8 @@ def main(spec_path: str) -> int:
                         raise AssertionError(f"run {run['argv']} did not reach the crash")
             if train_main(run["argv"]) != 0:
                 return 1
+    if torch.distributed.get_rank() == 0:
+        Path(spec["optimizers"]).write_text(json.dumps(optimizers))
     return 0
 
 

@@ -1,8 +1,11 @@
 """Data parallelism on CPU (gloo): 2-process runs equal 1-process runs with the same global batch.
 
 One ``torchrun --nproc_per_node 2`` launch (tests/_distributed_worker.py) runs SFT and GRPO under
-DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, plus interrupted-and-resumed sharded runs; the
-single-process baselines run in this process. All start from one saved tiny model.
+DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, SFT under ZeRO-2 with the optimizer offloaded to the CPU
+(DeepSpeed's CPU Adam, built from the JSON's optimizer section and by geovlm without one), GRPO
+under a DeepSpeed JSON schedule, GRPO with LoRA adapters under FSDP2, plus interrupted-and-resumed
+sharded runs; the single-process baselines run in this process. All start from one saved tiny
+model.
 
 What must be equal, and why it can be:
 - SFT: every step's loss, gradient norm and token count. Rank r trains on its contiguous half of
@@ -35,7 +38,7 @@ import pytest
 import torch
 
 from geovlm.config import ConfigError, load_config
-from geovlm.distributed import deepspeed_config
+from geovlm.distributed import deepspeed_config, offloads_optimizer
 from geovlm.runtime import gather_rows, reduce_metrics
 from geovlm.train import main as train_main
 from tests._distributed_worker import install_probes
@@ -59,6 +62,27 @@ STRATEGIES = {
     "zero2": ["distributed.strategy=deepspeed", "distributed.deepspeed=deepspeed_zero2.json"],
     "zero3": ["distributed.strategy=deepspeed", "distributed.deepspeed=deepspeed_zero3.json"],
 }
+FIXTURES = ROOT / "tests" / "fixtures"
+# DeepSpeed JSONs beyond the shipped ZeRO-2/3 ones. ZeRO-Offload: the packaged JSON's optimizer
+# section ("auto" values) makes DeepSpeed build its CPU Adam; without the section geovlm builds
+# it. The cosine JSON owns the schedule (its lr sequence is checked against DeepSpeed's class).
+JSONS = {
+    "zero2_offload": "deepspeed_zero2_offload.json",
+    "zero2_offload_stage_adam": str(FIXTURES / "deepspeed_zero2_offload_stage_adam.json"),
+    "zero2_cosine": str(FIXTURES / "deepspeed_zero2_cosine.json"),
+}
+OPTIONS = {
+    **STRATEGIES,
+    **{
+        name: ["distributed.strategy=deepspeed", f"distributed.deepspeed={json_file}"]
+        for name, json_file in JSONS.items()
+    },
+}
+OFFLOAD = ("zero2_offload", "zero2_offload_stage_adam")
+# The cosine schedule's warm-up: round(0.67 x 3 steps) = 2 steps.
+COSINE_WARMUP = "stages.grpo.warmup_ratio=0.67"
+# LoRA adapters (geovlm.lora): their checkpoints gathered from FSDP2 shards and loaded back.
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.0"]
 # Sharded runs interrupted in step 2 (after checkpoint-2 with mu = 2 iterations), then resumed.
 RESUMED = [("sft", "fsdp2"), ("sft", "zero3"), ("grpo", "zero2")]
 RTOL = 1e-4
@@ -78,7 +102,7 @@ GRPO_KEYS = (
 
 def argv(tmp: Path, init: Path, name: str, stage: str, strategy: str | None, save: int = 0):
     stages = (SFT if stage == "sft" else GRPO).format(save=save)
-    extra = STRATEGIES[strategy] if strategy else []
+    extra = OPTIONS[strategy] if strategy else []
     return [f"output_dir={tmp}", f"name={name}", f"model.path={init}", *TINY, stages, *extra]
 
 
@@ -103,16 +127,30 @@ def runs(tmp_path_factory):
     for strategy in FUSED:
         fused = argv(tmp, init, f"grpo_{strategy}_fused", "grpo", strategy)
         spec.append({"argv": fused + ["model.fused_linear_loss=on"]})
+    for strategy in OFFLOAD:
+        spec.append({"argv": argv(tmp, init, f"sft_{strategy}", "sft", strategy)})
     for stage, strategy in RESUMED:
         name = f"{stage}_{strategy}_resumed"
         # The crash hits the first optimizer step of step 2 (SFT: 1 per step; GRPO: mu = 2).
         crash = 3 if stage == "sft" else 5
         spec.append({"argv": argv(tmp, init, name, stage, strategy, save=1), "crash_after": crash})
-    collectives = tmp / "collectives.json"
-    (tmp / "spec.json").write_text(json.dumps({"collectives": str(collectives), "runs": spec}))
+    # The JSON's schedule, and LoRA under FSDP2, interrupted and resumed like the runs above.
+    cosine = argv(tmp, init, "grpo_zero2_cosine_resumed", "grpo", "zero2_cosine", save=1)
+    spec.append({"argv": [*cosine, COSINE_WARMUP], "crash_after": 5})
+    lora = argv(tmp, init, "grpo_lora_fsdp2_resumed", "grpo", "fsdp2", save=1)
+    spec.append({"argv": [*lora, *LORA], "crash_after": 5})
+    collectives, optimizers = tmp / "collectives.json", tmp / "optimizers.json"
+    (tmp / "spec.json").write_text(json.dumps(
+        {"collectives": str(collectives), "optimizers": str(optimizers), "runs": spec}
+    ))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--standalone", "--module", "tests._distributed_worker"]
+    # DeepSpeed's CPU Adam is a C++ op built on first use (minutes, once per machine): build it
+    # here so that the launch's timeout measures the runs.
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load(verbose=False)
     worker = subprocess.Popen(
         [*launcher, str(tmp / "spec.json")], cwd=tmp, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -122,8 +160,10 @@ def runs(tmp_path_factory):
         install_probes(probes)
         for stage in ("sft", "grpo"):
             assert train_main(argv(tmp, init, f"{stage}_single", stage, None)) == 0
+        assert train_main([*argv(tmp, init, "grpo_lora_single", "grpo", None), *LORA]) == 0
     try:
-        output, _ = worker.communicate(timeout=300)
+        # A deadlock guard, generous enough for a machine shared with other jobs.
+        output, _ = worker.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         worker.kill()
         output, _ = worker.communicate()
@@ -163,6 +203,54 @@ def test_grpo_two_processes_match_one(runs, strategy):
 def test_fused_linear_loss_under_data_parallelism_matches_one_process(runs, strategy):
     """Hidden states via the wrapper's forward + lm_head.weight: the logits path's step."""
     assert_same(metrics(runs, f"grpo_{strategy}_fused"), metrics(runs, "grpo_single"), GRPO_KEYS)
+
+
+@pytest.mark.parametrize("strategy", OFFLOAD)
+def test_zero_offload_with_cpu_adam_matches_one_process(runs, strategy):
+    """ZeRO-2 with the optimizer state and step on the CPU (DeepSpeedCPUAdam): the AdamW update
+    of the global batch, as in one process with torch's AdamW."""
+    assert_same(metrics(runs, f"sft_{strategy}"), metrics(runs, "sft_single"), SFT_KEYS)
+    optimizers = json.loads((runs / "optimizers.json").read_text())
+    assert optimizers[f"sft_{strategy}"] == "DeepSpeedCPUAdam"
+    assert optimizers["sft_zero2"] == "AdamW"  # no offload: the stage's torch AdamW
+
+
+def test_a_deepspeed_json_schedule_steps_once_per_stage_step_and_resumes(runs):
+    """DeepSpeed's WarmupCosineLR from the JSON, its "auto" values filled by the stage (lr 0.01,
+    3 steps, warm-up 2, final ratio min_lr_ratio 0.1), advanced once per GRPO step although each
+    step makes mu = 2 updates, and restored by the resume in step 2."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    schedule = WarmupCosineLR(
+        optimizer, total_num_steps=3, warmup_num_steps=2, cos_min_ratio=0.1,
+        warmup_min_ratio=0.5, warmup_type="linear",
+    )
+    want = []
+    for _ in range(3):
+        want.append(schedule.get_last_lr()[0])
+        schedule.step()
+    got = [r["lr"] for r in metrics(runs, "grpo_zero2_cosine_resumed")]
+    assert got == pytest.approx(want, abs=1e-12)
+    assert len(set(want)) == 3
+
+
+def test_lora_adapters_under_fsdp2_resume_and_match_one_process(runs):
+    """Adapters only train, their state is gathered from the shards into PEFT-format
+    checkpoints, loaded back into the shards on resume, and the run is the one-process run."""
+    from safetensors.torch import load_file
+
+    want = metrics(runs, "grpo_lora_single")
+    assert_same(metrics(runs, "grpo_lora_fsdp2_resumed"), want, GRPO_KEYS)
+    assert want[-1]["kl"] > 0
+    stage_dir = runs / "grpo_lora_fsdp2_resumed" / "stages" / "0-grpo"
+    assert not (stage_dir / "final" / "model.safetensors").exists()
+    got = load_file(stage_dir / "final" / "adapter_model.safetensors")
+    single = load_file(runs / "grpo_lora_single" / "stages" / "0-grpo" / "final"
+                       / "adapter_model.safetensors")
+    assert got.keys() == single.keys() and len(got) > 0
+    for key, value in single.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("name", SHARDED_EVAL)
@@ -242,10 +330,53 @@ def test_shipped_deepspeed_configs_resolve_auto_values():
     assert ds["gradient_accumulation_steps"] == 1
 
 
+def test_an_optimizer_and_a_schedule_from_the_deepspeed_docs_take_the_stage_values(tmp_path):
+    """The JSON owns the optimizer and schedule types; "auto" and unset stage values are filled
+    (HF Trainer's convention), explicit values the stage does not have stay the JSON's."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "Adam", "params": {"lr": "auto", "betas": [0.8, 0.999],
+                                                 "eps": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto",
+                                                          "warmup_num_steps": "auto"}},
+    }))
+    overrides = ["stages.sft.steps=40", "stages.sft.lr=3e-5", "stages.sft.warmup_ratio=0.1",
+                 "stages.sft.weight_decay=0.01"]
+    stage = load_config(None, overrides).stages[0]
+    ds = deepspeed_config(str(path), stage, world=2)
+    assert ds["optimizer"] == {"type": "Adam", "params": {
+        "lr": 3e-5, "betas": [0.8, 0.999], "eps": 1e-8, "weight_decay": 0.01}}
+    assert ds["scheduler"]["params"] == {
+        "warmup_min_lr": 0.0, "warmup_num_steps": 4, "warmup_max_lr": 3e-5, "total_num_steps": 40}
+    cosine = {"zero_optimization": {"stage": 3},
+              "scheduler": {"type": "WarmupCosineLR", "params": {}}}
+    path.write_text(json.dumps(cosine))
+    assert deepspeed_config(str(path), stage, world=2)["scheduler"]["params"] == {
+        "warmup_num_steps": 4, "total_num_steps": 40, "cos_min_ratio": stage.min_lr_ratio}
+
+
+def test_shipped_offload_configs_resolve():
+    stage = load_config(None, ["stages.sft.batch_size=8"]).stages[0]
+    for name in ("deepspeed_zero2_offload.json", "deepspeed_zero3_offload.json"):
+        ds = deepspeed_config(name, stage, world=4, dtype=torch.bfloat16, hidden_size=64)
+        assert offloads_optimizer(ds)
+        assert ds["optimizer"]["params"] == {"lr": stage.lr, "betas": [0.9, 0.99], "eps": 1e-8,
+                                             "weight_decay": stage.weight_decay}
+        assert "auto" not in json.dumps(ds)
+    assert not offloads_optimizer(deepspeed_config("deepspeed_zero3.json", stage, world=4))
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
-        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, "optimizer"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam",
+                                                           "params": {"lr": 0.5}}},
+         r"lr=0.5 but stages.sft.lr gives 0.003"),
+        ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupDecayLR",
+                                                           "params": {"total_num_steps": 7}}},
+         "stages.sft.steps"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": "Adam"}, "params"),
         ({"zero_optimization": {"stage": 0}}, "strategy=ddp"),
         ({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3}, "auto"),
         ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, "sub_group_size"),

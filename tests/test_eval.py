@@ -229,6 +229,7 @@ def test_cli_malformed_benchmark_is_a_clean_error(tmp_path, capsys):
         (["--data", "embedded:holdout"], "split must be train, val or test"),
         (["--tasks", "scene_cls,dance"], "unknown task(s) ['dance']"),
         (["--max-samples-per-task", "0"], "must be >= 1"),
+        (["--workers", "-1"], "--workers must be >= 0"),
     ],
 )
 def test_cli_bad_options(tmp_path, capsys, args, message):
@@ -317,3 +318,78 @@ def test_cli_on_a_benchmark_file(tiny_checkpoint, tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["metrics"]) == ["referred_det", "vqa"]
     assert set(E.read_predictions(out / "predictions.jsonl")) == {"b1", "b3"}
+
+
+def test_prompts_prepared_by_background_workers_give_the_same_predictions(tiny_checkpoint,
+                                                                          tmp_path):
+    common = ["--checkpoint", str(tiny_checkpoint), "--max-samples-per-task", "1",
+              "--tasks", "scene_cls,referred_det,change_det,vqa", "--max-new-tokens", "5",
+              "--batch-size", "2"]
+    predictions = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers-{workers}"
+        assert E.main([*common, "--workers", workers, "--out", str(out)]) == 0
+        predictions[workers] = E.read_predictions(out / "predictions.jsonl")
+    assert len(predictions["0"]) == 4
+    assert predictions["2"] == predictions["0"]
+
+
+# --------------------------------------------------------------------------- predictions files
+
+
+EARTHDIAL_RESULTS = Path(__file__).parent / "fixtures" / "earthdial"
+
+
+def test_predictions_cli_scores_earthdial_results_of_every_family(tmp_path):
+    """One file mixing EarthDial result records of every family its scripts score, each
+    record's family inferred from its fields; the paper's tables come out."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(p.read_text() for p in sorted(EARTHDIAL_RESULTS.glob("*.jsonl"))))
+    out = tmp_path / "out"
+    assert E.main(["--predictions", str(mixed), "--protocol", "earthdial", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["mixed"]
+    assert set(results) == {
+        "scene_cls", "vqa", "referred_det_rot", "grounding_desc", "region_caption",
+        "image_caption", "change_caption", "multi_det", "change_det", "temporal_cls",
+    }
+    # AID answers "Medium Residential" for "MediumResidential": right once spaces are removed.
+    assert results["scene_cls"] == {"n": 3, "accuracy": 1.0}
+    assert results["vqa"]["accuracy/presence"] == 1.0 and "accuracy/count" not in results["vqa"]
+    assert results["change_det"]["accuracy"] == 1.0 and results["temporal_cls"]["accuracy"] == 1.0
+    assert set(results["grounding_desc"]) == {
+        "n", "precision@0.5", "precision@0.25", "rouge_1", "rouge_l", "meteor"}
+    table = (out / "table_referred_det_rot.csv").read_text().splitlines()
+    assert table[0].startswith("benchmark,n,precision@0.5/small")
+    assert table[1].startswith("mixed,3,")
+    assert "### region_caption" in (out / "tables.md").read_text()
+
+
+def test_predictions_cli_scores_own_predictions_of_every_task(tmp_path):
+    """This project's predictions.jsonl with the benchmark it answers (--data): every registered
+    task of the embedded world, under both protocols; perfect answers score 1 where the metric
+    allows it."""
+    from geovlm.tasks import registry
+
+    items = E.load_samples("embedded", None, "auto", "qwen25vl", {})
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(
+        json.dumps({"id": s.id, "task": s.task, "reference": s.target.answer,
+                    "prediction": f"<think>x</think><answer>{s.target.answer}</answer>"}) + "\n"
+        for s in items))
+    for protocol in ("earthdial", "geovlm"):
+        out = tmp_path / protocol
+        argv = ["--predictions", str(path), "--data", "embedded", "--protocol", protocol,
+                "--meteor", "nltk", "--out", str(out)]
+        assert E.main(argv) == 0
+        results = json.loads((out / "results.json").read_text())["embedded"]
+        assert set(results) == set(registry.names())
+        assert results["scene_cls"]["accuracy"] == 1.0
+        assert results["change_det"]["accuracy"] == 1.0
+    assert results["referred_det"]["acc@0.5"] == 1.0  # geovlm's own metric
+
+
+def test_predictions_cli_own_predictions_need_data(tmp_path, capsys):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps({"id": "a", "task": "vqa", "prediction": "yes"}) + "\n")
+    assert E.main(["--predictions", str(path)]) == 2
+    assert "need --data" in capsys.readouterr().err

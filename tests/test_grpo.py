@@ -9,9 +9,10 @@ import torch
 
 from geovlm.advantages import group_advantages
 from geovlm.config import RunConfig, StageConfig
+from geovlm.engines.base import EngineSetup, Sampling
+from geovlm.engines.builtin import BuiltinEngine
 from geovlm.grpo import build_policy_batch, completion_logps, policy_loss
 from geovlm.loop import StageContext
-from geovlm.rollout import generate_rollouts
 from geovlm.runtime import Runtime
 from tests.test_model import make_sample, tiny_policy
 
@@ -23,7 +24,8 @@ def setup():
     model, processor = tiny_policy(seed=5)
     rng = np.random.default_rng(3)
     samples = [make_sample(rng, 0), make_sample(rng, 1, ((112, 112), (84, 140)))]
-    rollouts = generate_rollouts(model, processor, samples, G, max_new_tokens=7, seed=2)
+    engine = BuiltinEngine(model, processor, EngineSetup())
+    rollouts = engine.generate(samples, G, Sampling(max_new_tokens=7, seed=2))
     return model, processor, rollouts
 
 

@@ -197,7 +197,7 @@ def test_qwen2_vl_shares_prompts_too(policy, tmp_path):
     """Qwen2-VL (not 2.5): its own get_rope_index and text model; hidden states, gradients and
     greedy rollouts equal the full path."""
     from geovlm.model import build_policy
-    from geovlm.rollout import generate_rollouts
+    from tests.test_engines.test_builtin import generate_rollouts
     from tests.test_model import _save_tiny_qwen2_vl
 
     _save_tiny_qwen2_vl(tmp_path, policy[1])

@@ -99,9 +99,11 @@ def test_sft_then_grpo_stages_chain_and_resume_exactly(tmp_path, monkeypatch):
         " {name: grpo_b, kind: grpo, tasks: [referred_det], steps: 1, batch_size: 2,"
         "  num_generations: 2, max_new_tokens: 6, beta: 0.0, loss_type: grpo}]"
     )
-    straight = config_for(tmp_path, "straight", stages)
+    # The resumed run prepares its batches (SFT windows, GRPO prompts) in a background worker,
+    # the straight one inline: both must give the same steps.
+    straight = config_for(tmp_path, "straight", stages, "data.workers=0")
     run(straight)
-    resumed = config_for(tmp_path, "resumed", stages)
+    resumed = config_for(tmp_path, "resumed", stages, "data.workers=1")
     crash_on_call(monkeypatch, 2 + 2)  # SFT takes 2 steps; die in GRPO's step 1
     with pytest.raises(Crash):
         run(resumed)

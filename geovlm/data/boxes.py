@@ -8,8 +8,17 @@ conventions, converted here and only here:
 * ``"qwen2vl"``  — integers on 0..1000 of each image side (Qwen2-VL's grounding format).
 * ``"qwen25vl"`` — absolute pixels of the *resized* model input (Qwen2.5-VL); the resized size is
   ``qwen_vl_utils.smart_resize`` of the original with the processor's pixel budget.
-* ``"geochat"``  — GeoChat's ``{<x1><y1><x2><y2>|<θ>}``: corners of the unrotated box on 0..100
-  of each side, and θ the rotation in degrees (read as counter-clockwise).
+* ``"geochat"``  — 0..100 of each side: GeoChat's ``{<x1><y1><x2><y2>|<θ>}`` and the bracketed
+  ``[[x1, y1, x2, y2, θ]]`` of EarthDial's and GeoChat's benchmark files (θ in degrees, read as
+  counter-clockwise).
+
+Four numbers are always ``x1, y1, x2, y2``. Five numbers follow a *layout* (``LAYOUTS``):
+
+* ``"corners"`` — ``x1, y1, x2, y2, θ``: the corners of the unrotated box, then its rotation
+  (GeoChat, EarthDial; the default of ``"geochat"``);
+* ``"centre"``  — ``cx, cy, w, h, θ`` (the project's own rotated rows; the default of the other
+  conventions);
+* ``"xyxy"``    — axis-aligned boxes only: five numbers are an error.
 
 For rotated boxes the centre and side lengths are scaled per axis; under anisotropic scaling
 (width and height scaled differently) this is the usual approximation all three conventions make.
@@ -17,13 +26,17 @@ For rotated boxes the centre and side lengths are scaled per axis; under anisotr
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 Convention = Literal["pixels", "qwen2vl", "qwen25vl", "geochat"]
 CONVENTIONS: tuple[str, ...] = ("pixels", "qwen2vl", "qwen25vl", "geochat")
+Layout = Literal["corners", "centre", "xyxy"]
+LAYOUTS: tuple[str, ...] = ("corners", "centre", "xyxy")
 
 # Qwen2.5-VL's patch (14) times its spatial merge (2): resized sides are multiples of this.
 QWEN_RESIZE_FACTOR = 28
@@ -65,6 +78,35 @@ def qwen25vl_resized_size(
     return w_bar, h_bar
 
 
+def saved_pixel_budget(directory: str | Path) -> tuple[int | None, int | None]:
+    """``(min_pixels, max_pixels)`` of the image processor saved in a model directory.
+
+    transformers 5 saves ``processor_config.json`` with an ``image_processor`` section, older
+    checkpoints ``preprocessor_config.json``; the budget is ``size.shortest_edge`` /
+    ``size.longest_edge`` or the legacy ``min_pixels`` / ``max_pixels``, as the processor reads it
+    back. ``(None, None)`` when neither file gives one; an unreadable file is a ``ValueError``
+    naming it.
+    """
+    for name, section in (("processor_config.json", "image_processor"),
+                          ("preprocessor_config.json", None)):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg})") from err
+        config = config.get(section, {}) if section and isinstance(config, dict) else config
+        if not isinstance(config, dict):
+            continue
+        size = config.get("size") if isinstance(config.get("size"), dict) else {}
+        low = size.get("shortest_edge", config.get("min_pixels"))
+        high = size.get("longest_edge", config.get("max_pixels"))
+        if low is not None or high is not None:
+            return low, high
+    return None, None
+
+
 def _scale(
     convention: str, image_size: tuple[int, int], resized_size: tuple[int, int] | None
 ) -> tuple[float, float]:
@@ -93,6 +135,21 @@ def _as_boxes(boxes) -> np.ndarray:
     return arr
 
 
+def default_layout(convention: str) -> str:
+    """The layout of five-number boxes in ``convention``: GeoChat's corners for ``"geochat"``,
+    the centre form otherwise."""
+    return "corners" if convention == "geochat" else "centre"
+
+
+def _layout(layout: str | None, convention: str, width: int) -> str:
+    layout = default_layout(convention) if layout is None else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown box layout {layout!r}; known: {LAYOUTS}")
+    if layout == "xyxy" and width == 5:
+        raise ValueError("box layout 'xyxy' takes four numbers x1, y1, x2, y2, got five")
+    return layout
+
+
 def _convert_rotated_from_corners(arr: np.ndarray) -> np.ndarray:
     """GeoChat's rotated boxes: corners of the unrotated box plus θ -> cx, cy, w, h, θ."""
     x1, y1, x2, y2, theta = arr.T
@@ -110,15 +167,16 @@ def to_pixels(
     convention: Convention,
     image_size: tuple[int, int],
     resized_size: tuple[int, int] | None = None,
+    layout: Layout | None = None,
 ) -> np.ndarray:
     """Convert ``[K, 4]`` xyxy or ``[K, 5]`` rotated boxes from ``convention`` to original pixels.
 
-    For ``"geochat"`` a 5-column box is ``x1, y1, x2, y2, θ`` (GeoChat's layout) and comes back as
-    ``cx, cy, w, h, θ``; for the other conventions 5 columns are already ``cx, cy, w, h, θ``.
+    Five columns are read in ``layout`` (default ``default_layout(convention)``: ``x1, y1, x2, y2,
+    θ`` for ``"geochat"``, ``cx, cy, w, h, θ`` otherwise) and come back as ``cx, cy, w, h, θ``.
     """
     arr = _as_boxes(boxes).copy()
     sx, sy = _scale(convention, image_size, resized_size)
-    if arr.shape[1] == 5 and convention == "geochat":
+    if arr.shape[1] == 5 and _layout(layout, convention, 5) == "corners":
         arr = _convert_rotated_from_corners(arr)
     arr[:, [0, 2]] *= sx
     arr[:, [1, 3]] *= sy
@@ -130,13 +188,15 @@ def from_pixels(
     convention: Convention,
     image_size: tuple[int, int],
     resized_size: tuple[int, int] | None = None,
+    layout: Layout | None = None,
 ) -> np.ndarray:
-    """Inverse of ``to_pixels``: original pixels -> ``convention`` (floats, not rounded)."""
+    """Inverse of ``to_pixels``: original pixels -> ``convention`` (floats, not rounded), five
+    columns in ``layout``."""
     arr = _as_boxes(boxes).copy()
     sx, sy = _scale(convention, image_size, resized_size)
     arr[:, [0, 2]] /= sx
     arr[:, [1, 3]] /= sy
-    if arr.shape[1] == 5 and convention == "geochat":
+    if arr.shape[1] == 5 and _layout(layout, convention, 5) == "corners":
         arr = _convert_rotated_to_corners(arr)
     return arr
 

@@ -1,4 +1,6 @@
-"""Readers for real instruction files: LLaVA / GeoChat-style JSON and VLM-R1 JSONL -> ``Sample``.
+"""Readers for real data files -> ``Sample``: LLaVA / GeoChat-style JSON, VLM-R1 JSONL, and
+(through ``geovlm.data.earthdial``) EarthDial's Arrow test sets and EarthDial / GeoChat benchmark
+JSONL.
 
 Formats:
 
@@ -9,16 +11,22 @@ Formats:
 * ``"vlmr1"``: JSON lines of ``{"image" | "images", "problem" + "solution" | "conversations",
   "task" | "type", ...}``; ``"image"`` may be a list (several images per sample). An answer
   wrapped in ``<answer>...</answer>`` is unwrapped, and a ``<think>...</think>`` becomes the
-  sample's think trace.
+  sample's think trace (the SFT target's reasoning); an answer without one takes the record's
+  ``think`` / ``reasoning`` / ``rationale`` field, if any.
+* ``"earthdial"``: a folder saved by ``datasets.Dataset.save_to_disk`` (EarthDial's test sets) or
+  a JSONL benchmark file (EarthDial's / GeoChat's ``question`` + ground-truth records), read by
+  ``geovlm.data.earthdial``.
 
-``"auto"`` picks ``vlmr1`` for ``.jsonl`` files and ``llava`` otherwise; both accept both record
+``"auto"`` (``resolve_format``) picks ``earthdial`` for folders and benchmark JSONL, ``vlmr1``
+for other ``.jsonl`` files and ``llava`` otherwise; ``llava`` and ``vlmr1`` accept both record
 shapes. Image paths are relative to ``image_root`` (default: the data file's folder). Boxes are
 converted to float64 pixels of the original image, whose size is read from the image file's
 header, and re-rendered in the model's ``convention`` in prompts and answers: GeoChat boxes
-are recognised by their syntax, bracketed ``[x1, y1, x2, y2]`` (or ``[cx, cy, w, h, angle]``)
-boxes are read in ``source_convention``. Axis-aligned tasks take the enclosing box of a rotated
-one; rotated tasks read an axis-aligned box as angle 0. Labels (classification, VQA) are lower
-case without a trailing period; captions are kept as written.
+are recognised by their syntax, bracketed ``[x1, y1, x2, y2]`` boxes are read in
+``source_convention`` and five bracketed numbers in the ``box_layout`` (``geovlm.data.boxes``:
+corners + θ as GeoChat and EarthDial write them, or centre + θ). Axis-aligned tasks take the
+enclosing box of a rotated one; rotated tasks read an axis-aligned box as angle 0. Labels
+(classification, VQA) are lower case without a trailing period; captions are kept as written.
 
 The task comes from the ``task`` argument, else a ``task`` / ``type`` field of the record (a task
 name or one of its aliases, e.g. ``"rec"``), else a GeoChat tag (``[refer]``, ``[grounding]``,
@@ -41,10 +49,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from geovlm.data.boxes import CONVENTIONS, from_pixels, qwen25vl_resized_size, render_box, to_pixels
+from geovlm.data.boxes import (
+    CONVENTIONS,
+    LAYOUTS,
+    from_pixels,
+    qwen25vl_resized_size,
+    render_box,
+    to_pixels,
+)
 from geovlm.data.schema import Sample, Target
 
-FORMATS: tuple[str, ...] = ("auto", "llava", "geochat", "vlmr1")
+FORMATS: tuple[str, ...] = ("auto", "llava", "geochat", "vlmr1", "earthdial")
+# Record fields holding the SFT reasoning trace of an answer written without ``<think>``.
+REASONING_FIELDS: tuple[str, ...] = ("think", "reasoning", "rationale")
 
 _NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _GEOCHAT_BOX = re.compile(
@@ -198,10 +215,16 @@ class _ImageSizes:
 
 
 class _Boxes:
-    """Box conversion for one sample: source conventions -> pixels -> the model's convention."""
+    """Box conversion for one sample: source conventions -> pixels -> the model's convention.
 
-    def __init__(self, image_size, source: str, target: str, min_pixels, max_pixels) -> None:
-        self.image_size, self.source, self.target = image_size, source, target
+    Bracketed boxes are read in ``source`` with five numbers in ``layout``; GeoChat's ``{<..>}``
+    boxes are always GeoChat's (0..100, corners + θ).
+    """
+
+    def __init__(
+        self, image_size, source: str, target: str, min_pixels, max_pixels, layout: str | None
+    ) -> None:
+        self.image_size, self.source, self.target, self.layout = image_size, source, target, layout
         self.resized = None
         if "qwen25vl" in (source, target):
             budget = {
@@ -212,12 +235,16 @@ class _Boxes:
             self.resized = qwen25vl_resized_size(image_size, **budget)
 
     def find(self, text: str) -> list[tuple[tuple[int, int], np.ndarray]]:
-        """``(span, [4] xyxy or [5] rotated pixels)`` of every box in ``text``, in order."""
+        """``(span, [4] xyxy or [5] rotated pixels)`` of every box in ``text``, in order; a box
+        its layout cannot read is a ``ValueError``."""
         found = []
-        for pattern, convention in ((_GEOCHAT_BOX, "geochat"), (_BRACKET_BOX, self.source)):
+        readers = ((_GEOCHAT_BOX, "geochat", "corners"), (_BRACKET_BOX, self.source, self.layout))
+        for pattern, convention, layout in readers:
             for match in pattern.finditer(text):
                 values = [float(v) for v in match.groups() if v is not None]
-                pixels = to_pixels(np.array([values]), convention, self.image_size, self.resized)
+                pixels = to_pixels(
+                    np.array([values]), convention, self.image_size, self.resized, layout
+                )
                 found.append((match.span(), pixels[0]))
         return sorted(found, key=lambda item: item[0])
 
@@ -247,9 +274,11 @@ def as_rotated(box: np.ndarray) -> np.ndarray:
     return np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, 0.0])
 
 
-def _check_box(box: np.ndarray, where: _Where, field: str) -> None:
+def _check_box(box: np.ndarray, where: _Where, field: str, strict: bool = True) -> None:
     if not np.all(np.isfinite(box)):
         raise where.error(field, f"non-finite box {box.tolist()}")
+    if not strict:
+        return
     w, h = (box[2] - box[0], box[3] - box[1]) if box.shape[0] == 4 else (box[2], box[3])
     if w <= 0 or h <= 0:
         raise where.error(field, f"degenerate box {box.tolist()} (width/height must be > 0)")
@@ -294,7 +323,7 @@ class Exchange:
 
     Attributes:
         task: the task the record names (the spec whose hook is called).
-        format: the file format, ``"llava"`` or ``"vlmr1"``.
+        format: the file format, ``"llava"``, ``"vlmr1"`` or ``"earthdial"``.
         record: the record's JSON object (extra fields: ``classes``, ``captions``, ...).
         prompt: the human text without ``<image>`` placeholders, boxes as written.
         answer: the assistant's answer (``<answer>`` unwrapped, ``<think>`` removed), as written.
@@ -318,6 +347,7 @@ class Exchange:
     _field: str
     _boxes: _Boxes
     _found: list
+    _strict: bool = True
 
     def error(self, message: str, field: str | None = None) -> ValueError:
         """A ``ValueError`` naming the file, the record and ``field`` (default: the answer's)."""
@@ -335,6 +365,17 @@ class Exchange:
         """The answer with every box re-rendered in the model's convention (``rotated``: as
         rotated boxes, or as axis-aligned hulls when ``False``; as found when ``None``)."""
         return clean_text(_rerender(self.answer, self._boxes, self._found, rotated))
+
+    def field_boxes(self, name: str) -> list[np.ndarray]:
+        """The boxes written in the record's text field ``name``, in pixels (as ``answer_boxes``);
+        ``[]`` when the record has no such field."""
+        if name not in self.record:
+            return []
+        value = self.record[name]
+        if not isinstance(value, str):
+            raise self.error(f"expected a string of boxes, got {type(value).__name__}", name)
+        found = find_boxes(self._boxes, value, self._where, name, self._strict)
+        return [box for _, box in found]
 
     def string_list(self, *names: str) -> tuple[str, ...]:
         """The first of the record's fields ``names`` that is present, a list of strings."""
@@ -372,7 +413,21 @@ def _task_of(record: dict, prompt: str, explicit: str | None, where: _Where) -> 
     )
 
 
-def _target(
+def find_boxes(
+    boxes: _Boxes, text: str, where: _Where, field: str, strict: bool = True
+) -> list:
+    """``boxes.find(text)`` with every box checked: finite, and with ``strict`` positive sides
+    too; errors name the record and ``field``."""
+    try:
+        found = boxes.find(text)
+    except ValueError as err:
+        raise where.error(field, str(err)) from None
+    for k, (_, box) in enumerate(found):
+        _check_box(box, where, f"{field} (box {k})", strict)
+    return found
+
+
+def target_of(
     task: str,
     fmt: str,
     prompt: str,
@@ -383,18 +438,17 @@ def _target(
     where: _Where,
     fields: tuple[str, str],
     from_tag: bool,
+    strict: bool = True,
 ) -> tuple[Target, str]:
     """The Target of one exchange (the task's ``from_record``), and its prompt with boxes
-    re-rendered."""
+    re-rendered in the model's convention. ``fields`` name the prompt's and the answer's fields
+    in error messages; ``strict=False`` keeps degenerate boxes (a zero side: benchmark files
+    have a few, and they score IoU 0)."""
     from geovlm.tasks import registry
 
     prompt_field, field = fields
-    found = boxes.find(answer_text)
-    for k, (_, box) in enumerate(found):
-        _check_box(box, where, f"{field} (box {k})")
-    prompt_found = boxes.find(prompt)
-    for k, (_, box) in enumerate(prompt_found):
-        _check_box(box, where, f"{prompt_field} (box {k})")
+    found = find_boxes(boxes, answer_text, where, field, strict)
+    prompt_found = find_boxes(boxes, prompt, where, prompt_field, strict)
     prompt_out = clean_text(_rerender(prompt, boxes, prompt_found))
     read = registry.get(task).from_record
     if read is None:
@@ -413,8 +467,29 @@ def _target(
         _field=field,
         _boxes=boxes,
         _found=found,
+        _strict=strict,
     )
-    return read(exchange), prompt_out
+    target = read(exchange)
+    target.meta.update(record_meta(record))
+    return target, prompt_out
+
+
+def record_meta(record: dict) -> dict:
+    """Evaluation facts a benchmark record states (they override what a task hook derives):
+    ``size_group`` (small / medium / large: the size split, instead of the area bucket) ->
+    ``meta["size"]``, ``task_type`` -> ``meta["task_type"]``, ``question_type`` / ``vqa_type``
+    -> ``meta["question_type"]`` (VQA's per-type columns)."""
+    meta = {}
+    size = record.get("size_group")
+    if isinstance(size, str) and size.strip().lower() in ("small", "medium", "large"):
+        meta["size"] = size.strip().lower()
+    if isinstance(record.get("task_type"), str) and record["task_type"].strip():
+        meta["task_type"] = record["task_type"].strip()
+    for name in ("question_type", "vqa_type"):
+        if isinstance(record.get(name), str) and record[name].strip():
+            meta["question_type"] = record[name].strip()
+            break
+    return meta
 
 
 def _split_answer(text: str) -> tuple[str, str]:
@@ -427,46 +502,101 @@ def _split_answer(text: str) -> tuple[str, str]:
     return body.strip(), think.group(1).strip() if think else ""
 
 
+def _reasoning(record: dict, where: _Where) -> str:
+    """The record's reasoning trace (``REASONING_FIELDS``), for an answer without ``<think>``."""
+    for name in REASONING_FIELDS:
+        if name in record and record[name] is not None:
+            return _text(record[name], where, name).strip()
+    return ""
+
+
+def resolve_format(path: Path, fmt: str) -> str:
+    """The format a file is read in: ``fmt``, or for ``"auto"``: ``"earthdial"`` for a folder
+    (a ``datasets`` Arrow test set) or a JSONL file whose first record is a benchmark record
+    (``question`` without ``conversations`` / ``problem``), ``"vlmr1"`` for other JSONL files,
+    ``"llava"`` otherwise."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
+    if fmt != "auto":
+        return "llava" if fmt == "geochat" else fmt
+    if path.is_dir():
+        return "earthdial"
+    if path.suffix.lower() != ".jsonl":
+        return "llava"
+    with path.open(encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        record = json.loads(first) if first else {}
+    except json.JSONDecodeError:
+        return "vlmr1"  # the reader names the bad line
+    benchmark = isinstance(record, dict) and "question" in record
+    return "earthdial" if benchmark and not {"conversations", "problem"} & set(record) else "vlmr1"
+
+
+def check_conventions(convention: str, source_convention: str | None, layout: str | None) -> None:
+    for name, value in (("convention", convention), ("source_convention", source_convention)):
+        if value is not None and value not in CONVENTIONS:
+            raise ValueError(f"unknown {name} {value!r}; known: {CONVENTIONS}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown box layout {layout!r}; known: {LAYOUTS}")
+
+
 def read_samples(
     path: str | Path,
     image_root: str | Path | None = None,
     fmt: str = "auto",
     task: str | None = None,
     convention: str = "qwen25vl",
-    source_convention: str = "pixels",
+    source_convention: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    box_layout: str | None = None,
 ) -> list[Sample]:
-    """Read a LLaVA/GeoChat JSON or VLM-R1 JSONL file into samples (see the module docstring).
+    """Read a data file into samples (see the module docstring).
 
     Args:
-        path: the data file.
+        path: the data file (an Arrow test set is a folder).
         image_root: folder the records' relative image paths are under (default: the file's).
-        fmt: ``"auto"``, ``"llava"`` (= ``"geochat"``) or ``"vlmr1"``.
+        fmt: ``"auto"`` (``resolve_format``), ``"llava"`` (= ``"geochat"``), ``"vlmr1"`` or
+            ``"earthdial"`` (``geovlm.data.earthdial``).
         task: the task of every record; ``None`` reads it from each record.
         convention: the model's box convention, used to render boxes in prompts and answers.
         source_convention: the convention of bracketed ``[...]`` boxes in the file (GeoChat
-            ``{<..>}`` boxes are always read as ``"geochat"``).
+            ``{<..>}`` boxes are always read as ``"geochat"``); ``None``: the format's
+            (``"geochat"``, 0..100, for EarthDial / GeoChat benchmarks, else ``"pixels"``).
         min_pixels, max_pixels: the processor's pixel budget, for the ``"qwen25vl"`` resize.
+        box_layout: how five bracketed numbers are read (``geovlm.data.boxes.LAYOUTS``);
+            ``None``: the format's (corners for EarthDial / GeoChat benchmarks, else the source
+            convention's default).
     """
     path = Path(path)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
-    for name, value in (("convention", convention), ("source_convention", source_convention)):
-        if value not in CONVENTIONS:
-            raise ValueError(f"unknown {name} {value!r}; known: {CONVENTIONS}")
+    check_conventions(convention, source_convention, box_layout)
     if task is not None:
         from geovlm.tasks import registry
 
         registry.check([task])
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"data file {path} not found")
-    if fmt == "auto":
-        fmt = "vlmr1" if path.suffix.lower() == ".jsonl" else "llava"
+    fmt = resolve_format(path, fmt)
+    if fmt == "earthdial":
+        from geovlm.data.earthdial import read_benchmark
+
+        return read_benchmark(
+            path,
+            image_root=image_root,
+            task=task,
+            convention=convention,
+            source_convention=source_convention or "geochat",
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            box_layout=box_layout or "corners",
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} is a folder, not a {fmt} file")
+    source_convention = source_convention or "pixels"
     sizes = _ImageSizes(Path(image_root) if image_root is not None else path.parent)
     samples: list[Sample] = []
     seen: set[str] = set()
-    fmt = "vlmr1" if fmt == "vlmr1" else "llava"
     for index, line, record in _records(path, fmt):
         where = _Where(path, index, line)
         if not isinstance(record, dict):
@@ -480,13 +610,17 @@ def read_samples(
                 "conversations" if "conversations" in record else "problem",
                 f"{placeholders} <image> placeholders for {len(paths)} image(s)",
             )
-        boxes = _Boxes(image_sizes[0], source_convention, convention, min_pixels, max_pixels)
+        boxes = _Boxes(
+            image_sizes[0], source_convention, convention, min_pixels, max_pixels, box_layout
+        )
         base = str(record["id"]) if record.get("id") is not None else f"{path.stem}-{index}"
         for turn, (human_field, human, field, assistant) in enumerate(pairs):
             prompt = human.replace("<image>", "").strip()
             sample_task, from_tag = _task_of(record, prompt, task, where)
             answer_text, think = _split_answer(assistant)
-            target, prompt_out = _target(
+            if not think and len(pairs) == 1:
+                think = _reasoning(record, where)
+            target, prompt_out = target_of(
                 sample_task,
                 fmt,
                 prompt,

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from geovlm.config import DataConfig
+from geovlm.config import DataConfig, ModelConfig
 from geovlm.data.schema import Sample
 
 SPLITS = ("train", "val", "test")
 
 
-def load_splits(data: DataConfig, convention: str) -> dict[str, list[Sample]]:
+def model_pixel_budget(model: ModelConfig) -> tuple[int | None, int | None]:
+    """``(min_pixels, max_pixels)`` of the processor the run's model will have: the tiny model's
+    ``model.tiny`` budget, or the one saved with ``model.path``'s processor (``None`` where it
+    saves none: the processor's default). The one place a run computes it before the model is
+    built, so that Qwen2.5-VL boxes in SFT targets, rewards and evaluation share one frame
+    (those read the built processor's, ``geovlm.data.collate.pixel_budget``, which is this)."""
+    if model.path is None:
+        return model.tiny.min_pixels, model.tiny.max_pixels
+    from geovlm.data.boxes import saved_pixel_budget
+
+    return saved_pixel_budget(model.path)
+
+
+def load_splits(
+    data: DataConfig, convention: str, pixel_budget: tuple[int | None, int | None] = (None, None)
+) -> dict[str, list[Sample]]:
     """Every split's samples; ``"embedded"`` splits come from one call to the embedded world.
 
-    The modules of ``data.task_modules`` are imported first, so their tasks are registered in
-    every process that loads data (each rank under torchrun).
+    Boxes are rendered in the model's ``convention`` with the processor's ``pixel_budget``
+    (``model_pixel_budget``). The modules of ``data.task_modules`` are imported first, so their
+    tasks are registered in every process that loads data (each rank under torchrun).
     """
     from geovlm.tasks import registry
 
@@ -31,6 +47,8 @@ def load_splits(data: DataConfig, convention: str) -> dict[str, list[Sample]]:
             image_size=data.image_size,
             tasks=data.tasks,
             convention=convention,
+            min_pixels=pixel_budget[0],
+            max_pixels=pixel_budget[1],
         )
     for split in SPLITS:
         source = getattr(data, split)
@@ -42,7 +60,14 @@ def load_splits(data: DataConfig, convention: str) -> dict[str, list[Sample]]:
             from geovlm.data.readers import read_samples
 
             out[split] = read_samples(
-                source, image_root=data.image_root, fmt=data.format, convention=convention
+                source,
+                image_root=data.image_root,
+                fmt=data.format,
+                convention=convention,
+                source_convention=data.source_convention,
+                min_pixels=pixel_budget[0],
+                max_pixels=pixel_budget[1],
+                box_layout=data.box_layout,
             )
     return out
 

@@ -1,22 +1,23 @@
-"""Pure-torch GRPO loss and log-prob math: the spec that every kernel in ``geovlm.kernels`` is
-tested against.
+"""The spec: pure-torch GRPO loss and log-prob math that every kernel in ``geovlm.kernels`` is
+tested against, and that their CPU path evaluates chunk by chunk.
 
 Shapes: logits ``[B, L, V]`` (any float dtype, computed in at least fp32), token ids ``[B, L]``,
 per-token log-probs ``[B, L]``, advantages ``[B]`` (``[B, 1]`` and ``[B, L]`` are accepted too),
 completion mask ``[B, L]`` (bool, int or float 0/1), vLLM importance-sampling ratio ``[B, L]``,
-``[B, 1]`` or ``[B]``.
+``[B, 1]`` or ``[B]``; hidden states ``[N, H]`` and ``lm_head.weight`` ``[V, H]`` for the logits
+``linear_logits``.
 
 ``grpo_loss_from_logps`` is TRL's ``GRPOTrainer._compute_loss`` (trl 1.16) restated as a function of
-the policy's per-token log-probs: every ``loss_type``, token- or sequence-level importance sampling,
-the two-sided clip ``delta``, the k3 KL estimator with optional bias correction, the vLLM
-importance-sampling ratio and ``num_items_in_batch``. It is differentiable with respect to
-``per_token_logps``; the fused kernels get their per-token gradient ``dLoss/dlogp`` from it by
-autograd, so the GRPO math has exactly one definition. Two deliberate differences from TRL, both
-at the trainer boundary: the loss is not divided by the gradient-accumulation steps (the caller
-does that), and ``num_items_in_batch`` follows Liger's ``triton_grpo_loss`` (the total number of
-completion tokens over all processes; the normaliser is it over the world size). Positions where
-the mask is 0 are zeroed in every input before use, so padding garbage (inf, NaN) cannot leak into
-the loss or its gradient.
+the policy's per-token log-probs, configured by ``GRPOLossOptions`` (``options.py``): every
+``loss_type``, token- or sequence-level importance sampling, the two-sided clip ``delta``, the k3
+KL estimator with optional bias correction, the vLLM importance-sampling ratio and
+``num_items_in_batch``. It is differentiable with respect to ``per_token_logps``; the fused kernels
+get their per-token gradient ``dLoss/dlogp`` from it by autograd, so the GRPO math has exactly one
+definition. Two deliberate differences from TRL, both at the trainer boundary: the loss is not
+divided by the gradient-accumulation steps (the caller does that), and ``num_items_in_batch``
+follows Liger's ``triton_grpo_loss`` (see ``dapo_normalizer``). Positions where the mask is 0 are
+zeroed in every input before use, so padding garbage (inf, NaN) cannot leak into the loss or its
+gradient. Nothing here communicates between processes.
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
-# The loss types that clip the ratio PPO-style (and so log the clip ratios TRL logs).
-_PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+from .options import (
+    LOSS_TYPES,
+    PPO_CLIP_LOSS_TYPES,
+    TOKEN_NORMALISED_LOSS_TYPES,
+    GRPOLossOptions,
+    check_choice,
+    resolve_options,
+)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 for half/bf16/fp32 inputs; fp64 stays fp64 so float64 oracles stay exact."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
@@ -47,24 +52,35 @@ def selective_log_softmax(
     logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """``log_softmax(logits / temperature)[..., ids]``: ``[B, L, V]``, ``[B, L]`` -> ``[B, L]``."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if logits.shape[:-1] != ids.shape:
         raise ValueError(
             f"ids shape {tuple(ids.shape)} must be logits.shape[:-1] = {tuple(logits.shape[:-1])}"
         )
     # log_softmax subtracts the row max first, which is exact in floating point, so rows far
     # from 0 (e.g. all near -1e4) keep full precision; ``x - logsumexp(x)`` would not.
-    logp = F.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+    logp = F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
     return torch.gather(logp, -1, ids.long().unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Shannon entropy (nats) of ``softmax(logits / temperature)``: ``[..., V]`` -> ``[...]``."""
-    _check_temperature(temperature)
-    logp = F.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+    check_temperature(temperature)
+    logp = F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
     p = logp.exp()
-    # -inf logits have p == 0; 0 * -inf would be NaN, their contribution is 0.
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # -inf logits have p == 0 and contribute 0; 0 * -inf would be NaN, in the value and in its
+    # gradient, so logp is zeroed there before the product.
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def linear_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` in the compute dtype of ``hidden`` (fp32, or fp64 for fp64):
+    ``[..., H]``, ``[V, H]``, ``[V]`` -> ``[..., V]``. Each input is rounded to that dtype as
+    stored, so bf16 weights and activations multiply exactly."""
+    dtype = compute_dtype(hidden)
+    return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 def gamma_weights(
@@ -72,10 +88,10 @@ def gamma_weights(
     log_ratio_per_token: torch.Tensor,
     mask: torch.Tensor,
     importance_sampling_ratio: torch.Tensor | None,
-    k_pos: float = 2.0,
-    lambda_pos: float = 3.0,
-    k_neg: float = 3.0,
-    lambda_neg: float = 2.0,
+    k_pos: float,
+    lambda_pos: float,
+    k_neg: float,
+    lambda_neg: float,
 ) -> torch.Tensor:
     """VESPO's detached sequence weight ``phi(w) = exp(lambda + k log w - lambda w)``: ``[B, 1]``.
 
@@ -105,25 +121,20 @@ def _world_size() -> int:
 def dapo_normalizer(
     mask: torch.Tensor, num_items_in_batch: int | float | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Token normaliser of dapo / cispo / vespo, as Liger and TRL compute it per process.
+    """Token normaliser of dapo / cispo / vespo for this process (no communication).
 
-    ``num_items_in_batch`` (completion tokens over the whole generation batch and all processes)
-    divided by the world size; without it the mask's token count, summed over processes.
+    The contract, Liger's and TRL's: ``num_items_in_batch`` is the number of completion tokens of
+    the whole batch, over every process (and every gradient-accumulation micro-batch the
+    optimiser step spans); the normaliser is it over the world size, so that data parallelism's
+    mean over processes makes the loss a mean over all those tokens. The caller computes it (an
+    all-reduce of its token count under data parallelism). Without it the normaliser is this
+    call's own token count: right for one process, and for several only when they hold equally
+    many tokens.
     """
-    world = _world_size()
     if num_items_in_batch is not None:
         n = torch.as_tensor(num_items_in_batch, device=mask.device).to(mask.dtype)
-        return (n / world).clamp(min=1.0)
-    n = mask.sum()
-    if world > 1:
-        n = n.detach().clone()
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM)
-    return (n / world).clamp(min=1.0)
-
-
-def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        return (n / _world_size()).clamp(min=1.0)
+    return mask.sum().clamp(min=1.0)
 
 
 def _as_2d(t: torch.Tensor, name: str, b: int, seq: int, dtype: torch.dtype) -> torch.Tensor:
@@ -174,36 +185,25 @@ def grpo_per_token_loss(
     ref_per_token_logps: torch.Tensor | None,
     advantages: torch.Tensor,
     completion_mask: torch.Tensor | None,
+    options: GRPOLossOptions | None = None,
     *,
-    beta: float = 0.04,
-    eps_low: float = 0.2,
-    eps_high: float = 0.4,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    delta: float | None = None,
-    use_bias_correction_kl: bool = False,
     vllm_is_ratio: torch.Tensor | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
+    **option_keywords,
 ) -> GRPOTerms:
     """The unreduced GRPO objective, before the ``loss_type`` normalisation (see ``GRPOTerms``).
 
-    ``metrics`` holds TRL's names: ``kl`` (when ``beta != 0``); ``clip_ratio/low_mean``,
-    ``high_mean``, ``region_mean``, ``low_min``, ``high_max`` for the PPO-clipped types;
-    ``cispo_clip_ratio``; ``vespo/phi_seq_mean``.
+    The options come as ``options`` or as ``GRPOLossOptions`` keywords (``loss_type="grpo"``...),
+    not both; ``temperature`` and ``max_completion_length`` play no part here. ``metrics`` holds
+    TRL's names: ``kl`` (when ``beta != 0``); ``clip_ratio/low_mean``, ``high_mean``,
+    ``region_mean``, ``low_min``, ``high_max`` for the PPO-clipped types; ``cispo_clip_ratio``;
+    ``vespo/phi_seq_mean``.
     """
-    _check_option("loss_type", loss_type, LOSS_TYPES)
-    _check_option(
-        "importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS
-    )
+    opts = resolve_options(options, **option_keywords)
+    loss_type, beta, eps_low, eps_high = opts.loss_type, opts.beta, opts.eps_low, opts.eps_high
     if per_token_logps.dim() != 2:
         raise ValueError(f"per_token_logps must be [B, L], got {tuple(per_token_logps.shape)}")
     b, seq = per_token_logps.shape
-    dtype = _compute_dtype(per_token_logps)
+    dtype = compute_dtype(per_token_logps)
     for name, t in (("old_per_token_logps", old_per_token_logps),
                     ("ref_per_token_logps", ref_per_token_logps),
                     ("completion_mask", completion_mask)):
@@ -213,11 +213,6 @@ def grpo_per_token_loss(
             )
     if beta != 0.0 and ref_per_token_logps is None:
         raise ValueError("ref_per_token_logps is required when beta != 0")
-    if loss_type == "sapo" and not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
-        raise ValueError(
-            "sapo temperatures must be positive, got "
-            f"{sapo_temperature_pos}, {sapo_temperature_neg}"
-        )
 
     if completion_mask is None:
         mask = torch.ones(b, seq, dtype=dtype, device=per_token_logps.device)
@@ -234,7 +229,7 @@ def grpo_per_token_loss(
     ratio = None if vllm_is_ratio is None else _as_2d(vllm_is_ratio, "vllm_is_ratio", b, seq, dtype)
 
     log_ratio = logps - old
-    if importance_sampling_level == "token":
+    if opts.importance_sampling_level == "token":
         log_weights = log_ratio
     else:
         log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
@@ -244,7 +239,7 @@ def grpo_per_token_loss(
     if beta != 0.0:
         ref = torch.where(valid, ref_per_token_logps.to(dtype), zero)
         per_token_kl = torch.exp(ref - logps) - (ref - logps) - 1
-        if use_bias_correction_kl:
+        if opts.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
 
     metrics: dict[str, torch.Tensor] = {}
@@ -253,10 +248,10 @@ def grpo_per_token_loss(
         per_token_loss = -clamped * adv * logps
         clipped = ((coef_1 > eps_high) & (adv > 0)).to(dtype)
         metrics["cispo_clip_ratio"] = _global_masked_mean(clipped, mask)
-    elif loss_type in _PPO_CLIP_TYPES:
+    elif loss_type in PPO_CLIP_LOSS_TYPES:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-        if delta is not None:
-            coef_1 = torch.clamp(coef_1, max=delta)
+        if opts.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=opts.delta)
         per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
         # TRL measures clipping on the delta-clamped coef_1.
         low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
@@ -268,12 +263,14 @@ def grpo_per_token_loss(
         metrics["clip_ratio/low_min"] = _nan_extreme(_masked_mean_per_seq(low, mask), False)
         metrics["clip_ratio/high_max"] = _nan_extreme(_masked_mean_per_seq(high, mask), True)
     elif loss_type == "sapo":
-        temps = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(dtype)
+        temps = torch.where(
+            adv > 0, opts.sapo_temperature_pos, opts.sapo_temperature_neg
+        ).to(dtype)
         per_token_loss = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
         clipped = torch.zeros_like(per_token_loss)
     else:
-        phi = gamma_weights(adv, log_ratio, mask, ratio, vespo_k_pos, vespo_lambda_pos,
-                            vespo_k_neg, vespo_lambda_neg)
+        phi = gamma_weights(adv, log_ratio, mask, ratio, opts.vespo_k_pos, opts.vespo_lambda_pos,
+                            opts.vespo_k_neg, opts.vespo_lambda_neg)
         per_token_loss = -phi * adv * logps
         metrics["vespo/phi_seq_mean"] = _global_masked_mean(phi, mask)
         clipped = torch.zeros_like(per_token_loss)
@@ -300,9 +297,12 @@ def reduce_grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Normalise ``per_token_loss [B, L]`` into the scalar loss the way ``loss_type`` asks."""
-    _check_option("loss_type", loss_type, LOSS_TYPES)
+    """Normalise ``per_token_loss [B, L]`` into the scalar loss the way ``loss_type`` asks
+    (``num_items_in_batch``: see ``dapo_normalizer``)."""
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     masked = per_token_loss * mask
+    if loss_type in TOKEN_NORMALISED_LOSS_TYPES:
+        return masked.sum() / dapo_normalizer(mask, num_items_in_batch)
     if loss_type in ("grpo", "sapo"):
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "bnpo":
@@ -310,9 +310,8 @@ def reduce_grpo_loss(
     if loss_type == "dr_grpo":
         length = per_token_loss.shape[1] if max_completion_length is None else max_completion_length
         return masked.sum() / (per_token_loss.shape[0] * length)
-    if loss_type == "luspo":
-        return masked.sum(-1).mean()
-    return masked.sum() / dapo_normalizer(mask, num_items_in_batch)
+    # luspo: TRL 1.16's masked sum per sequence, averaged over sequences.
+    return masked.sum(-1).mean()
 
 
 def grpo_loss_from_logps(
@@ -321,39 +320,25 @@ def grpo_loss_from_logps(
     ref_per_token_logps: torch.Tensor | None,
     advantages: torch.Tensor,
     completion_mask: torch.Tensor | None,
+    options: GRPOLossOptions | None = None,
     *,
-    beta: float = 0.04,
-    eps_low: float = 0.2,
-    eps_high: float = 0.4,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    delta: float | None = None,
-    use_bias_correction_kl: bool = False,
     vllm_is_ratio: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
+    **option_keywords,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (scalar, fp32 or fp64) and TRL's logged metrics from log-probs ``[B, L]``.
 
+    The options come as ``options`` or as ``GRPOLossOptions`` keywords, not both.
     ``old_per_token_logps=None`` means on-policy (the ratio is ``exp(logp - logp.detach())``).
-    ``eps_high`` is the raw upper bound of the ratio for ``cispo``. See the module docstring.
+    ``num_items_in_batch``: see ``dapo_normalizer``. See the module docstring.
     """
+    opts = resolve_options(options, **option_keywords)
     terms = grpo_per_token_loss(
         per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask,
-        beta=beta, eps_low=eps_low, eps_high=eps_high, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, delta=delta,
-        use_bias_correction_kl=use_bias_correction_kl, vllm_is_ratio=vllm_is_ratio,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
+        opts, vllm_is_ratio=vllm_is_ratio,
     )
     loss = reduce_grpo_loss(
-        terms.per_token_loss, terms.mask, loss_type, max_completion_length, num_items_in_batch
+        terms.per_token_loss, terms.mask, opts.loss_type, opts.max_completion_length,
+        num_items_in_batch,
     )
     return loss, terms.metrics

@@ -1,20 +1,29 @@
 """Plug the fused GRPO loss into TRL's ``GRPOTrainer`` (imports trl; ``geovlm.kernels`` does not).
 
-One-line switch: ``from geovlm.kernels.trl import FusedGRPOTrainer as GRPOTrainer``, or
-``enable_fused_loss(trainer)`` on a trainer built elsewhere. The training step then runs the
-policy forward to logits ``[B, L + 1, V]`` and computes log-probs, entropy and the loss with
-``fused_log_probs`` (one Triton pass forward, one backward, the gradient written into the logits)
-and ``reference.grpo_loss_from_logps`` (TRL's loss math). Everything else (generation, rewards,
-advantages, old / reference log-probs, optimisation) stays TRL's.
+Supported TRL versions: ``>=1.16,<1.17`` (``SUPPORTED_TRL``; the lock pins 1.16, the tests run it).
+The adapter replaces ``GRPOTrainer._compute_loss``, a private method whose inputs and scaling
+change between TRL minor versions, so any other version is refused when the trainer is set up.
 
-The step is TRL's ``_compute_loss``: same loss for every ``loss_type``, same scaling for gradient
-accumulation (``num_items_in_batch`` for dapo / cispo / vespo, ``1 / accumulation steps``
-otherwise), and the same metric names. With several processes TRL's token-weighted global means
-become means of per-process means. Under bf16 autocast the logits, and so their gradient, are bf16
-(as with Liger's loss), whereas TRL's own fused LM head keeps that tile in fp32: the two paths then
-agree to bf16 precision, and exactly (to fp32 rounding) in fp32. Options outside the GRPO loss
-itself (entropy bonus, top-entropy masking, off-policy sequence masking, MoE auxiliary loss) are
-refused when the trainer is set up rather than silently dropped.
+One-line switch: ``from geovlm.kernels.trl import FusedGRPOTrainer as GRPOTrainer``, or
+``enable_fused_loss(trainer)`` on a trainer built elsewhere. The training step then takes the
+policy's last hidden state (``hidden_states[-1]`` of a forward that computes the logits of one
+position only) and runs ``linear_selective_log_softmax`` on it and ``lm_head.weight``: the
+Triton kernels on CUDA, so the ``[B, L, V]`` logits never exist, as with TRL 1.16's own fused LM
+head. Where the head is not a plain ``hidden @ weight.T + bias`` -- logit soft-capping or scaling
+in the model config, or a weight sharded by FSDP / ZeRO-3 -- it asks the model for the logits of
+the completion instead and runs ``fused_log_probs`` on them. The loss is
+``reference.grpo_loss_from_logps`` with the trainer's options (``loss_options``). Everything
+else (generation, rewards, advantages, old / reference log-probs, optimisation) stays TRL's.
+
+What matches TRL: the loss of every ``loss_type`` at both importance-sampling levels, the
+scaling for gradient accumulation (``num_items_in_batch`` for dapo / cispo / vespo,
+``1 / accumulation steps`` otherwise), and the metric names. Where it differs: with several
+processes TRL's token-weighted global metric means become means of per-process means; under bf16
+autocast the linear kernel multiplies in the hidden states' dtype where TRL's head follows
+autocast, so the two agree to bf16 precision there and to fp32 rounding in fp32. Refused (a
+ValueError when the trainer is set up, never silently dropped): the entropy bonus
+(``entropy_coef`` / ``use_adaptive_entropy``), top-entropy masking (``top_entropy_quantile <
+1``), off-policy sequence masking (``off_policy_mask_threshold``) and the MoE auxiliary loss.
 """
 
 from __future__ import annotations
@@ -22,22 +31,40 @@ from __future__ import annotations
 import types
 
 import torch
+import trl
+from packaging.specifiers import SpecifierSet
 from trl import GRPOTrainer
 
 from . import reference
-from .grpo_loss import fused_log_probs
+from .linear_logprobs import linear_selective_log_softmax
+from .logprobs import fused_log_probs
+from .options import GRPOLossOptions
 
+SUPPORTED_TRL_RANGE = ">=1.16,<1.17"
+SUPPORTED_TRL = SpecifierSet(SUPPORTED_TRL_RANGE)
 # Model inputs TRL passes through for vision-language models, besides ids and attention mask.
 _MODEL_INPUT_KEYS = (
     "pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
     "token_type_ids", "mm_token_type_ids", "image_position_ids",
 )
-# Loss types whose normaliser TRL does not rescale through num_items_in_batch.
-_PER_STEP_NORMALISED = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
+# Text-config fields by which a model scales or caps its logits (TRL's fused head reads these).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling")
+
+
+def check_trl_version() -> None:
+    """Raise a ValueError unless the installed TRL is in ``SUPPORTED_TRL``."""
+    if trl.__version__ not in SUPPORTED_TRL:
+        raise ValueError(
+            f"geovlm.kernels.trl supports TRL {SUPPORTED_TRL_RANGE} (it replaces the private "
+            f"GRPOTrainer._compute_loss); this is TRL {trl.__version__}. Install a supported TRL "
+            "or use TRL's GRPOTrainer"
+        )
 
 
 def check_supported(trainer: GRPOTrainer) -> None:
-    """Raise a ValueError naming each TRL option the fused loss does not implement."""
+    """Raise a ValueError naming the TRL version, or each option, the adapter does not support."""
+    check_trl_version()
     unsupported = []
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
         unsupported.append("top_entropy_quantile < 1")
@@ -54,24 +81,88 @@ def check_supported(trainer: GRPOTrainer) -> None:
         )
 
 
-def fused_compute_loss(self: GRPOTrainer, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """Drop-in for ``GRPOTrainer._compute_loss`` that runs the fused loss on the logits."""
-    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-    seq = completion_ids.size(1)
-    extra = {k: inputs[k] for k in _MODEL_INPUT_KEYS if inputs.get(k) is not None}
-    with self.accelerator.autocast():
-        # One extra position: the logits at t predict token t + 1, the last one is dropped.
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       logits_to_keep=seq + 1, use_cache=False, **extra).logits
-    logps, entropy = fused_log_probs(
-        logits, completion_ids, mask, self.temperature,
-        inplace=getattr(self, "fused_loss_inplace", True), return_entropy=True,
-        backend=getattr(self, "fused_loss_backend", "auto"),
+def loss_options(trainer: GRPOTrainer) -> GRPOLossOptions:
+    """The GRPO loss options of a TRL trainer (its resolved epsilons, its args for the rest)."""
+    args = trainer.args
+    return GRPOLossOptions(
+        temperature=trainer.temperature, beta=trainer.beta, eps_low=trainer.epsilon_low,
+        eps_high=trainer.epsilon_high, loss_type=trainer.loss_type,
+        importance_sampling_level=trainer.importance_sampling_level,
+        max_completion_length=trainer.max_completion_length, delta=args.delta,
+        use_bias_correction_kl=args.use_bias_correction_kl,
+        sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg, vespo_k_pos=args.vespo_k_pos,
+        vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+        vespo_lambda_neg=args.vespo_lambda_neg,
     )
+
+
+def plain_lm_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of the unwrapped model's LM head when its logits are exactly
+    ``hidden @ weight.T + bias`` with the whole weight on this process; else None."""
+    text_config = model.config.get_text_config()
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(text_config, name, None) not in (None, 1, 1.0):
+            return None
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    return None if _is_sharded(weight) else (weight, bias)
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """An FSDP2 parameter (a DTensor) or a DeepSpeed ZeRO-3 one (a local partition)."""
+    if hasattr(weight, "ds_numel"):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
+
+
+def completion_logps(
+    trainer: GRPOTrainer, model: torch.nn.Module, inputs: dict, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable log-probs and (no-grad) entropies ``[B, L]`` of the completion tokens."""
+    completion_ids = inputs["completion_ids"]
+    seq = completion_ids.size(1)
+    model_inputs = dict(
+        input_ids=torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+        attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+        use_cache=False,
+        **{k: inputs[k] for k in _MODEL_INPUT_KEYS if inputs.get(k) is not None},
+    )
+    backend = getattr(trainer, "fused_loss_backend", "auto")
+    head = plain_lm_head(trainer.accelerator.unwrap_model(model))
+    if head is not None:
+        with trainer.accelerator.autocast():
+            # The logits of one position only; the last hidden state is the final norm's output.
+            outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+        # The state at t predicts token t + 1: the L states before the last predict the completion.
+        hidden = outputs.hidden_states[-1][:, -(seq + 1):-1]
+        weight, bias = head
+        if trainer.args.cast_lm_head_to_fp32:
+            hidden = hidden.float()
+        ids = completion_ids.masked_fill(mask == 0, 0)  # padding ids are never looked up
+        logps, entropy = linear_selective_log_softmax(
+            hidden, weight, ids, bias, trainer.temperature, return_entropy=True, backend=backend
+        )
+        return logps, entropy.detach()
+    with trainer.accelerator.autocast():
+        # One extra position: the logits at t predict token t + 1, the last one is dropped.
+        logits = model(**model_inputs, logits_to_keep=seq + 1).logits
+    return fused_log_probs(
+        logits, completion_ids, mask, trainer.temperature,
+        inplace=getattr(trainer, "fused_loss_inplace", True), return_entropy=True,
+        backend=backend,
+    )
+
+
+def fused_compute_loss(self: GRPOTrainer, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """Drop-in for ``GRPOTrainer._compute_loss`` (TRL ``SUPPORTED_TRL``) on the fused kernels."""
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    logps, entropy = completion_logps(self, model, inputs, mask)
 
     mode = "train" if self.model.training else "eval"
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -82,21 +173,14 @@ def fused_compute_loss(self: GRPOTrainer, model: torch.nn.Module, inputs: dict) 
     vllm_ratio = None
     if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
         vllm_ratio = inputs.get("importance_sampling_ratio")
-    args = self.args
+    options = loss_options(self)
     loss, metrics = reference.grpo_loss_from_logps(
         logps, inputs.get("old_per_token_logps"),
         inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-        inputs["advantages"], mask,
-        beta=self.beta, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
-        loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
-        max_completion_length=self.max_completion_length, delta=args.delta,
-        use_bias_correction_kl=args.use_bias_correction_kl, vllm_is_ratio=vllm_ratio,
-        num_items_in_batch=num_items, sapo_temperature_pos=args.sapo_temperature_pos,
-        sapo_temperature_neg=args.sapo_temperature_neg, vespo_k_pos=args.vespo_k_pos,
-        vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
-        vespo_lambda_neg=args.vespo_lambda_neg,
+        inputs["advantages"], mask, options, vllm_is_ratio=vllm_ratio,
+        num_items_in_batch=num_items,
     )
-    if self.loss_type in _PER_STEP_NORMALISED:
+    if not options.normalises_by_batch_tokens:
         loss = loss / accumulation
 
     fmask = mask.to(entropy.dtype)
@@ -118,7 +202,8 @@ def fused_compute_loss(self: GRPOTrainer, model: torch.nn.Module, inputs: dict) 
 def enable_fused_loss(
     trainer: GRPOTrainer, backend: str = "auto", inplace: bool = True
 ) -> GRPOTrainer:
-    """Make an existing ``GRPOTrainer`` compute its loss with the fused kernel; returns it."""
+    """Make an existing ``GRPOTrainer`` compute its loss with the fused kernels; returns it.
+    ``inplace`` applies to the logits path (the gradient is written into the logits)."""
     check_supported(trainer)
     trainer.fused_loss_backend = backend
     trainer.fused_loss_inplace = inplace
@@ -127,10 +212,12 @@ def enable_fused_loss(
 
 
 class FusedGRPOTrainer(GRPOTrainer):
-    """``GRPOTrainer`` whose loss is the fused kernel; takes TRL's arguments plus ``backend``
-    (``"auto"``, ``"triton"``, ``"torch"``) and ``inplace`` (write the gradient into the logits)."""
+    """``GRPOTrainer`` whose loss is the fused kernels'; takes TRL's arguments plus ``backend``
+    (``"auto"``, ``"triton"``, ``"torch"``) and ``inplace`` (the logits path writes the gradient
+    into the logits)."""
 
     def __init__(self, *args, backend: str = "auto", inplace: bool = True, **kwargs):
+        check_trl_version()  # before TRL builds the models and datasets
         super().__init__(*args, **kwargs)
         check_supported(self)
         self.fused_loss_backend = backend

@@ -6,7 +6,8 @@ package holds the task-independent machinery: answer parsing, the format reward,
 kernels (numba), sentence embeddings. The names below load on first use, so that importing a light
 submodule (``geovlm.rewards.options``, which ``geovlm.config`` needs) does not load numba; the
 sentence-embedding model (torch) loads on the first region / change caption scored with
-``RewardOptions(use_embeddings=True)``.
+``RewardOptions(use_embeddings=True)``. ``geovlm.rewards.trl`` wraps ``score`` as TRL reward
+functions; ``docs/rewards.md`` says what the rewards guarantee and how they resist hacking.
 """
 
 from __future__ import annotations

@@ -130,6 +130,33 @@ def _block_sizes(
 
 
 @numba.njit(cache=True)
+def above_chance(iou: float, chance: float) -> float:
+    """``iou`` rescaled so that ``chance`` (the whole-image box's IoU with the true box) maps to 0
+    and 1 stays 1; values below ``chance`` give 0. A true box that is the whole image
+    (``chance >= 1``) keeps its IoU."""
+    if chance >= 1.0:
+        return iou
+    value = (iou - chance) / (1.0 - chance)
+    return value if value > 0.0 else 0.0
+
+
+# The most a blind layout of several boxes is credited with: objects about one grid tile in size
+# are as well boxed by a grid as by an honest answer, and a chance near 1 would crush both.
+MAX_LAYOUT_CHANCE = 0.5
+
+
+@numba.njit(cache=True)
+def blind_chance(whole: float, n_pred: int) -> float:
+    """The IoU a blind layout of ``n_pred`` boxes reaches with a true box whose whole-image IoU is
+    ``whole`` (its share of the image): an ``n_pred``-tile grid, whose tile holding the box has
+    IoU ``n_pred * whole`` (the box fits in a tile) or ``1 / (n_pred * whole)`` (a tile fits in
+    the box), capped at ``MAX_LAYOUT_CHANCE``, never below ``whole`` (one box: the whole image)."""
+    x = n_pred * whole
+    tile = x if x <= 1.0 else 1.0 / x
+    return max(whole, min(tile, MAX_LAYOUT_CHANCE))
+
+
+@numba.njit(cache=True)
 def first_box_kernel(
     pred: np.ndarray,
     pred_offsets: np.ndarray,
@@ -137,14 +164,19 @@ def first_box_kernel(
     gt_offsets: np.ndarray,
     gt_index: np.ndarray,
     kind: int,
+    chance: np.ndarray,
 ) -> np.ndarray:
+    """IoU of each candidate's first box with its sample's first; rescaled by ``above_chance``
+    with ``chance[G]`` (one per true box) unless ``chance`` is empty."""
     n_cand = pred_offsets.shape[0] - 1
     out = np.zeros(n_cand)
     work = new_work()
+    rescale = chance.shape[0] > 0
     for c in range(n_cand):
         g = gt_index[c]
         if pred_offsets[c + 1] > pred_offsets[c] and gt_offsets[g + 1] > gt_offsets[g]:
-            out[c] = _one_pair(pred, pred_offsets[c], gt, gt_offsets[g], kind, work)
+            value = _one_pair(pred, pred_offsets[c], gt, gt_offsets[g], kind, work)
+            out[c] = above_chance(value, chance[gt_offsets[g]]) if rescale else value
     return out
 
 
@@ -157,8 +189,13 @@ def multibox_kernel(
     gt_index: np.ndarray,
     kind: int,
     max_pred: int,
+    chance: np.ndarray,
+    extra_penalty: bool,
 ) -> np.ndarray:
-    """Optimal-assignment IoU sum divided by ``max(n_pred, n_gt)``, per candidate."""
+    """Optimal-assignment credit sum per candidate: divided by ``max(n_pred, n_gt)``, or with
+    ``extra_penalty`` minus ``max(n_pred - n_gt, 0)`` and divided by ``n_gt``. A pair's credit is
+    its IoU, rescaled by ``above_chance`` with ``blind_chance(chance[g], n_pred)`` (``chance[G]``
+    the whole-image IoU of each true box) unless ``chance`` is empty."""
     n_cand = pred_offsets.shape[0] - 1
     out = np.zeros(n_cand)
     max_n, max_m = _block_sizes(pred_offsets, gt_offsets, gt_index, max_pred)
@@ -176,6 +213,7 @@ def multibox_kernel(
     way = np.empty(long + 1, dtype=np.int64)
     used = np.empty(long + 1, dtype=np.bool_)
     work = new_work()
+    rescale = chance.shape[0] > 0
     for c in range(n_cand):
         p0 = pred_offsets[c]
         n_total = pred_offsets[c + 1] - p0
@@ -191,6 +229,10 @@ def multibox_kernel(
         for i in range(n):
             rows[i] = p0 + i
         _fill_block(pred, rows, n, gt, g0, m, kind, iou, work)
+        if rescale:
+            for j in range(m):
+                for i in range(n):
+                    iou[i, j] = above_chance(iou[i, j], blind_chance(chance[g0 + j], n_total))
         r = 0
         for i in range(n):
             for j in range(m):
@@ -225,7 +267,11 @@ def multibox_kernel(
             hungarian(cost, nr, nc, row_to_col, u, v, minv, owner, way, used)
             for a in range(nr):
                 total -= cost[a, row_to_col[a]]
-        out[c] = min(max(total / max(n_total, m), 0.0), 1.0)
+        if extra_penalty:
+            total = (total - max(n_total - m, 0)) / m
+        else:
+            total = total / max(n_total, m)
+        out[c] = min(max(total, 0.0), 1.0)
     return out
 
 

@@ -5,8 +5,10 @@ completion, ``None`` when the completion gave no usable answer), their ``Target`
 ``RewardOptions``, and returns ``[C]`` float64 in ``[0, 1]``; ``None`` scores 0. The helpers below
 score a whole batch in one call of the geometry / text kernels (CSR boxes, lists of strings):
 
-* ``box_reward``: the multi-box or first-box IoU reward of predicted boxes against the targets';
-* ``text_scores``: a text metric of the answers against their ``references``;
+* ``box_reward``: the multi-box or first-box reward of predicted boxes against the targets' (IoU
+  above the whole-image box's, extra boxes cancelling matched ones; or the paper's plain IoU);
+* ``text_scores``: a text metric of the answers against their ``references``, optionally through
+  the caption guard (``caption_guard``);
 * ``references``: a target's reference sentences (the one definition the metrics use too).
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from geovlm.data.schema import Target
 from geovlm.rewards import geometry
+from geovlm.rewards.caption_guard import caption_guard
 from geovlm.rewards.options import RewardOptions
 from geovlm.rewards.parse import strip_boxes
 
@@ -42,9 +45,11 @@ def text_scores(
     parsed_text: Sequence[str | None],
     targets: Sequence[Target],
     metric: Callable[[list[str], list[list[str]]], np.ndarray],
+    guard: bool = False,
 ) -> np.ndarray:
     """``[C]``: ``metric(answers, references)`` where an answer parsed and its target has
-    references; 0 elsewhere."""
+    references; 0 elsewhere. ``guard`` multiplies each score by ``caption_guard.caption_guard``
+    (nothing for a caption without content, less for one longer than its references)."""
     index, candidates, refs = [], [], []
     for i, (answer, target) in enumerate(zip(parsed_text, targets, strict=True)):
         target_refs = references(target)
@@ -54,7 +59,10 @@ def text_scores(
             refs.append(target_refs)
     if not index:
         return np.zeros(len(parsed_text))
-    return _scatter(len(parsed_text), np.array(index, dtype=np.int64), metric(candidates, refs))
+    values = np.asarray(metric(candidates, refs), dtype=np.float64)
+    if guard:
+        values = values * caption_guard(candidates, refs)
+    return _scatter(len(parsed_text), np.array(index, dtype=np.int64), values)
 
 
 def _box_csr(boxes: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,19 +76,24 @@ def _box_csr(boxes: Sequence[np.ndarray], width: int) -> tuple[np.ndarray, np.nd
     return flat.reshape(-1, width), offsets
 
 
-def _gt_csr(targets: Sequence[Target], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ground-truth CSR with one copy per distinct Target, and each candidate's sample index."""
+def _gt_csr(
+    targets: Sequence[Target], width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ground-truth CSR with one copy per distinct Target, each candidate's sample index, and the
+    image size ``[G, 2]`` of every true box."""
     slot: dict[int, int] = {}
     unique: list[np.ndarray] = []
+    sizes: list[tuple[int, int]] = []
     sample_index = np.empty(len(targets), dtype=np.int64)
     for i, t in enumerate(targets):
         key = id(t)
         if key not in slot:
             slot[key] = len(unique)
             unique.append(_target_boxes(t, width))
+            sizes.extend([tuple(t.image_size)] * len(unique[-1]))
         sample_index[i] = slot[key]
     flat, offsets = _box_csr(unique, width)
-    return flat, offsets, sample_index
+    return flat, offsets, sample_index, np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
 
 
 def _target_boxes(target: Target, width: int) -> np.ndarray:
@@ -105,14 +118,27 @@ def box_reward(
 
     ``pred`` holds ``[K, 4]`` xyxy or ``[K, 5]`` rotated pixel boxes (or ``None``) per candidate;
     predicted and true boxes are compared as ``width`` 4 (axis-aligned hulls) or 5 (rotated).
-    ``"multibox"``: the optimal one-to-one matched IoU over ``max(n_pred, n_gt)``;
-    ``"first_box"``: the IoU of the first predicted and the first true box.
+    A pair's credit is its IoU; with ``options.box_credit == "above_chance"`` (default) its IoU
+    above a blind layout's, ``max(0, (IoU - b) / (1 - b))`` with ``b`` the IoU of the whole image
+    with the true box (one predicted box; ``"first_box"``), or for ``n`` predicted boxes the IoU
+    the tile of an ``n``-tile grid holding it reaches (``geometry.multibox_reward``), so boxing
+    the whole image (or the hull of an image-diagonal box) or tiling it earns nothing.
+
+    ``"multibox"``: the optimal one-to-one matching of the credits; ``"above_chance"`` divides
+    their sum, less one for every box beyond the true count, by the true count (a second box for
+    one object cancels the first: a hedge or a grid scores 0); ``"iou"`` divides it by
+    ``max(n_pred, n_gt)``. ``"first_box"``: the credit of the first predicted and the first true
+    box. No boxes against no objects scores 1 ("none", "[]").
     """
     boxes = [np.zeros((0, width)) if p is None else _pred_width(p, width) for p in pred]
     flat, offsets = _box_csr(boxes, width)
-    gt, gt_offsets, sample_index = _gt_csr(targets, width)
+    gt, gt_offsets, sample_index, sizes = _gt_csr(targets, width)
+    above_chance = options.box_credit == "above_chance"
+    chance = geometry.whole_image_iou(gt, sizes) if above_chance else None
     if kind == "first_box":
-        out = geometry.first_box_iou(flat, offsets, gt, gt_offsets, sample_index=sample_index)
+        out = geometry.first_box_iou(
+            flat, offsets, gt, gt_offsets, sample_index=sample_index, chance=chance
+        )
     else:
         out = geometry.multibox_reward(
             flat,
@@ -121,6 +147,8 @@ def box_reward(
             gt_offsets,
             sample_index=sample_index,
             max_pred_boxes=options.max_pred_boxes,
+            chance=chance,
+            extra_penalty=above_chance,
         )
     # An answer without usable boxes is not the claim "nothing here", even where nothing is.
     out[[p is None for p in pred]] = 0.0

@@ -3,7 +3,8 @@
 ``score(tasks, completions [C], targets [C]) -> RewardBatch`` with ``components["format"] [C]``,
 ``components["accuracy"] [C]`` (float64, each in [0, 1]) and
 ``total [C] = w_format[task] * format + w_accuracy[task] * accuracy``. Each completion is parsed
-once (``parse.extract_answer`` then ``parse.parse_for_task``); the parse feeds both components.
+once (``parse.extract_answer`` then ``parse.parse_for_task``; completions with the same answer to
+the same target and prompt share one parse); the parse feeds both components.
 Completions are grouped by task and each group is scored by one call of its accuracy function, so
 the geometry and text kernels see whole batches. Parsers, accuracy functions and default weights
 are the tasks' ``TaskSpec`` s in the registry (``geovlm.tasks.registry``): a registered task is
@@ -20,7 +21,7 @@ import numpy as np
 from geovlm.data.schema import Target
 from geovlm.rewards.format import format_reward
 from geovlm.rewards.options import RewardOptions
-from geovlm.rewards.parse import extract_answer, parse_for_task, resized_size_for
+from geovlm.rewards.parse import extract_answer, parse_for_task, resized_size_for, valid_unicode
 
 COMPONENTS: tuple[str, ...] = ("format", "accuracy")
 
@@ -117,15 +118,25 @@ def score(
 ) -> RewardBatch:
     """Format and accuracy rewards of ``completions`` against ``targets``, routed by task.
 
+    Never raises on model output: any ``str`` completion, of any length and any code points (lone
+    surrogates are read as ``?``), gets finite components in [0, 1]. A completion that is not a
+    ``str`` (``None``, bytes, a chat message) scores 0 on every component; unwrap chat messages
+    first (``geovlm.rewards.trl`` does). The work per completion is bounded (``parse``: answers
+    over ``MAX_ANSWER_CHARS`` are not read, at most ``MAX_BOXES`` boxes; ``RewardOptions``:
+    ``max_pred_boxes`` matched). Bad arguments (unknown task, mismatched lengths, bad weights)
+    are ``ValueError`` s.
+
     Args:
         tasks: one task name for the whole batch, or one per completion (must equal
             ``targets[i].task``).
-        completions: the generated texts (non-strings score 0).
+        completions: the generated texts.
         targets: the ground truth of each completion; the G completions of one prompt may share
             one ``Target`` object (its boxes are then matched once).
         weights: component weights, for every task or per task (``resolve_weights``).
-        options: the accuracy rewards' choices (``RewardOptions``; defaults follow the paper).
-        prompts: the prompt of each completion; answer blocks echoed from it are ignored.
+        options: the accuracy rewards' choices (``RewardOptions``; defaults follow the paper but
+            where its rewards can be gamed, ``docs/rewards.md``).
+        prompts: the prompt of each completion; answer blocks echoed from it are ignored, and
+            parsers may read the choices it offers (vqa).
     """
     from geovlm.tasks import registry
 
@@ -137,23 +148,32 @@ def score(
     if prompts is not None and len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
 
+    completions = [valid_unicode(c) if isinstance(c, str) else None for c in completions]
+    prompt_texts = [
+        valid_unicode(p) if isinstance(p, str) else None for p in (prompts or [None] * len(targets))
+    ]
     parsed: list[object | None] = []
-    for i, (completion, target) in enumerate(zip(completions, targets, strict=True)):
-        answer = extract_answer(completion, prompts[i] if prompts is not None else None)
-        resized = None
-        if options.convention == "qwen25vl":
-            resized = resized_size_for(
-                tuple(target.image_size), options.min_pixels, options.max_pixels
-            )
-        parsed.append(
-            parse_for_task(
+    # A group's completions often give the same answer ("yes", one box): each distinct (answer,
+    # target, prompt) is parsed once and its typed answer shared (rewards never mutate it).
+    seen: dict[tuple[str | None, int, str | None], object | None] = {}
+    for completion, target, prompt in zip(completions, targets, prompt_texts, strict=True):
+        answer = extract_answer(completion, prompt)
+        key = (answer, id(target), prompt)
+        if key not in seen:
+            resized = None
+            if options.convention == "qwen25vl":
+                resized = resized_size_for(
+                    tuple(target.image_size), options.min_pixels, options.max_pixels
+                )
+            seen[key] = parse_for_task(
                 answer,
                 target,
                 convention=options.convention,
                 resized_size=resized,
                 synonyms=options.synonyms,
+                prompt=prompt,
             )
-        )
+        parsed.append(seen[key])
     fmt = format_reward(completions, targets, parsed=parsed)
 
     accuracy = np.zeros(len(completions))

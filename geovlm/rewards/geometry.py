@@ -220,29 +220,82 @@ def greedy_match(score, iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndar
 # --------------------------------------------------------------------------- detection rewards
 
 
-def first_box_iou(pred, pred_offsets, gt, gt_offsets, *, sample_index=None) -> np.ndarray:
+def _chance(chance, n_gt: int) -> np.ndarray:
+    if chance is None:
+        return np.zeros(0)
+    arr = np.ascontiguousarray(chance, dtype=np.float64)
+    if arr.shape != (n_gt,) or not np.isfinite(arr).all():
+        raise ValueError(f"chance must be [{n_gt}] finite values (one per gt box), got {arr.shape}")
+    return arr
+
+
+def whole_image_iou(gt, image_sizes) -> np.ndarray:
+    """IoU of the whole-image box with each true box, ``[G]``: what an answer that boxes the whole
+    image scores against it (``gt [G, 4 | 5]``, ``image_sizes [G, 2]`` of ``(width, height)``)."""
+    boxes = _box_array(gt, "gt")
+    sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
+    if sizes.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{sizes.shape[0]} image sizes for {boxes.shape[0]} boxes")
+    if boxes.shape[0] == 0:
+        return np.zeros(0)
+    width, height = sizes[:, 0], sizes[:, 1]
+    if boxes.shape[1] == 4:
+        whole = np.stack([np.zeros_like(width), np.zeros_like(height), width, height], axis=1)
+    else:
+        zero = np.zeros_like(width)
+        whole = np.stack([width / 2, height / 2, width, height, zero], axis=1)
+    return iou_pairs(whole, boxes)
+
+
+def first_box_iou(
+    pred, pred_offsets, gt, gt_offsets, *, sample_index=None, chance=None
+) -> np.ndarray:
     """IoU of each candidate's first box with its sample's first box -> ``[C]`` (0 if either is
-    missing): the referred-detection reward."""
+    missing): the referred-detection reward.
+
+    ``chance [G]`` (one per gt box, e.g. ``whole_image_iou``) rescales the IoU to
+    ``max(0, (IoU - chance) / (1 - chance))``: a box no better than the whole image earns 0.
+    """
     a, p_off, b, g_off, gt_index, code = _csr_operands(
         pred, pred_offsets, gt, gt_offsets, sample_index
     )
-    return _batch.first_box_kernel(a, p_off, b, g_off, gt_index, code)
+    return _batch.first_box_kernel(a, p_off, b, g_off, gt_index, code, _chance(chance, len(b)))
 
 
 def multibox_reward(
-    pred, pred_offsets, gt, gt_offsets, *, sample_index=None, max_pred_boxes: int = 100
+    pred,
+    pred_offsets,
+    gt,
+    gt_offsets,
+    *,
+    sample_index=None,
+    max_pred_boxes: int = 100,
+    chance=None,
+    extra_penalty: bool = False,
 ) -> np.ndarray:
-    """Matched mean IoU penalised for missing and extra boxes -> ``[C]`` in ``[0, 1]``.
+    """Matched credit penalised for missing and extra boxes -> ``[C]`` in ``[0, 1]``.
 
-    ``sum of IoU over the optimal (Hungarian) one-to-one matching / max(n_pred, n_gt)``: a missing
-    box adds 0 to the sum, an extra one adds 1 to the divisor, so ``n_pred`` boxes against
-    ``n_gt <= n_pred`` targets can score at most ``n_gt / n_pred``.
+    A pair's credit is its IoU, or with ``chance [G]`` (one per gt box, e.g.
+    ``whole_image_iou``) ``max(0, (IoU - b) / (1 - b))``, ``b`` what a blind layout of as many
+    boxes reaches: ``max(chance, min(n * chance, 1 / (n * chance), 0.5))`` for ``n`` predicted
+    boxes (the tile of an ``n``-tile grid that holds the true box; one box: the whole image). A
+    whole-image box or a grid earns nothing. Over the optimal (Hungarian)
+    one-to-one matching of the credits:
+
+    * default: ``sum of credit / max(n_pred, n_gt)``: a missing box adds 0 to the sum, an extra one
+      adds 1 to the divisor, so ``n_pred`` boxes against ``n_gt <= n_pred`` targets score at most
+      ``n_gt / n_pred``;
+    * ``extra_penalty``: ``(sum of credit - max(n_pred - n_gt, 0)) / n_gt``, clipped at 0: every
+      box beyond the true count cancels one perfectly matched box, so a hedge of several boxes for
+      one object, or a grid, scores 0.
     """
     max_pred = _positive_int(max_pred_boxes, "max_pred_boxes")
     a, p_off, b, g_off, gt_index, code = _csr_operands(
         pred, pred_offsets, gt, gt_offsets, sample_index
     )
-    return _batch.multibox_kernel(a, p_off, b, g_off, gt_index, code, max_pred)
+    return _batch.multibox_kernel(
+        a, p_off, b, g_off, gt_index, code, max_pred, _chance(chance, len(b)), bool(extra_penalty)
+    )
 
 
 def detection_prf(

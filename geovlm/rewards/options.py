@@ -29,13 +29,21 @@ LEXICAL_METRIC_NAMES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class RewardChoices:
-    """The reward choices of a GRPO stage (``stages.<i>.rewards.*``); defaults follow GeoVLM-R1.
+    """The reward choices of a GRPO stage (``stages.<i>.rewards.*``). Defaults follow GeoVLM-R1
+    except where its reward can be gamed (``box_credit``, ``multilabel``, ``grounding``,
+    ``caption_guard``: see ``docs/rewards.md``); the paper's variant is a value of each.
 
     Attributes:
         rotated_iou: ``"hbb"`` scores rotated boxes with the paper's axis-aligned IoU on each
             box's axis-aligned hull; ``"rotated"`` with the exact IoU of the rotated rectangles.
-        referred_reward: ``"multibox"`` (matched IoU over ``max(n_pred, n_gt)``, equal to the IoU
-            for one box each) or ``"first_box"`` (IoU of the first predicted and first true box).
+        referred_reward: ``"multibox"`` (the optimal one-to-one matching of all boxes, equal to
+            the IoU credit for one box each) or ``"first_box"`` (the first predicted and first
+            true box).
+        box_credit: ``"above_chance"`` scores a matched box by its IoU above that of the
+            whole-image box and lets every box beyond the true count cancel one matched box;
+            ``"iou"`` by its IoU, with extra boxes only in the divisor (the paper's).
+        multilabel: ``"informedness"`` (true minus false positive rate), ``"f1"``, or
+            ``"recall"`` (the paper's; listing every class maximises it).
         counting: ``"exact"`` or ``"smooth"`` (see the counting task's accuracy).
         vqa: ``"jaccard"`` (token-set Jaccard) or ``"exact"`` (normalised match) for open answers.
         caption_metric: ``"levenshtein"`` (the paper's image-captioning reward) or ``"cider_d"``.
@@ -45,10 +53,18 @@ class RewardChoices:
         lexical: the lexical metric of the hybrid and grounding rewards
             (one of ``LEXICAL_METRIC_NAMES``).
         grounding_text_weight: weight of the lexical score in the grounding-description reward.
+        grounding: ``"gated"`` scales the whole grounding reward by the box credit, so text
+            without a matching box earns nothing; ``"sum"`` adds the weighted box and text scores
+            (the paper's).
+        caption_guard: scale every caption-like reward by ``rewards.caption_guard`` (less for
+            answers longer than the references: concatenations, repetitions, word bags; nothing
+            for a caption without a content word); ``False`` is the paper's raw metric.
     """
 
     rotated_iou: Literal["hbb", "rotated"] = "hbb"
     referred_reward: Literal["multibox", "first_box"] = "multibox"
+    box_credit: Literal["above_chance", "iou"] = "above_chance"
+    multilabel: Literal["informedness", "f1", "recall"] = "informedness"
     counting: Literal["exact", "smooth"] = "exact"
     vqa: Literal["jaccard", "exact"] = "jaccard"
     caption_metric: Literal["levenshtein", "cider_d"] = "levenshtein"
@@ -56,6 +72,8 @@ class RewardChoices:
     semantic_weight: float = 0.5
     lexical: str = "rouge_l_f1"
     grounding_text_weight: float = 0.5
+    grounding: Literal["gated", "sum"] = "gated"
+    caption_guard: bool = True
 
 
 # The allowed values of every Literal choice, read off the annotations above.

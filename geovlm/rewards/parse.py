@@ -19,7 +19,10 @@ text of the last *complete* answer block; the typed parsers below read that text
 which combines the parsers above into the typed answer its accuracy reward scores.
 
 Every parser accepts any string and never raises on model output: unreadable text gives ``None``
-or an empty result.
+or an empty result. The work per answer is bounded: ``parse_for_task`` reads no answer longer than
+``MAX_ANSWER_CHARS`` (such an answer gives ``None``), ``extract_answer`` skips at most
+``MAX_ECHOED_BLOCKS`` blocks echoed from the prompt, and ``parse_boxes`` reads at most ``MAX_BOXES``
+box literals; every other step is linear in the answer's length.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 # An answer with more boxes than this is a flood: reading only the first MAX_BOXES bounds the
 # reward's cost while the box rewards still penalise every extra box that was read.
 MAX_BOXES = 1000
+# No EO answer comes near this (a detection answer with MAX_BOXES boxes is about 25,000
+# characters): a longer one is a flood, not an answer, and is not read at all.
+MAX_ANSWER_CHARS = 32_768
+# Answer blocks of the prompt's format example that extract_answer skips before it gives up.
+MAX_ECHOED_BLOCKS = 16
 
 # Spelling variants and unambiguous synonyms of EO class names. A group gives every member as a
 # variant of a class named by any member; callers add their own groups through ``synonyms``.
@@ -71,12 +79,13 @@ def extract_answer(text: str, prompt: str | None = None) -> str | None:
 
     The block may span newlines. A truncated trailing block (no closing tag) is ignored in favour
     of the last complete one. When ``prompt`` is given, blocks that occur verbatim in it (a format
-    example echoed from the instruction) are skipped.
+    example echoed from the instruction) are skipped; a completion that ends in more than
+    ``MAX_ECHOED_BLOCKS`` of them has no answer.
     """
     if not isinstance(text, str):
         return None
     end = len(text)
-    while True:
+    for _ in range(MAX_ECHOED_BLOCKS + 1):
         close = text.rfind(ANSWER_CLOSE, 0, end)
         if close < 0:
             return None
@@ -90,6 +99,7 @@ def extract_answer(text: str, prompt: str | None = None) -> str | None:
             end = start
             continue
         return text[start + len(ANSWER_OPEN) : close].strip()
+    return None
 
 
 def extract_think(text: str) -> str | None:
@@ -104,6 +114,19 @@ def extract_think(text: str) -> str | None:
         return None
     close = text.find(THINK_CLOSE, start + len(THINK_OPEN))
     return text[start + len(THINK_OPEN) : close].strip()
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with every lone surrogate code point replaced by ``?`` (the same object when it has
+    none). A decoder can emit them; UTF-8 cannot encode them, so tokenizers (the sentence-embedding
+    model's among them) refuse such strings."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 # --------------------------------------------------------------------------- text normalisation
@@ -223,6 +246,68 @@ def split_items(answer: str) -> list[str]:
     return list(dict.fromkeys(item for item in items if item))
 
 
+# Clause ends (a choice list never spans them) and the words that open a question rather than a
+# choice ("Which is larger, ships or tanks?": "which is larger" is no choice).
+_CLAUSE_END = re.compile(r"[?.!;:\n()\[\]{}]")
+_OR = re.compile(r"\s+or\s+")
+_QUESTION_WORDS = frozenset(
+    "which what is are was were how where who whom whose why when do does did can could will "
+    "would should shall may might has have had tell name choose select".split()
+)
+# Only the last few words of a choice name it ("... more numerous ships or ..." names "ships").
+MAX_CHOICE_WORDS = 3
+
+
+def offered_choices(question: str | None) -> tuple[str, ...]:
+    """The alternatives a question offers in an "A or B" / "A, B or C" list, normalised.
+
+    ``"Which are more numerous, ships or storage tanks?"`` -> ``("ships", "storage tanks")``. A list
+    ends at a clause boundary (``?.!;:`` or a bracket); comma-separated items before the "or"
+    belong to it unless they open the question ("which ..."). Items keep their last
+    ``MAX_CHOICE_WORDS`` words. No list gives ``()``.
+    """
+    if not isinstance(question, str) or " or " not in question.lower():
+        return ()
+    choices: dict[str, None] = {}
+    for clause in _CLAUSE_END.split(question.lower()):
+        parts = [normalize_text(p) for p in clause.split(",")]
+        for k, part in enumerate(parts):
+            if not _OR.search(f" {part} "):
+                continue
+            items = [p for p in parts[:k] if p and p.split()[0] not in _QUESTION_WORDS]
+            items += [i.strip() for i in _OR.split(f" {part} ") if i.strip()]
+            for item in items:
+                words = [w for w in item.split() if w != "either"]
+                if words:
+                    choices[" ".join(words[-MAX_CHOICE_WORDS:])] = None
+    return tuple(choices)
+
+
+# Words that name no choice by themselves ("Is it a rural or an urban area?": "it", "a", "an").
+_NOT_A_CHOICE_WORD = _QUESTION_WORDS | frozenset(
+    "a an the it its this that there these those of in on at to for with by".split()
+)
+
+
+def named_choices(
+    answer: str, choices: tuple[str, ...], synonyms: tuple[tuple[str, ...], ...] = ()
+) -> set[int]:
+    """Indices of the ``choices`` an answer names: by the whole choice, any ending of it, or any
+    content word of it that no other choice shares ("tanks" names "storage tanks" unless another
+    choice ends in "tanks"; "urban" names "an urban area"), up to plural forms and synonyms."""
+    endings: dict[str, set[int]] = {}
+    for index, choice in enumerate(choices):
+        words = normalize_text(choice).split()
+        for n in range(1, len(words) + 1):
+            endings.setdefault(" ".join(words[-n:]), set()).add(index)
+        for word in words:
+            if word not in _NOT_A_CHOICE_WORD:
+                endings.setdefault(word, set()).add(index)
+    owned = {ending: next(iter(owners)) for ending, owners in endings.items() if len(owners) == 1}
+    found = label_matcher(tuple(owned), tuple(synonyms)).find_all(answer)
+    return {owned[normalize_text(name)] for name in found}
+
+
 def parse_labels(
     answer: str | None,
     classes: tuple[str, ...],
@@ -253,22 +338,30 @@ _MULTIPLIERS = set(_SCALES) | {"dozen"}
 _NUMBER_WORDS = set(_UNITS) | set(_TENS) | _MULTIPLIERS
 
 
+# A run of number words worth more than this ("hundred hundred hundred ...") is no count: it
+# stops there, as inf, before Python integers grow with the run (and overflow float).
+_WORDS_LIMIT = 1e15
+
+
 def _words_value(words: list[str]) -> float:
-    """Value of a run of English number words ("one hundred and five", "a dozen")."""
-    total, current = 0, 0
+    """Value of a run of English number words ("one hundred and five", "a dozen"); ``inf`` once
+    the run is worth more than ``_WORDS_LIMIT``."""
+    total, current = 0.0, 0.0
     for word in words:
         if word in _UNITS:
             current += _UNITS[word]
         elif word in _TENS:
             current += _TENS[word]
         elif word == "dozen":
-            current = max(current, 1) * 12
+            current = max(current, 1.0) * 12
         elif word == "hundred":
-            current = max(current, 1) * 100
+            current = max(current, 1.0) * 100
         else:
-            total += max(current, 1) * _SCALES[word]
-            current = 0
-    return float(total + current)
+            total += max(current, 1.0) * _SCALES[word]
+            current = 0.0
+        if total + current > _WORDS_LIMIT:
+            return math.inf
+    return total + current
 
 
 def _word_numbers(text: str) -> list[float]:
@@ -324,6 +417,16 @@ def parse_count(answer: str | None) -> float | None:
         return 0.0
     value = parse_number(answer)
     return value if value is not None and value >= 0 else None
+
+
+def is_number(text: str | None) -> bool:
+    """Whether the whole of ``text`` is one number in digits or words ("3", "twenty-one"), as a
+    gold answer."""
+    if not text or parse_number(text) is None:
+        return False
+    words = normalize_text(text).split()
+    allowed = _NUMBER_WORDS | {"a", "and"}
+    return bool(words) and all(w.isdigit() or w in allowed for w in words)
 
 
 _YES = {"yes", "yeah", "yep", "true", "y"}
@@ -503,11 +606,15 @@ def strip_boxes(answer: str) -> str:
 
 _NONE_ANSWER_WORDS = {"none", "no", "nothing"}
 _NONE_FILLER = {"there", "is", "are", "object", "objects", "target", "targets", "found", "detected"}
+# An empty JSON list or object, bare or in a Markdown code fence (```json ... ```), as Qwen2.5-VL
+# answers a grounding prompt whose object is not in the image.
+_EMPTY_JSON = re.compile(r"\s*(?:```[A-Za-z]*\s*)?(?:\[\s*\]|\{\s*\})\s*(?:```)?\s*")
 
 
 def says_none(answer: str) -> bool:
-    """Whether an answer explicitly says there is nothing ("none", "No objects found.", "[]")."""
-    if answer.strip() in ("[]", "{}"):
+    """Whether an answer explicitly says there is nothing: "none", "No objects found.", or an
+    empty JSON list / object ("[]", "[ ]", a fenced empty list)."""
+    if _EMPTY_JSON.fullmatch(answer):
         return True
     words = set(normalize_text(answer).split())
     return bool(words & _NONE_ANSWER_WORDS) and words <= _NONE_ANSWER_WORDS | _NONE_FILLER
@@ -517,11 +624,13 @@ def says_none(answer: str) -> bool:
 class ParseOptions:
     """How a task parser reads an answer: the model's box ``convention``, the Qwen2.5-VL
     ``resized_size`` of the image (``None``: computed from the image size and the processor's
-    default budget) and extra ``synonyms`` groups for class names."""
+    default budget), extra ``synonyms`` groups for class names, and the ``prompt`` the answer
+    replies to (``None`` when the caller has none), whose offered choices a parser may read."""
 
     convention: str = "qwen25vl"
     resized_size: tuple[int, int] | None = None
     synonyms: tuple[tuple[str, ...], ...] = ()
+    prompt: str | None = None
 
 
 def parse_for_task(
@@ -531,15 +640,18 @@ def parse_for_task(
     convention: str = "qwen25vl",
     resized_size: tuple[int, int] | None = None,
     synonyms: tuple[tuple[str, ...], ...] = (),
+    prompt: str | None = None,
 ) -> object | None:
     """The typed answer ``target.task`` needs, or ``None`` when the answer does not give one.
 
-    A blank or missing answer is ``None`` for every task; any other text goes to the task's parser
-    (``TaskSpec.parse`` in ``geovlm.tasks``), which says what its typed answer is.
+    A blank or missing answer, or one longer than ``MAX_ANSWER_CHARS``, is ``None`` for every task;
+    any other text goes to the task's parser (``TaskSpec.parse`` in ``geovlm.tasks``), which says
+    what its typed answer is. ``prompt`` (the question) reaches the parser in its options.
     """
-    if not isinstance(answer, str) or not answer.strip():
+    if not isinstance(answer, str) or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
         return None
     from geovlm.tasks import registry
 
-    options = ParseOptions(convention, resized_size, tuple(synonyms))
+    prompt = prompt if isinstance(prompt, str) else None
+    options = ParseOptions(convention, resized_size, tuple(synonyms), prompt)
     return registry.get(target.task).parse(answer, target, options)

@@ -6,7 +6,7 @@ the answer names one class of a vocabulary.
 * accuracy: ``1[class == label]`` (the recall of the one true class).
 * metrics: ``accuracy``, the fraction of answers that name the label (``label_correct``).
 * records: the answer is the label, lower case without a trailing period; ``classes`` /
-  ``options`` / ``choices`` give the vocabulary, ``question_type`` goes to ``meta``.
+  ``options`` / ``choices`` give the vocabulary (the reader puts ``question_type`` into ``meta``).
 """
 
 from __future__ import annotations
@@ -91,13 +91,10 @@ def label_target(exchange: Exchange) -> Target:
     label = as_label(exchange.plain_answer())
     if not label:
         raise exchange.error("empty answer")
-    question_type = exchange.record.get("question_type")
-    meta = {"question_type": question_type} if isinstance(question_type, str) else {}
     return Target(
         task=exchange.task,
         answer=label,
         image_size=exchange.image_size,
         label=label,
         classes=classes,
-        meta=meta,
     )

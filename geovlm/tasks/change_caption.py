@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from geovlm import earthdial_metrics
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import (
     COVER_PLACE,
@@ -63,7 +64,10 @@ CHANGE_CAPTION = TaskSpec(
     description="change captioning on a bi-temporal pair: a sentence about what changed",
     parse=parse_caption,
     accuracy=hybrid_caption_accuracy,
-    metrics={"geovlm": full_caption_metrics},
+    metrics={
+        "geovlm": full_caption_metrics,
+        "earthdial": earthdial_metrics.caption_metrics,
+    },
     headline="rouge_l",
     prompts={
         "default": (

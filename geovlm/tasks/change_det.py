@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange
 from geovlm.data.scenes import CHANGE_KINDS
 from geovlm.data.schema import Target
@@ -73,7 +74,10 @@ CHANGE_DET = TaskSpec(
     description="change detection on a bi-temporal pair: yes / no",
     parse=parse,
     accuracy=yes_no_accuracy,
-    metrics={"geovlm": classification_metrics},
+    metrics={
+        "geovlm": classification_metrics,
+        "earthdial": earthdial_metrics.classification_metrics,
+    },
     headline="accuracy",
     prompts={
         "default": (

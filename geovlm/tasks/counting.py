@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange
 from geovlm.data.scenes import OBJECT_CLASSES, PLURALS
 from geovlm.data.schema import Target
@@ -121,7 +122,10 @@ COUNTING = TaskSpec(
     description="object counting: a number",
     parse=parse,
     accuracy=counting_accuracy,
-    metrics={"geovlm": counting_metrics},
+    metrics={
+        "geovlm": counting_metrics,
+        "earthdial": earthdial_metrics.classification_metrics,
+    },
     headline="accuracy",
     prompts={
         "default": (

@@ -1,10 +1,12 @@
 """grounding_desc: grounding description, describe the image and box the objects mentioned.
 
 * parse: ``(text without boxes, [K, 4] boxes)``; at least one box when the target has boxes.
-* accuracy: ``(1 - v) * box reward + v * lexical score`` (``RewardOptions.grounding_text_weight``).
+* accuracy: ``box reward * ((1 - v) + v * lexical score)``, the text paid only as far as the boxes
+  ground it (``RewardOptions.grounding``; ``"sum"`` is the paper's ``(1 - v) B + v L``).
 * metrics: acc@0.5 / acc@0.25 and EarthDial's box precision of the boxes, ROUGE and METEOR of
   the text; headline ``acc@0.5``.
-* records: the answer with its boxes (as axis-aligned boxes) and its text as the first reference.
+* records: the answer with its boxes (as axis-aligned boxes) and its text as the first reference;
+  an EarthDial record's boxes are its ``obj_ids``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange, enclosing_box
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import (
@@ -54,18 +57,27 @@ def grounding_accuracy(
     targets: Sequence[Target],
     options: RewardOptions,
 ) -> np.ndarray:
-    """Grounding description: ``(1 - v) * B + v * L``.
+    """Grounding description, with ``B`` the box reward of the answer's boxes against the
+    grounded objects (``multi_det``'s), ``L`` the lexical metric ``options.lexical`` of its text
+    (boxes removed) against the reference descriptions, through the caption guard, and
+    ``v = grounding_text_weight``:
 
-    ``B`` is the multi-box reward of the boxes in the answer against the grounded objects (see
-    ``multi_det``'s accuracy), ``L`` the lexical metric ``options.lexical`` of the answer's
-    text (boxes removed) against the reference descriptions, ``v = grounding_text_weight``.
+    * ``"gated"`` (default): ``B * ((1 - v) + v * L)``: the text earns only as much as its boxes
+      ground it, so the right text with a junk box (the whole image, a grid) earns nothing. A
+      target without boxes is scored ``B * L`` (``B`` is 1 for an answer without boxes);
+    * ``"sum"``: ``(1 - v) * B + v * L``, the paper's.
     """
     boxes = [None if p is None else p[1] for p in parsed]
     words = [None if p is None else p[0] for p in parsed]
     box_score = box_reward(boxes, targets, options, "multibox", 4)
-    text_score = text_scores(words, targets, semantic.LEXICAL_METRICS[options.lexical])
+    metric = semantic.LEXICAL_METRICS[options.lexical]
+    text_score = text_scores(words, targets, metric, options.caption_guard)
     v = options.grounding_text_weight
-    return (1.0 - v) * box_score + v * text_score
+    if options.grounding == "sum":
+        return (1.0 - v) * box_score + v * text_score
+    grounded = np.array([t.boxes is not None and len(t.boxes) > 0 for t in targets], dtype=bool)
+    text_weight = np.where(grounded, v, 1.0)
+    return box_score * ((1.0 - text_weight) + text_weight * text_score)
 
 
 def grounding_metrics(
@@ -87,7 +99,9 @@ def grounding_metrics(
 
 def from_record(exchange: Exchange) -> Target:
     captions = record_captions(exchange, exchange.plain_answer())
-    found = exchange.answer_boxes
+    # EarthDial's grounding records list the grounded objects' boxes in obj_ids (its script
+    # scores against those); elsewhere they are the boxes written in the answer.
+    found = exchange.field_boxes("obj_ids") or exchange.answer_boxes
     arr = np.stack([enclosing_box(b) for b in found]) if found else np.zeros((0, 4))
     return Target(
         task="grounding_desc",
@@ -125,7 +139,10 @@ GROUNDING_DESC = TaskSpec(
     description="grounding description: describe the image and box the objects mentioned",
     parse=parse,
     accuracy=grounding_accuracy,
-    metrics={"geovlm": grounding_metrics},
+    metrics={
+        "geovlm": grounding_metrics,
+        "earthdial": earthdial_metrics.grounding_metrics,
+    },
     headline="acc@0.5",
     prompts={
         "default": (

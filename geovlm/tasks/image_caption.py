@@ -1,7 +1,8 @@
 """image_caption: image captioning, a sentence about the whole scene.
 
 * parse: the answer sentence.
-* accuracy: the Levenshtein ratio (the paper's) or CIDEr-D (``RewardOptions.caption_metric``).
+* accuracy: the Levenshtein ratio (the paper's) or CIDEr-D (``RewardOptions.caption_metric``),
+  through the caption guard.
 * metrics: ROUGE-1, ROUGE-L, METEOR, BLEU-1..4 and CIDEr; headline ``rouge_l``.
 * records: the answer is the first reference; ``captions`` / ``references`` add more.
 """
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import COVER_CUES, SceneContext, inventory, scene_captions
 from geovlm.metrics import MetricOptions, caption_metrics
@@ -33,9 +35,12 @@ def image_caption_accuracy(
     [0, 1] (``text.cider_d_reward``). Its idf comes from ``options.cider_document_frequency``
     (e.g. ``text.cider_document_frequency(training_references)``), else from the batch's distinct
     reference lists, which is degenerate (idf 0) when the batch holds a single prompt.
+    Either is multiplied by the caption guard (``rewards.caption_guard``) unless
+    ``options.caption_guard`` is off.
     """
+    guard = options.caption_guard
     if options.caption_metric == "levenshtein":
-        return text_scores(parsed, targets, text.levenshtein_ratio)
+        return text_scores(parsed, targets, text.levenshtein_ratio, guard)
 
     def cider(candidates: list[str], refs: list[list[str]]) -> np.ndarray:
         df = options.cider_document_frequency
@@ -46,7 +51,7 @@ def image_caption_accuracy(
             df = text.cider_document_frequency([list(r) for r in distinct])
         return text.cider_d_reward(candidates, refs, df)
 
-    return text_scores(parsed, targets, cider)
+    return text_scores(parsed, targets, cider, guard)
 
 
 def full_caption_metrics(
@@ -73,7 +78,10 @@ IMAGE_CAPTION = TaskSpec(
     description="image captioning: a sentence about the whole scene",
     parse=parse_caption,
     accuracy=image_caption_accuracy,
-    metrics={"geovlm": full_caption_metrics},
+    metrics={
+        "geovlm": full_caption_metrics,
+        "earthdial": earthdial_metrics.caption_metrics,
+    },
     headline="rouge_l",
     prompts={
         "default": (

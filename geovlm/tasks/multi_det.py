@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange
 from geovlm.data.scenes import OBJECT_CLASSES, PLURALS
 from geovlm.data.schema import Target
@@ -124,7 +125,10 @@ MULTI_DET = TaskSpec(
     description="multi-object detection: every object of the asked class(es)",
     parse=parse,
     accuracy=multi_detection_accuracy,
-    metrics={"geovlm": detection_metrics},
+    metrics={
+        "geovlm": detection_metrics,
+        "earthdial": earthdial_metrics.multi_detection_metrics,
+    },
     headline="mAP@0.5",
     prompts={
         "default": (

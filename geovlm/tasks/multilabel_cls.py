@@ -2,7 +2,8 @@
 
 * parse: the distinct classes of ``Target.classes`` named (``[]`` for an explicit "none"); without
   a vocabulary the listed items, each mapped onto a ``Target.labels`` class it spells.
-* accuracy: F1 of the named against the true classes.
+* accuracy: informedness (true-positive rate minus false-positive rate over the vocabulary), so
+  naming every class scores 0; ``RewardOptions.multilabel`` selects F1 or the paper's recall.
 * metrics: precision, recall, F1 and exact match of the class sets; headline ``f1``.
 * records: the answer lists the labels, separated by ``,`` ``;`` or "and".
 """
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange, as_label
 from geovlm.data.scenes import OBJECT_CLASSES
 from geovlm.data.schema import Target
@@ -46,22 +48,43 @@ def parse(answer: str, target: Target, options: ParseOptions) -> list[str] | Non
 def multilabel_accuracy(
     parsed: Sequence[list[str] | None], targets: Sequence[Target], options: RewardOptions
 ) -> np.ndarray:
-    """Multi-label classification: F1 of the named classes ``P`` against the true ones ``G``.
+    """Multi-label classification: the named classes ``P`` against the true ones ``G``, out of the
+    vocabulary ``V = Target.classes`` (``options.multilabel``):
 
-    ``F1 = 2 |P ∩ G| / (|P| + |G|)`` (1 when both are empty). Naming every class of a vocabulary
-    ``V`` scores ``2 |G| / (|V| + |G|)``, not 1: recall alone would pay for listing everything.
+    * ``"informedness"`` (default): ``|P ∩ G| / |G| - |P - G| / |V - G|`` clipped at 0, the
+      true-positive rate minus the false-positive rate (Youden's J). Any answer chosen without
+      looking at the image, naming every class included, scores 0 in expectation, like a wrong
+      one. With every class true (``V = G``) it is the recall; without a vocabulary the
+      false-positive rate counts the extra items against ``|G|`` (as many negatives as positives,
+      capped at 1).
+    * ``"f1"``: ``2 |P ∩ G| / (|P| + |G|)``; naming every class scores ``2 |G| / (|V| + |G|)``.
+    * ``"recall"``: ``|P ∩ G| / |G|``, GeoVLM-R1's reward, which naming every class maximises.
+
+    No true class (``G`` empty) scores 1 for an answer that names none ("none") and 0 otherwise.
     """
     out = np.zeros(len(parsed))
     for i, (pred, t) in enumerate(zip(parsed, targets, strict=True)):
         if pred is None:
             continue
-        matcher = label_matcher(tuple(t.classes) or tuple(t.labels), tuple(options.synonyms))
+        vocabulary = tuple(t.classes) or tuple(t.labels)
+        matcher = label_matcher(vocabulary, tuple(options.synonyms))
         truth = {normalize_text(matcher.exact(label) or label) for label in t.labels}
         guess = {normalize_text(label) for label in pred}
-        if not truth and not guess:
-            out[i] = 1.0
+        hit = len(truth & guess)
+        if not truth:
+            out[i] = float(not guess)
+        elif options.multilabel == "f1":
+            out[i] = 2.0 * hit / (len(truth) + len(guess))
+        elif options.multilabel == "recall":
+            out[i] = hit / len(truth)
         else:
-            out[i] = 2.0 * len(truth & guess) / (len(truth) + len(guess))
+            if t.classes:
+                classes = {normalize_text(matcher.exact(c) or c) for c in t.classes}
+                negatives = len(classes - truth)
+            else:
+                negatives = len(truth)
+            false_rate = min(len(guess - truth) / negatives, 1.0) if negatives else 0.0
+            out[i] = max(hit / len(truth) - false_rate, 0.0)
     return out
 
 
@@ -132,7 +155,10 @@ MULTILABEL_CLS = TaskSpec(
     description="multi-label classification: every object class present",
     parse=parse,
     accuracy=multilabel_accuracy,
-    metrics={"geovlm": multilabel_metrics},
+    metrics={
+        "geovlm": multilabel_metrics,
+        "earthdial": earthdial_metrics.classification_metrics,
+    },
     headline="f1",
     prompts={
         "default": (

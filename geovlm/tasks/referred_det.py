@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange
 from geovlm.data.scenes import SceneObject
 from geovlm.data.schema import Target
@@ -194,7 +195,10 @@ REFERRED_DET = TaskSpec(
     description="referred object detection, axis-aligned box(es) of the referred object(s)",
     parse=parse_xyxy,
     accuracy=referred_detection_accuracy,
-    metrics={"geovlm": referred_detection_metrics},
+    metrics={
+        "geovlm": referred_detection_metrics,
+        "earthdial": earthdial_metrics.detection_metrics,
+    },
     headline="acc@0.5",
     prompts={"default": ("Locate {ref}.", "Find {ref}.", "Give the {box_word} of {ref}.")},
     generate=generate,
@@ -208,7 +212,10 @@ REFERRED_DET_ROT = TaskSpec(
     description="referred object detection, rotated box(es) of the referred object(s)",
     parse=parse_rotated,
     accuracy=rotated_detection_accuracy,
-    metrics={"geovlm": referred_detection_metrics},
+    metrics={
+        "geovlm": referred_detection_metrics,
+        "earthdial": earthdial_metrics.detection_metrics,
+    },
     headline="acc@0.5",
     prompts={
         "default": (

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange, enclosing_box
 from geovlm.data.schema import Target
 from geovlm.data.splits import size_bucket
@@ -64,7 +65,10 @@ REGION_CAPTION = TaskSpec(
     description="region captioning: describe the object inside a given box",
     parse=parse_caption,
     accuracy=hybrid_caption_accuracy,
-    metrics={"geovlm": region_caption_metrics},
+    metrics={
+        "geovlm": region_caption_metrics,
+        "earthdial": earthdial_metrics.region_caption_metrics,
+    },
     headline="rouge_l",
     prompts={"default": ("Describe the object in {box}.", "What is in the region {box}?")},
     generate=generate,

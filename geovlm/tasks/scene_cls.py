@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from geovlm import earthdial_metrics
 from geovlm.data.scenes import LAND_COVERS
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import COVER_CUES, SceneContext
@@ -26,7 +27,10 @@ SCENE_CLS = TaskSpec(
     description="scene classification: one land-cover / scene label",
     parse=parse_single_label,
     accuracy=classification_accuracy,
-    metrics={"geovlm": classification_metrics},
+    metrics={
+        "geovlm": classification_metrics,
+        "earthdial": earthdial_metrics.classification_metrics,
+    },
     headline="accuracy",
     prompts={
         "default": (

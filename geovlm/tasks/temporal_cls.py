@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from geovlm import earthdial_metrics
 from geovlm.data.scenes import CHANGE_KINDS
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import SceneContext, change_summary
@@ -26,7 +27,10 @@ TEMPORAL_CLS = TaskSpec(
     description="temporal classification on a bi-temporal pair: the kind of change",
     parse=parse_single_label,
     accuracy=classification_accuracy,
-    metrics={"geovlm": classification_metrics},
+    metrics={
+        "geovlm": classification_metrics,
+        "earthdial": earthdial_metrics.classification_metrics,
+    },
     headline="accuracy",
     prompts={
         "default": (

@@ -1,7 +1,8 @@
 """vqa: visual question answering (presence / comparison), a short answer.
 
-* parse: yes/no (``bool``) when the reference is a yes or a no, else the normalised answer.
-* accuracy: yes/no match; open answers by token-set Jaccard or exact match
+* parse: yes/no (``bool``) when the reference is a yes or a no, one number (``float``) when it is a
+  number, else the normalised answer; a hedge (both options of the question, "A or B") is none.
+* accuracy: yes/no or number match; open answers by token-set Jaccard or exact match
   (``RewardOptions.vqa``).
 * metrics: ``accuracy``, and ``accuracy/<question type>`` per ``Target.meta["question_type"]``.
 * records: the answer is the label (as the single-label tasks read it).
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geovlm import earthdial_metrics
 from geovlm.data.scenes import OBJECT_CLASSES, PLURALS
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import SceneContext, class_counts, noun
@@ -21,32 +23,53 @@ from geovlm.rewards import text
 from geovlm.rewards.options import RewardOptions
 from geovlm.rewards.parse import (
     ParseOptions,
+    is_number,
     is_yes_no,
     label_matcher,
+    named_choices,
     normalize_text,
+    offered_choices,
     parse_label,
     parse_number,
     parse_yes_no,
+    split_items,
 )
 from geovlm.tasks._labels import label_target
 from geovlm.tasks.spec import TaskSpec
 
 
-def parse(answer: str, target: Target, options: ParseOptions) -> bool | str | None:
-    if is_yes_no(target.label or target.answer):
+def parse(answer: str, target: Target, options: ParseOptions) -> bool | float | str | None:
+    """The answer as the reference's kind: ``bool`` (yes/no), ``float`` (a number; "3 or 4" is
+    none) or the normalised text of an open answer.
+
+    An open answer is a hedge, hence ``None``, when it names two or more of the alternatives
+    offered, ``Target.classes`` or else the question's "A or B" list (``offered_choices``); without
+    alternatives, when it lists more items than the reference ("ships, tanks" for "ships").
+    """
+    gold = target.label or target.answer
+    if is_yes_no(gold):
         return parse_yes_no(answer)
+    if is_number(gold):
+        return parse_number(answer)
+    choices = tuple(target.classes) or offered_choices(options.prompt)
+    if choices:
+        if len(named_choices(answer, choices, options.synonyms)) > 1:
+            return None
+    elif len(split_items(answer)) > max(len(split_items(gold)), 1):
+        return None
     return normalize_text(answer) or None
 
 
 def vqa_accuracy(
-    parsed: Sequence[bool | str | None], targets: Sequence[Target], options: RewardOptions
+    parsed: Sequence[bool | float | str | None], targets: Sequence[Target], options: RewardOptions
 ) -> np.ndarray:
     """Visual question answering against the short answer ``a = target.label``.
 
-    Yes/no questions: ``1[answer == a]``. Open answers: ``"jaccard"`` (default) the Jaccard index
-    of the token sets, ``|T(answer) ∩ T(a)| / |T(answer) ∪ T(a)|``, so padding the answer with
-    words (or echoing the question) lowers it; ``"exact"``: ``1[normalised answer == a]`` up to
-    plural forms and synonyms.
+    Yes/no questions: ``1[answer == a]``; numbers: ``1[answer == a]``. Open answers: ``"jaccard"``
+    (default) the Jaccard index of the token sets, ``|T(answer) ∩ T(a)| / |T(answer) ∪ T(a)|``, so
+    padding the answer with words (or echoing the question) lowers it; ``"exact"``:
+    ``1[normalised answer == a]`` up to plural forms and synonyms. A hedge over the question's
+    options parses to nothing and scores 0 (``parse``).
     """
     out = np.zeros(len(parsed))
     open_index = []
@@ -55,6 +78,8 @@ def vqa_accuracy(
             continue
         if isinstance(pred, bool):
             out[i] = float(pred == parse_yes_no(t.label or t.answer))
+        elif isinstance(pred, float):
+            out[i] = float(pred == parse_number(t.label or t.answer))
         elif options.vqa == "exact":
             truth = t.label or t.answer
             out[i] = float(label_matcher((truth,), tuple(options.synonyms)).exact(pred) is not None)
@@ -144,7 +169,10 @@ VQA = TaskSpec(
     description="visual question answering (presence / comparison): a short answer",
     parse=parse,
     accuracy=vqa_accuracy,
-    metrics={"geovlm": vqa_metrics},
+    metrics={
+        "geovlm": vqa_metrics,
+        "earthdial": earthdial_metrics.vqa_metrics,
+    },
     headline="accuracy",
     prompts={
         "presence": ("Is there a {singular} in the image?", "Are there any {plural}?"),
@@ -153,6 +181,7 @@ VQA = TaskSpec(
     },
     generate=generate,
     from_record=label_target,
+    aliases=("visual_question_answering",),
     tags=("vqa",),
 )
 

@@ -1,15 +1,16 @@
 """Kernel tests run the Triton kernels on CPU through Triton's interpreter when there is no GPU.
 
 ``tests/conftest.py`` sets ``TRITON_INTERPRET`` before any test imports triton; the markers here
-say which tests need the interpreter or a GPU.
+say which tests need the interpreter or a GPU. Whether the interpreter is on is read the one way
+the package reads it (``geovlm.kernels._dispatch.interpreting``).
 """
-
-import os
 
 import pytest
 import torch
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from geovlm.kernels._dispatch import interpreting
+
+INTERPRETED = interpreting()
 
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1"

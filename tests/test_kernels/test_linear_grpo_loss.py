@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from geovlm.kernels import _dispatch
 from geovlm.kernels import reference as ref
 from geovlm.kernels.linear_grpo_loss import linear_grpo_loss, linear_selective_log_softmax
+from geovlm.kernels.options import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 
 from .conftest import INTERPRETED, needs_cuda, needs_interpreter
 
@@ -207,14 +209,14 @@ def _check_pair(ours, oracle, rtol_loss=1e-5, rtol_grad=2e-5):
 
 def _beta(loss_type: str, level: str) -> float:
     """Alternates the KL term so every loss type and every level runs with and without it."""
-    parity = ref.LOSS_TYPES.index(loss_type) + ref.IMPORTANCE_SAMPLING_LEVELS.index(level)
+    parity = LOSS_TYPES.index(loss_type) + IMPORTANCE_SAMPLING_LEVELS.index(level)
     return 0.05 if parity % 2 else 0.0
 
 
 GRPO_CASES = [
     pytest.param(lt, level, _beta(lt, level), id=f"{lt}-{level}-beta{_beta(lt, level)}")
-    for lt in ref.LOSS_TYPES
-    for level in ref.IMPORTANCE_SAMPLING_LEVELS
+    for lt in LOSS_TYPES
+    for level in IMPORTANCE_SAMPLING_LEVELS
 ]
 
 
@@ -259,6 +261,82 @@ def test_torch_path_matches_float64_reference(loss_type):
     _check_pair(*_loss_pair(x, "torch", options, chunk=37))
 
 
+# ---------------------------------------------------------------- -inf logits
+
+# Columns a -inf bias leaves finite, against V = 150, interpreter tiles of 32 columns and vocab
+# chunks of 64: "tiles" forbids a tile of the first chunk and the whole second chunk; "one_tile"
+# leaves 20 columns of the second chunk, so the first chunk is entirely -inf (the host merge
+# starts from a -inf max) and so are the other tiles and the last chunk.
+ALLOWED_COLUMNS = {"tiles": [range(0, 32), range(128, V)], "one_tile": [range(70, 90)]}
+
+
+def _forbid(x: dict, allowed: list[range], key: str) -> dict:
+    """x with a -inf bias outside the ``allowed`` columns, target ids drawn from those, and old /
+    reference log-probs near the new ones."""
+    g = _gen(key)
+    cols = torch.tensor([c for r in allowed for c in r])
+    bias = torch.full((V,), -float("inf"))
+    bias[cols] = x["bias"][cols]
+    mask = x["mask"].bool()
+    ids = torch.where(mask, cols[torch.randint(0, len(cols), (B, L), generator=g)], x["ids"])
+    with torch.no_grad():
+        z = _oracle_logits(x["hidden"].double(), x["weight"].double(), bias.double())
+        lp = F.log_softmax(z, -1).gather(1, ids.clamp(min=0).view(-1, 1)).view(B, L).float()
+    old = torch.where(mask, lp + torch.randn(B, L, generator=g) * 0.3, 0.0)
+    refp = torch.where(mask, lp + torch.randn(B, L, generator=g) * 0.3, 0.0)
+    return dict(x, bias=bias, ids=ids, old=old, ref=refp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", list(ALLOWED_COLUMNS))
+def test_neg_inf_bias_columns_match_float64(backend, layout):
+    """Whole tiles and whole vocab chunks of -inf logits (a bias forbidding token ranges): finite
+    log-probs, entropies, losses and gradients equal to the float64 oracle, forward and backward
+    (a -inf tile used to make the Triton path's partial sums exp(-inf - -inf) = NaN). The fully
+    masked first sequence of the batch is in it too."""
+    allowed = ALLOWED_COLUMNS[layout]
+    x = _forbid(_grpo_inputs("forbid" + layout), allowed, "forbid" + layout)
+    ids = torch.where(x["mask"].bool(), x["ids"], allowed[0][0])  # no padding ids here
+    g = _gen("forbid-upstream" + layout)
+    up_logp, up_ent = torch.randn(B, L, generator=g), torch.randn(B, L, generator=g)
+    h, w, b = _leaf(x["hidden"]), _leaf(x["weight"]), _leaf(x["bias"])
+    logp, ent = linear_selective_log_softmax(h, w, ids, b, 0.8, return_entropy=True,
+                                             vocab_chunk_size=64, backend=backend)
+    ((logp * up_logp).sum() + (ent * up_ent).sum()).backward()
+    hd, wd, bd = (_leaf(x[k], torch.float64) for k in ("hidden", "weight", "bias"))
+    lsm = F.log_softmax(_oracle_logits(hd, wd, bd) / 0.8, -1)
+    logp_ref = lsm.gather(1, ids.view(-1, 1)).view(B, L)
+    p = lsm.exp()
+    # p * log p is 0 where p == 0 (the -inf columns); written so that its gradient is too.
+    ent_ref = -(p * lsm.masked_fill(p == 0, 0.0)).sum(-1).view(B, L)
+    ((logp_ref * up_logp).sum() + (ent_ref * up_ent).sum()).backward()
+    assert torch.isfinite(logp_ref).all() and torch.isfinite(bd.grad).all()
+    _assert_close(logp, logp_ref, 2e-6, "logp")
+    _assert_close(ent, ent_ref, 2e-5, "entropy")
+    for name, got, want in (("hidden", h.grad, hd.grad), ("weight", w.grad, wd.grad),
+                            ("bias", b.grad, bd.grad)):
+        _assert_close(got, want, 2e-5, f"grad {name}")
+    options = dict(loss_type="dapo", beta=0.04, eps_low=0.2, eps_high=0.28)
+    _check_pair(*_loss_pair(x, backend, options, chunk=64))
+
+
+# The interpreter runs the kernels in numpy, which warns about the log(0) of such a row.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_a_finite_logit_are_nan_as_in_float64(backend):
+    """A distribution with no finite logit has no log-probs: NaN, as the float64 oracle says, on
+    both paths -- not a value, and not an error."""
+    g = _gen("all-inf" + backend)
+    hidden, weight = torch.randn(5, 3, 24, generator=g), torch.randn(V, 24, generator=g)
+    bias = torch.full((V,), -float("inf"))
+    ids = torch.randint(0, V, (5, 3), generator=g)
+    logp, ent = linear_selective_log_softmax(hidden, weight, ids, bias, return_entropy=True,
+                                             vocab_chunk_size=64, backend=backend)
+    lsm = F.log_softmax(_oracle_logits(hidden.double(), weight.double(), bias.double()), -1)
+    assert torch.isnan(lsm).all()
+    assert torch.isnan(logp).all() and torch.isnan(ent).all()
+
+
 # ---------------------------------------------------------------- Liger-Kernel
 
 
@@ -266,7 +344,7 @@ def _liger_cases():
     cases = []
     # Liger 0.8.5's luspo predates TRL 1.16's masked aggregation (it averages unmasked padding
     # into the loss), and Liger refuses sequence-level IS for cispo / sapo / vespo.
-    for lt in [t for t in ref.LOSS_TYPES if t != "luspo"]:
+    for lt in [t for t in LOSS_TYPES if t != "luspo"]:
         for level in ("token",) if lt in ("cispo", "sapo", "vespo") else ("token", "sequence"):
             beta = _beta(lt, level)
             cases.append(pytest.param(lt, level, beta, id=f"{lt}-{level}-beta{beta}"))
@@ -396,8 +474,10 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_never_materialises_the_logits(backend):
+def test_never_materialises_the_logits(backend, monkeypatch):
     n, h_dim, v = 64, 16, 203
+    # The spec path takes 8 whole rows at a time, the Triton path 32 vocabulary columns.
+    monkeypatch.setattr(_dispatch, "CHUNK_ELEMENTS", 8 * v)
     g = _gen("memory" + backend)
     hidden = torch.randn(n, h_dim, generator=g, requires_grad=True)
     weight = torch.randn(v, h_dim, generator=g, requires_grad=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geovlm.kernels import _backend
+from geovlm.kernels import _dispatch
 from geovlm.kernels import reference as ref
 from geovlm.kernels.logprobs import selective_log_softmax
 
@@ -68,7 +68,7 @@ def test_mask_skips_rows_and_their_ids(backend):
 def test_extreme_logits(backend):
     """Rows far below 0, far above 0, -inf entries, a whole -inf vocab block before the first
     finite one, a -inf target, and a one-entry vocabulary."""
-    block = _backend.INTERPRETER_BLOCK_V
+    block = _dispatch.INTERPRETER_BLOCK_V
     logits, ids, g = _logits(5, (B, L, block + 301), scale=30.0)
     logits[0] -= 1e4
     logits[1] += 1e4
@@ -87,6 +87,26 @@ def test_extreme_logits(backend):
     one = torch.randn(2, L, 1)
     out = selective_log_softmax(one, torch.zeros(2, L, dtype=torch.long), backend=backend)
     assert (out == 0).all()
+
+
+# The interpreter runs the kernels in numpy, which warns about the log(0) of such a row.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_a_finite_logit(backend):
+    """A row of -inf logits has no distribution: NaN log-prob and entropy as in float64 when it
+    is scored, 0 (never read) when the mask leaves it out."""
+    logits, ids, _ = _logits(12)
+    logits[1, 4] = -float("inf")
+    want_logp, _ = _want(logits, ids)
+    assert torch.isnan(want_logp[1, 4])
+    logp, ent = selective_log_softmax(logits, ids, 1.0, True, backend=backend)
+    assert torch.isnan(logp[1, 4]) and torch.isnan(ent[1, 4])
+    assert torch.isfinite(logp).sum() == logp.numel() - 1
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 4] = False
+    logp, ent = selective_log_softmax(logits, ids, 1.0, True, mask=mask, backend=backend)
+    assert logp[1, 4] == 0 and ent[1, 4] == 0 and torch.isfinite(logp).all()
+    torch.testing.assert_close(logp.double()[mask], want_logp[mask], rtol=2e-6, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -123,8 +143,8 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="backend must be"):
         selective_log_softmax(logits, ids, backend="numba")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        _backend.use_triton("triton", logits, kernel=object())
-    assert not _backend.use_triton("auto", logits, kernel=object())
+        _dispatch.use_triton("triton", logits, kernel=object())
+    assert not _dispatch.use_triton("auto", logits, kernel=object())
 
 
 @needs_cuda

@@ -1,13 +1,18 @@
 """TRL drop-in: a tiny Qwen2 causal LM trained for a few GRPO steps with TRL's own loss and with the
 fused loss (``FusedGRPOTrainer``, or ``enable_fused_loss`` on a built trainer) logs the same losses
-and ends with the same weights (fp32 and plain SGD, so the weights follow the gradients linearly).
+and ends with the same weights (fp32 and plain SGD, so the weights follow the gradients linearly),
+against the TRL version installed (the lock pins 1.16, ``SUPPORTED_TRL``).
 
 The model and tokenizer are built offline from a config; generation, rewards and advantages are
-TRL's in both runs, so any difference comes from the loss. On CPU the fused run uses the Triton
-kernels through the interpreter when it is active, else the chunked torch path.
+TRL's in both runs, so any difference comes from the loss. The fused run takes the last hidden
+state through the linear kernel and never asks the LM head for more than one position (the
+logits path, for heads the linear kernel cannot take, is run by forcing it). On CPU the kernels
+run through the interpreter when it is active, else the spec path.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,7 +62,7 @@ def _reward(completions, **kwargs):
             for c in completions]
 
 
-def _train(tmp_path, fused: str | None, **options):
+def _train(tmp_path, fused: str | None, on_built=None, **options):
     tokenizer = _tokenizer()
     prompts = ["field river ship", "tank road farm", "city forest yes", "no ship tank"]
     args = trl.GRPOConfig(
@@ -74,28 +79,62 @@ def _train(tmp_path, fused: str | None, **options):
                   processing_class=tokenizer, **kwargs)
     if fused == "enable":
         fused_trl.enable_fused_loss(trainer, backend=backend)
+    if on_built is not None:
+        on_built(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, trainer.model.state_dict()
 
 
 @pytest.mark.parametrize(
-    "fused,options",
+    "fused,path,options",
     [
-        ("subclass", dict(loss_type="dapo", beta=0.04, epsilon_high=0.28, steps_per_generation=4)),
-        ("enable", dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2,
-                        use_bias_correction_kl=True, beta=0.02)),
+        ("subclass", "hidden", dict(loss_type="dapo", beta=0.04, epsilon_high=0.28,
+                                    steps_per_generation=4)),
+        ("enable", "hidden", dict(loss_type="grpo", importance_sampling_level="sequence",
+                                  num_iterations=2, use_bias_correction_kl=True, beta=0.02)),
+        ("subclass", "logits", dict(loss_type="bnpo", beta=0.04, delta=1.5)),
     ],
-    ids=["dapo-kl-off-policy", "grpo-sequence-multi-iteration"],
+    ids=["dapo-kl-off-policy", "grpo-sequence-multi-iteration", "bnpo-delta-logits-path"],
 )
-def test_fused_trainer_matches_trl(tmp_path, monkeypatch, fused, options):
-    calls = []
-    original = fused_trl.fused_log_probs
-    monkeypatch.setattr(fused_trl, "fused_log_probs",
-                        lambda *a, **k: calls.append(1) or original(*a, **k))
+def test_fused_trainer_matches_trl(tmp_path, monkeypatch, fused, path, options):
+    calls = {"linear_selective_log_softmax": 0, "fused_log_probs": 0}
+    for name in calls:
+        original = getattr(fused_trl, name)
+
+        def counted(*a, _name=name, _original=original, **k):
+            calls[_name] += 1
+            return _original(*a, **k)
+
+        monkeypatch.setattr(fused_trl, name, counted)
+    if path == "logits":  # as for a soft-capped or sharded head
+        monkeypatch.setattr(fused_trl, "plain_lm_head", lambda model: None)
+    # Positions the LM head is asked for inside the fused loss's forward.
+    head_positions, in_loss = [], []
+    original_logps = fused_trl.completion_logps
+
+    def completion_logps(*a, **k):
+        in_loss.append(True)
+        try:
+            return original_logps(*a, **k)
+        finally:
+            in_loss.pop()
+
+    monkeypatch.setattr(fused_trl, "completion_logps", completion_logps)
+
+    def watch_head(trainer):
+        trainer.model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: head_positions.append(out.shape[1]) if in_loss else None
+        )
+
     trl_logs, trl_weights = _train(tmp_path, None, **options)
-    fused_logs, fused_weights = _train(tmp_path, fused, **options)
-    assert len(calls) == 3 * 2  # 3 optimiser steps x 2 accumulation micro-batches
+    fused_logs, fused_weights = _train(tmp_path, fused, on_built=watch_head, **options)
+    used = "linear_selective_log_softmax" if path == "hidden" else "fused_log_probs"
+    assert calls == {**{name: 0 for name in calls}, used: 3 * 2}  # 3 steps x 2 micro-batches
+    if path == "hidden":
+        assert head_positions == [1] * 6  # never the completion's [B, L, V] logits
+    else:
+        assert head_positions == [7] * 6  # L + 1 = max_completion_length + 1 positions
     assert len(trl_logs) == len(fused_logs) == 3
     for ours, theirs in zip(fused_logs, trl_logs, strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6)
@@ -110,3 +149,33 @@ def test_fused_trainer_matches_trl(tmp_path, monkeypatch, fused, options):
 def test_unsupported_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match="entropy_coef"):
         _train(tmp_path, "subclass", entropy_coef=0.01)
+
+
+@pytest.mark.parametrize(
+    "attributes,named",
+    [
+        (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+        (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+        (dict(_entropy_bonus_enabled=True), "entropy_coef"),
+        (dict(aux_loss_enabled=True), "MoE auxiliary loss"),
+    ],
+)
+def test_each_loss_option_outside_the_kernel_is_refused(attributes, named):
+    """What TRL's loss adds on top of the GRPO objective is refused at set-up, never dropped."""
+    trainer = SimpleNamespace(top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                              _entropy_bonus_enabled=False, aux_loss_enabled=False)
+    fused_trl.check_supported(trainer)
+    for key, value in attributes.items():
+        setattr(trainer, key, value)
+    with pytest.raises(ValueError, match=named):
+        fused_trl.enable_fused_loss(trainer)
+
+
+@pytest.mark.parametrize("version", ["1.15.2", "1.17.0", "2.0.0"])
+def test_unsupported_trl_versions_are_refused(monkeypatch, version):
+    assert trl.__version__ in fused_trl.SUPPORTED_TRL  # the installed one is supported
+    monkeypatch.setattr(trl, "__version__", version)
+    with pytest.raises(ValueError, match=f"supports TRL >=1.16,<1.17.*this is TRL {version}"):
+        fused_trl.FusedGRPOTrainer(model="never-built", reward_funcs=[])
+    with pytest.raises(ValueError, match="supports TRL"):
+        fused_trl.check_supported(SimpleNamespace())

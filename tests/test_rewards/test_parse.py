@@ -15,7 +15,10 @@ from geovlm.rewards.parse import (
     MAX_BOXES,
     extract_answer,
     extract_think,
+    is_number,
+    named_choices,
     normalize_text,
+    offered_choices,
     parse_boxes,
     parse_count,
     parse_for_task,
@@ -27,6 +30,7 @@ from geovlm.rewards.parse import (
     says_none,
     split_items,
     strip_boxes,
+    valid_unicode,
 )
 
 SCENES = ("farmland", "forest", "residential", "dense residential", "harbor", "airplane")
@@ -180,10 +184,68 @@ def test_parse_yes_no(answer, expected):
 
 @pytest.mark.parametrize(
     "answer, expected",
-    [("none", True), ("No objects found.", True), ("[]", True), ("no ship", False), ("3", False)],
+    [("none", True), ("No objects found.", True), ("[]", True), ("no ship", False), ("3", False),
+     ("[ ]", True), ("{}", True), ("```json\n[]\n```", True), ("```\n[ ]```", True),
+     ("[[]]", False), ("[] [1, 2, 3, 4]", False), ("```json\n[1]\n```", False)],
 )
 def test_says_none(answer, expected):
     assert says_none(answer) is expected
+
+
+@pytest.mark.parametrize(
+    "question, expected",
+    [
+        ("Which are more numerous, ships or storage tanks?", ("ships", "storage tanks")),
+        ("Farmland, forest or water: which is it?", ("farmland", "forest", "water")),
+        ("Which is larger, the harbor or the bridge? Be brief.", ("the harbor", "the bridge")),
+        ("Is it a plane or a ship?", ("it a plane", "a ship")),
+        ("Are there any ships?", ()),
+        ("Count the ships (planes or not).", ("planes", "not")),
+        (None, ()),
+    ],
+)
+def test_offered_choices(question, expected):
+    assert offered_choices(question) == expected
+
+
+def test_named_choices_by_whole_choice_or_an_ending_no_other_shares():
+    choices = ("ships", "storage tanks", "oil tanks")
+    assert named_choices("storage tanks", choices) == {1}
+    assert named_choices("ship", choices) == {0}
+    assert named_choices("tanks", choices) == set()  # shared ending: names neither
+    assert named_choices("ships and oil tanks", choices) == {0, 2}
+    # A content word no other choice has names its choice; "an", "it" name nothing.
+    rsvqa = offered_choices("Is it a rural or an urban area?")
+    assert named_choices("urban", rsvqa) == {1} and named_choices("rural", rsvqa) == {0}
+    assert named_choices("rural or urban", rsvqa) == {0, 1}
+    assert named_choices("it is an area", rsvqa) == {1}
+
+
+def test_valid_unicode_replaces_only_lone_surrogates():
+    text = "caf\u00e9 \U0001f6f0"
+    assert valid_unicode(text) is text
+    assert valid_unicode("a\ud800b\udfff") == "a?b?"
+    valid_unicode("\udc80" * 10).encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("3", True), ("twenty-one", True), ("a dozen", True), ("3 ships", False), ("yes", False),
+     ("", False), (None, False), ("one hundred and five", True)],
+)
+def test_is_number(text, expected):
+    assert is_number(text) is expected
+
+
+@pytest.mark.parametrize(
+    "run, three, value_of_2000",
+    [("hundred", 1e6, None), ("a dozen", 12.0**3, None), ("thousand", 3000.0, 2e6)],
+)
+def test_number_word_runs_stop_at_the_limit_instead_of_overflowing(run, three, value_of_2000):
+    # A run worth more than 1e15 is no number; "thousand thousand ..." only adds up.
+    assert parse_number(" ".join([run] * 3)) == three
+    assert parse_number(" ".join([run] * 2000)) == value_of_2000
+    assert parse_count(" ".join([run] * 2000)) == value_of_2000
 
 
 # --------------------------------------------------------------------------- boxes

@@ -218,13 +218,14 @@ def test_hedging_over_classes_does_not_pay(task):
     assert _acc(task, [target.label], target)[0] == 1.0
 
 
-def test_listing_every_class_in_multilabel_scores_below_the_truth():
+def test_listing_every_class_in_multilabel_scores_no_more_than_a_wrong_answer():
     target = _sample("multilabel_cls").target
-    truth, everything = _acc("multilabel_cls", [target.answer, ", ".join(target.classes)], target)
-    n_true, n_all = len(target.labels), len(target.classes)
+    wrong = [c for c in target.classes if c not in target.labels][:1]
+    truth, everything, other = _acc(
+        "multilabel_cls", [target.answer, ", ".join(target.classes), wrong[0]], target
+    )
     assert truth == 1.0
-    assert everything == pytest.approx(2 * n_true / (n_all + n_true))
-    assert everything < 1.0
+    assert everything == other == 0.0
 
 
 def test_hedging_numbers_and_yes_no_does_not_pay():

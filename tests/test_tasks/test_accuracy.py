@@ -17,7 +17,7 @@ from rouge_score import rouge_scorer
 from scipy.optimize import linear_sum_assignment
 from shapely import affinity
 from shapely.geometry import box as shapely_box
-from sklearn.metrics import f1_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
 
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import generate_scenes, samples_from_scene
@@ -29,6 +29,9 @@ from geovlm.tasks.multilabel_cls import multilabel_accuracy
 from tests.test_tasks import PAPER_TASKS
 
 PIX = RewardOptions(convention="pixels", use_embeddings=False)
+# The paper's box credit (plain IoU, extra boxes in the divisor) and the plain sum of the grounding
+# reward's parts, without the hack guards of the defaults.
+IOU = dataclasses.replace(PIX, box_credit="iou", grounding="sum")
 SIZE = (640, 480)
 
 
@@ -55,7 +58,12 @@ def poly(row: np.ndarray):
     return affinity.rotate(shapely_box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), angle)
 
 
-def oracle_multibox(pred: np.ndarray, gt: np.ndarray, hull: bool = False) -> float:
+def oracle_multibox(
+    pred: np.ndarray, gt: np.ndarray, hull: bool = False, above_chance: bool = False
+) -> float:
+    """The multi-box reward with shapely IoU and scipy's Hungarian matching: plain (sum of IoU /
+    max(n_pred, n_gt)) or above chance (credit = IoU rescaled past a blind layout's IoU, sum less
+    one per extra box, over n_gt)."""
     if len(pred) == 0 and len(gt) == 0:
         return 1.0
     if len(pred) == 0 or len(gt) == 0:
@@ -64,9 +72,20 @@ def oracle_multibox(pred: np.ndarray, gt: np.ndarray, hull: bool = False) -> flo
     g = [poly(r) for r in gt]
     if hull:
         p, g = [shapely_box(*x.bounds) for x in p], [shapely_box(*x.bounds) for x in g]
-    iou = np.array([[a.intersection(b).area / a.union(b).area for b in g] for a in p])
-    rows, cols = linear_sum_assignment(-iou)
-    return iou[rows, cols].sum() / max(len(p), len(g))
+    credit = np.array([[a.intersection(b).area / a.union(b).area for b in g] for a in p])
+    if not above_chance:
+        rows, cols = linear_sum_assignment(-credit)
+        return credit[rows, cols].sum() / max(len(p), len(g))
+    whole = shapely_box(0, 0, *SIZE)
+    chance = np.array([whole.intersection(b).area / whole.union(b).area for b in g])
+    # A blind layout of len(p) boxes: the grid tile holding the box (capped at 0.5), or for one
+    # box the whole image.
+    tile = len(p) * chance
+    blind = np.maximum(chance, np.minimum(np.minimum(tile, 1 / tile), 0.5))
+    credit = np.clip((credit - blind) / (1 - blind), 0, None)
+    rows, cols = linear_sum_assignment(-credit)
+    extra = max(len(p) - len(g), 0)
+    return max((credit[rows, cols].sum() - extra) / len(g), 0.0)
 
 
 def random_xyxy(rng, n: int) -> np.ndarray:
@@ -144,26 +163,70 @@ def test_temporal_classification_without_vocabulary_needs_the_exact_label():
     )
 
 
-def test_multilabel_f1_matches_sklearn_on_random_sets():
-    rng = np.random.default_rng(11)
+def _random_label_sets(seed: int):
+    rng = np.random.default_rng(seed)
     classes = ("ship", "storage tank", "plane", "harbor", "bridge", "vehicle", "building")
-    targets, answers, expected = [], [], []
     for _ in range(40):
         truth = [c for c in classes if rng.random() < 0.3]
         guess = [c for c in classes if rng.random() < 0.3]
-        targets.append(Target("multilabel_cls", "", SIZE, labels=tuple(truth), classes=classes))
-        answers.append(", ".join(guess) if guess else "none")
+        target = Target("multilabel_cls", "", SIZE, labels=tuple(truth), classes=classes)
         y_true = np.array([c in truth for c in classes])
         y_pred = np.array([c in guess for c in classes])
-        expected.append(f1_score(y_true, y_pred, zero_division=1.0))
-    np.testing.assert_allclose(acc("multilabel_cls", answers, targets), expected, atol=1e-12)
+        yield target, (", ".join(guess) if guess else "none"), y_true, y_pred
+
+
+def test_multilabel_f1_matches_sklearn_on_random_sets():
+    targets, answers, expected = [], [], []
+    for target, answer, y_true, y_pred in _random_label_sets(11):
+        targets.append(target)
+        answers.append(answer)
+        f1 = f1_score(y_true, y_pred, zero_division=1.0)
+        expected.append(f1 if y_true.any() else float(not y_pred.any()))
+    options = dataclasses.replace(PIX, multilabel="f1")
+    got = acc("multilabel_cls", answers, targets, options)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+def test_multilabel_informedness_and_recall_match_sklearn_on_random_sets():
+    targets, answers, informedness, recall = [], [], [], []
+    for target, answer, y_true, y_pred in _random_label_sets(12):
+        targets.append(target)
+        answers.append(answer)
+        if not y_true.any():
+            informedness.append(float(not y_pred.any()))
+            recall.append(float(not y_pred.any()))
+            continue
+        # Youden's J is the adjusted balanced accuracy of the binary decisions over the classes.
+        j = balanced_accuracy_score(y_true, y_pred, adjusted=True) if not y_true.all() else None
+        informedness.append(max(j, 0.0) if j is not None else recall_score(y_true, y_pred))
+        recall.append(recall_score(y_true, y_pred))
+    assert len(set(np.round(informedness, 6))) > 5  # the draw covers varied cases
+    np.testing.assert_allclose(acc("multilabel_cls", answers, targets), informedness, atol=1e-12)
+    options = dataclasses.replace(PIX, multilabel="recall")
+    np.testing.assert_allclose(acc("multilabel_cls", answers, targets, options), recall, atol=1e-12)
 
 
 def test_multilabel_listing_every_class_does_not_pay():
     classes = tuple(f"class{i}" for i in range(10))
     t = Target("multilabel_cls", "", SIZE, labels=("class1", "class2"), classes=classes)
-    out = acc("multilabel_cls", ["class1, class2", ", ".join(classes)], [t, t])
-    np.testing.assert_allclose(out, [1.0, 2 * 2 / (10 + 2)])
+    answers = ["class1, class2", ", ".join(classes), "class1", "class1, class2, class3", "class5"]
+    np.testing.assert_allclose(
+        acc("multilabel_cls", answers, [t] * 5), [1.0, 0.0, 0.5, 1 - 1 / 8, 0.0]
+    )
+    for mode, expected in (("f1", [1.0, 2 * 2 / (10 + 2)]), ("recall", [1.0, 1.0])):
+        options = dataclasses.replace(PIX, multilabel=mode)
+        # The paper's recall pays fully for listing everything.
+        np.testing.assert_allclose(acc("multilabel_cls", answers[:2], [t, t], options), expected)
+    every = Target("multilabel_cls", "", SIZE, labels=classes, classes=classes)
+    np.testing.assert_allclose(acc("multilabel_cls", answers[1:3], [every] * 2), [1.0, 0.1])
+
+
+def test_multilabel_without_vocabulary_counts_extra_items_against_the_true_ones():
+    t = Target("multilabel_cls", "", SIZE, labels=("ship", "harbor", "bridge"))
+    answers = ["ships, harbor, bridge", "ship, harbor, bridge, car", "ship", "a, b, c, d, ship"]
+    np.testing.assert_allclose(
+        acc("multilabel_cls", answers, [t] * 4), [1.0, 1 - 1 / 3, 1 / 3, 0.0]
+    )
 
 
 def test_classification_functions_score_unparsed_as_zero():
@@ -176,8 +239,10 @@ def test_classification_functions_score_unparsed_as_zero():
 # --------------------------------------------------------------------------- detection
 
 
-def test_referred_and_multi_detection_match_the_shapely_hungarian_oracle():
+@pytest.mark.parametrize("credit", ["above_chance", "iou"])
+def test_referred_and_multi_detection_match_the_shapely_hungarian_oracle(credit):
     rng = np.random.default_rng(5)
+    options = dataclasses.replace(PIX, box_credit=credit)
     for task in ("referred_det", "multi_det"):
         targets, answers, expected = [], [], []
         for _ in range(25):
@@ -190,21 +255,25 @@ def test_referred_and_multi_detection_match_the_shapely_hungarian_oracle():
             answers.append(render(pred) if len(pred) else "none")
             # Parsing clips boxes to the image; the oracle scores the clipped boxes.
             clipped = np.clip(pred, 0, [SIZE[0], SIZE[1], SIZE[0], SIZE[1]])
-            expected.append(oracle_multibox(clipped, gt))
-        np.testing.assert_allclose(acc(task, answers, targets), expected, atol=1e-9)
+            expected.append(oracle_multibox(clipped, gt, above_chance=credit == "above_chance"))
+        assert len(set(np.round(expected, 6))) > 10
+        np.testing.assert_allclose(acc(task, answers, targets, options), expected, atol=1e-9)
 
 
+@pytest.mark.parametrize("credit", ["above_chance", "iou"])
 @pytest.mark.parametrize("mode", ["hbb", "rotated"])
-def test_rotated_detection_matches_shapely(mode):
+def test_rotated_detection_matches_shapely(mode, credit):
     rng = np.random.default_rng(9)
-    options = dataclasses.replace(PIX, rotated_iou=mode)
+    options = dataclasses.replace(PIX, rotated_iou=mode, box_credit=credit)
     targets, answers, expected = [], [], []
     for _ in range(20):
         gt = random_rotated(rng, int(rng.integers(1, 3)))
         pred = np.round(jitter(rng, gt, 4.0), 6)
         targets.append(Target("referred_det_rot", "", SIZE, boxes=gt, box_format="rotated"))
         answers.append(render(pred))
-        expected.append(oracle_multibox(pred, gt, hull=mode == "hbb"))
+        expected.append(
+            oracle_multibox(pred, gt, hull=mode == "hbb", above_chance=credit == "above_chance")
+        )
     np.testing.assert_allclose(
         acc("referred_det_rot", answers, targets, options), expected, atol=1e-7
     )
@@ -215,15 +284,17 @@ def test_first_box_mode_and_flooding():
     t = Target("referred_det", "", SIZE, boxes=gt, box_format="xyxy")
     exact = "[100, 100, 200, 200]"
     flood = exact + ", " + ", ".join(f"[{i}, {i}, {i + 50}, {i + 50}]" for i in range(300))
-    multi = acc("referred_det", [exact, flood], [t, t])
-    np.testing.assert_allclose(multi, [1.0, 1.0 / 301])
-    first = acc(
-        "referred_det",
-        [exact, flood],
-        [t, t],
-        dataclasses.replace(PIX, referred_reward="first_box"),
+    first_box = dataclasses.replace(PIX, referred_reward="first_box")
+    np.testing.assert_allclose(acc("referred_det", [exact, flood], [t, t], IOU), [1.0, 1.0 / 301])
+    np.testing.assert_allclose(acc("referred_det", [exact, flood], [t, t]), [1.0, 0.0])
+    np.testing.assert_allclose(acc("referred_det", [exact, flood], [t, t], first_box), [1.0, 1.0])
+    # The whole image: a plain IoU of 0.033 with the true box, nothing above chance.
+    whole = f"[0, 0, {SIZE[0]}, {SIZE[1]}]"
+    np.testing.assert_allclose(
+        acc("referred_det", [whole], [t], IOU), [100 * 100 / (SIZE[0] * SIZE[1])]
     )
-    np.testing.assert_allclose(first, [1.0, 1.0])
+    np.testing.assert_array_equal(acc("referred_det", [whole], [t]), [0.0])
+    np.testing.assert_array_equal(acc("referred_det", [whole], [t], first_box), [0.0])
 
 
 def test_no_objects_answered_none_scores_one_but_an_unparsed_answer_scores_zero():
@@ -357,12 +428,42 @@ def test_grounding_description_mixes_box_iou_and_rouge_l():
         )
         answers.append(grounded)
         expected.append(0.5 * oracle_multibox(pred, gt) + 0.5 * rouge_l_oracle(answer, caption))
-    np.testing.assert_allclose(acc("grounding_desc", answers, targets), expected, atol=1e-9)
-    only_text = dataclasses.replace(PIX, grounding_text_weight=1.0)
+    np.testing.assert_allclose(acc("grounding_desc", answers, targets, IOU), expected, atol=1e-9)
+    only_text = dataclasses.replace(IOU, grounding_text_weight=1.0)
     np.testing.assert_allclose(
         acc("grounding_desc", answers, targets, only_text),
         [rouge_l_oracle(a, c) for a, c in zip(ANSWERS, CAPTIONS, strict=True)],
         atol=1e-12,
+    )
+
+
+def test_grounding_description_is_gated_by_its_boxes():
+    rng = np.random.default_rng(3)
+    gt = random_xyxy(rng, 2)
+    pred = np.clip(np.round(jitter(rng, gt, 5.0), 6), 0, [SIZE[0], SIZE[1], SIZE[0], SIZE[1]])
+    caption = CAPTIONS[0]
+    t = Target("grounding_desc", "", SIZE, boxes=gt, box_format="xyxy", captions=caption)
+    whole = f"[0, 0, {SIZE[0]}, {SIZE[1]}]"
+    answers = [
+        f"{ANSWERS[0]} {render(pred)}",
+        f"{caption[0]} {whole}",
+        f"{caption[0]} {whole}, {whole}",
+        f"a town with roads {render(pred)}",
+    ]
+    boxes = oracle_multibox(pred, gt, above_chance=True)
+    expected = [
+        boxes * (0.5 + 0.5 * rouge_l_oracle(ANSWERS[0], caption)),
+        0.0,
+        0.0,
+        boxes * (0.5 + 0.5 * rouge_l_oracle("a town with roads", caption)),
+    ]
+    np.testing.assert_allclose(acc("grounding_desc", answers, [t] * 4), expected, atol=1e-9)
+    assert expected[0] > expected[3] > 0.25
+    # Nothing to ground: the text alone, and any box is a wrong claim.
+    bare = Target("grounding_desc", "", SIZE, boxes=np.zeros((0, 4)), box_format="xyxy",
+                  captions=caption)
+    np.testing.assert_allclose(
+        acc("grounding_desc", [caption[1], f"{caption[1]} {whole}"], [bare] * 2), [1.0, 0.0]
     )
 
 

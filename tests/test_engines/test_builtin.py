@@ -1,10 +1,11 @@
-"""geovlm.rollout: G completions per prompt, and their sampling log-probs.
+"""geovlm.engines.builtin: G completions per prompt, and (when asked) their sampling log-probs.
 
 Both decoders (the shared-prompt loop and HF generate on repeated prompts) are checked against
 the same oracles: a separate teacher-forced forward pass of plain HF ``model(...)`` on prompt +
 completion (built here, not with ``Rollouts.model_inputs``), with float64 ``log_softmax`` at the
 sampling temperature; its argmax for greedy decoding; its top-p nucleus for sampling. The
-nucleus filter is also checked against HF's ``TopPLogitsWarper``.
+nucleus filter is also checked against HF's ``TopPLogitsWarper``. Log-probs are computed only
+when ``Sampling.return_logprobs`` asks for them, without changing what is sampled.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import pytest
 import torch
 
 from geovlm.data.collate import collate_prompts
+from geovlm.engines.base import EngineSetup, Sampling
+from geovlm.engines.builtin import BuiltinEngine, top_p_filter
 from geovlm.model import forward_logits
-from geovlm.rollout import generate_rollouts, top_p_filter
 from tests.test_model import make_sample, tiny_policy
 
 G = 3
 EOS_BOOST = 5.0  # added to <|im_end|>'s logit so that rows end at different, early steps
+
+
+def generate_rollouts(
+    model, processor, samples, num_generations, share_prompt=True, max_rows=None, **sampling
+):
+    """One ``generate`` call of a built-in engine (``sampling``: ``Sampling``'s fields)."""
+    engine = BuiltinEngine(model, processor, EngineSetup(share_prompt, max_rows=max_rows))
+    return engine.generate(samples, num_generations, Sampling(**sampling))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +118,8 @@ def _teacher_forced_logps(model, processor, samples, rollouts, temperature):
 def test_shapes_groups_and_prompt_rows(policy, samples, share):
     model, processor = policy
     rollouts = generate_rollouts(
-        model, processor, samples, G, max_new_tokens=7, seed=0, share_prompt=share
+        model, processor, samples, G, max_new_tokens=7, seed=0, share_prompt=share,
+        return_logprobs=True,
     )
     n = len(samples) * G
     assert rollouts.sample_index.tolist() == [i for i in range(len(samples)) for _ in range(G)]
@@ -137,6 +148,7 @@ def test_sampling_logprobs_equal_a_teacher_forced_forward(eos_prone, policy, sam
         temperature=temperature,
         seed=1,
         share_prompt=share,
+        return_logprobs=True,
     )
     logps = _teacher_forced_logps(eos_prone, processor, samples, rollouts, temperature)
     expected = logps.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
@@ -160,7 +172,7 @@ def test_masks_stop_after_the_first_eos(eos_prone, policy, samples, eos_id, shar
         samples,
         G,
         max_new_tokens=12,
-        batch_size=4,
+        max_rows=4,
         seed=2,
         share_prompt=share,
     )
@@ -211,7 +223,8 @@ def test_top_p_samples_stay_inside_the_nucleus(policy, samples, share):
 def test_greedy_is_deterministic_and_the_argmax(policy, samples, share):
     model, processor = policy
     first = generate_rollouts(
-        model, processor, samples, 2, max_new_tokens=6, greedy=True, share_prompt=share
+        model, processor, samples, 2, max_new_tokens=6, greedy=True, share_prompt=share,
+        return_logprobs=True,
     )
     second = generate_rollouts(
         model,
@@ -220,7 +233,7 @@ def test_greedy_is_deterministic_and_the_argmax(policy, samples, share):
         2,
         max_new_tokens=6,
         greedy=True,
-        batch_size=5,
+        max_rows=5,
         share_prompt=share,
     )
     assert torch.equal(first.completion_ids, second.completion_ids)
@@ -262,11 +275,13 @@ def test_seed_reproduces_and_keeps_the_callers_rng(policy, samples, share):
     model, processor = policy
     state = torch.random.get_rng_state()
     first = generate_rollouts(
-        model, processor, samples[:2], G, max_new_tokens=5, seed=7, share_prompt=share
+        model, processor, samples[:2], G, max_new_tokens=5, seed=7, share_prompt=share,
+        return_logprobs=True,
     )
     assert torch.equal(torch.random.get_rng_state(), state)
     second = generate_rollouts(
-        model, processor, samples[:2], G, max_new_tokens=5, seed=7, share_prompt=share
+        model, processor, samples[:2], G, max_new_tokens=5, seed=7, share_prompt=share,
+        return_logprobs=True,
     )
     other = generate_rollouts(
         model, processor, samples[:2], G, max_new_tokens=5, seed=8, share_prompt=share
@@ -293,6 +308,7 @@ def test_checkpoint_generation_defaults_do_not_leak(policy, samples, share):
             temperature=1.0,
             seed=4,
             share_prompt=share,
+            return_logprobs=True,
         )
         assert model.generation_config.top_k == 1
     finally:
@@ -311,7 +327,7 @@ def test_checkpoint_generation_defaults_do_not_leak(policy, samples, share):
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": 0.0}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
-        ({"batch_size": 0}, "batch_size"),
+        ({"max_rows": 0}, "max_rows"),
     ],
 )
 def test_bad_arguments_are_clear_errors(policy, samples, kwargs, message):
@@ -320,7 +336,7 @@ def test_bad_arguments_are_clear_errors(policy, samples, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_rollouts(model, processor, samples[:1], **arguments)
     with pytest.raises(ValueError, match="at least one sample"):
-        generate_rollouts(model, processor, [], 2, 3)
+        generate_rollouts(model, processor, [], 2, max_new_tokens=3)
 
 
 @pytest.mark.parametrize("top_p", [0.05, 0.3, 0.9, 0.999])
@@ -337,7 +353,7 @@ def test_top_p_filter_matches_hf_warper(top_p):
 
 def test_shared_prompt_greedy_equals_hf_generate(policy, samples):
     model, processor = policy
-    kwargs = {"num_generations": 2, "max_new_tokens": 8, "greedy": True}
+    kwargs = {"num_generations": 2, "max_new_tokens": 8, "greedy": True, "return_logprobs": True}
     shared = generate_rollouts(model, processor, samples, share_prompt=True, **kwargs)
     hf = generate_rollouts(model, processor, samples, share_prompt=False, **kwargs)
     assert torch.equal(shared.completion_ids, hf.completion_ids)
@@ -366,16 +382,16 @@ def test_shared_prompt_runs_each_image_once(policy, samples):
 
 
 def test_min_new_tokens_holds_back_the_eos(eos_prone, policy, samples, share, monkeypatch):
-    from geovlm import rollout
+    from geovlm.engines import builtin
 
-    make_config = rollout._generation_config
+    make_config = builtin._generation_config
 
     def at_least_five(*args):
         config = make_config(*args)
         config.min_new_tokens = 5
         return config
 
-    monkeypatch.setattr(rollout, "_generation_config", at_least_five)
+    monkeypatch.setattr(builtin, "_generation_config", at_least_five)
     _, processor = policy
     rollouts = generate_rollouts(
         eos_prone, processor, samples, G, max_new_tokens=9, seed=5, share_prompt=share
@@ -398,3 +414,49 @@ def test_finished_rows_leave_the_decode_batch(eos_prone, policy, samples):
     assert lengths.min() < lengths.max()  # rows did finish at different steps
     decode_rows = [int((lengths > step).sum()) for step in range(1, int(lengths.max()))]
     assert seen == [len(samples), *decode_rows]
+
+
+def _log_softmax_ops(run):
+    """``run()``'s result and how many log-softmax ops it ran (torch.profiler's op counts)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = run()
+    ops = ("aten::log_softmax", "aten::_log_softmax")
+    return result, sum(event.count for event in prof.key_averages() if event.key in ops)
+
+
+def test_log_probs_cost_nothing_unless_asked(eos_prone, policy, samples, share):
+    """Without ``return_logprobs`` no decode step runs a log-softmax, and the same seed draws
+    the same completions as with it (the log-probs never touch the sampling)."""
+    _, processor = policy
+    kwargs = {"max_new_tokens": 9, "temperature": 0.8, "seed": 9, "share_prompt": share}
+    plain, plain_ops = _log_softmax_ops(
+        lambda: generate_rollouts(eos_prone, processor, samples, G, **kwargs)
+    )
+    scored, scored_ops = _log_softmax_ops(
+        lambda: generate_rollouts(eos_prone, processor, samples, G, return_logprobs=True, **kwargs)
+    )
+    assert plain.logprobs is None and plain_ops == 0
+    assert scored_ops >= int(scored.lengths.max())  # one per decode step at least
+    assert torch.equal(plain.completion_ids, scored.completion_ids)
+    assert torch.equal(plain.completion_mask, scored.completion_mask)
+    assert torch.equal(plain.finished, scored.finished) and plain.texts == scored.texts
+
+
+def test_prompts_prepared_ahead_in_a_worker_give_the_same_rollouts(policy, samples, share):
+    """``prepare`` is the CPU half of ``generate``: built in a background process (as the GRPO
+    stage and the evaluation do) and passed back, it changes nothing that is sampled."""
+    from geovlm.data.loader import prefetched
+    from geovlm.engines.base import prompt_preparer
+
+    model, processor = policy
+    engine = BuiltinEngine(model, processor, EngineSetup(share))
+    prepare = prompt_preparer(engine)
+    assert prepare is not None
+    (prepared,) = list(prefetched(lambda _: prepare(samples), [0], workers=1))
+    sampling = Sampling(max_new_tokens=6, seed=3)
+    inline = engine.generate(samples, G, sampling)
+    ahead = engine.generate(samples, G, sampling, prepared=prepared)
+    torch.testing.assert_close(ahead.completion_ids, inline.completion_ids)
+    assert ahead.texts == inline.texts
+    for key, value in inline.unique_prompt.items():
+        torch.testing.assert_close(ahead.unique_prompt[key], value)
