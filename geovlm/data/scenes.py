@@ -76,21 +76,15 @@ FORBIDDEN_COLORS: dict[str, tuple[str, ...]] = {
 }
 
 # Shape sizes in pixels, (low, high) of the long side and of the short side (or span for planes).
-# Large enough to be localised by a small vision tower: at the default 112 px, Qwen2.5-VL's merged
-# image tokens are 28 px cells (4 x 4), and even a vehicle spans a good part of one, so that a box
-# read off a coarse feature grid can still overlap the object by IoU 0.5 (issue #18: the tiny
-# default must localise after SFT for the IoU reward to have variance to work with).
 SIZES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
-    "ship": ((24.0, 36.0), (9.0, 12.0)),
-    "plane": ((24.0, 34.0), (0.85, 1.05)),  # span as a fraction of the length
-    "storage tank": ((16.0, 24.0), (1.0, 1.0)),  # diameter
-    "building": ((20.0, 30.0), (16.0, 24.0)),
-    "vehicle": ((14.0, 18.0), (9.0, 11.0)),
+    "ship": ((16.0, 28.0), (7.0, 9.0)),
+    "plane": ((16.0, 24.0), (0.85, 1.05)),  # span as a fraction of the length
+    "storage tank": ((9.0, 16.0), (1.0, 1.0)),  # diameter
+    "building": ((13.0, 22.0), (11.0, 18.0)),
+    "vehicle": ((9.0, 12.0), (6.0, 7.5)),
 }
 
-# Objects per scene (fewer when no room is left): few enough that most referring expressions
-# pick one object out of a handful, as in the referring benchmarks, and that objects rarely crowd.
-MAX_OBJECTS = 4
+MAX_OBJECTS = 6  # objects per scene (fewer when no room is left)
 _MIN_SIDE = 56
 _PLACEMENT_TRIES = 40
 _GAP = 3.0  # minimum free space between two objects' boxes, so that they never touch
