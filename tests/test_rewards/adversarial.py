@@ -159,7 +159,9 @@ def _other_scene(sample: Sample, pool: Sequence[Sample]) -> Sample | None:
 
     def far(answer: str) -> bool:
         other = answer.split()
-        return len(other) != len(words) or sum(a != b for a, b in zip(other, words)) > 1
+        if len(other) != len(words):
+            return True
+        return sum(a != b for a, b in zip(other, words, strict=True)) > 1
 
     return next(
         (s for s in pool if s.target.answer not in refs and s.target.captions
