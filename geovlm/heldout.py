@@ -50,11 +50,16 @@ def summary(
     label: str,
     get_model: ModelGetter,
 ) -> dict | None:
-    """``{task: (headline metric, value)}`` after ``label``: saved by an earlier run of the same
-    config, else evaluated now (``get_model`` is called only then); None with evaluation off."""
+    """``{task: {headline metric: value, ...}}`` after ``label`` (``report.held_out_rows``):
+    saved by an earlier run of the same config, else evaluated now (``get_model`` is called only
+    then); None with evaluation off."""
+    from geovlm.report import held_out_rows
+
     saved = out_dir / "metrics.json"
     if saved.is_file():
-        return {task: tuple(v) for task, v in json.loads(saved.read_text())["summary"].items()}
+        data = json.loads(saved.read_text())
+        headline = {task: tuple(v) for task, v in data["summary"].items()}
+        return held_out_rows(data["metrics"], headline)
     if not config.eval.enabled or not samples:
         return None
     from geovlm.data.loader import auto_workers
@@ -80,7 +85,30 @@ def summary(
     if runtime.is_main:
         report.save(saved)
         print(f"\n## Held-out evaluation after {label}\n\n{report.table()}\n", flush=True)
-    return report.summary()
+    return held_out_rows(report.metrics, report.summary())
+
+
+def majority_baseline(samples: list[Sample], convention: str) -> dict[str, float]:
+    """``{task: headline metric}`` of answering every held-out sample of a task with the task's
+    most frequent answer, for the tasks whose answers are labels (every target has a ``label``,
+    ``labels`` or ``count``): the score a policy that ignores the image gets."""
+    from collections import Counter
+
+    from geovlm.eval import EvalReport
+    from geovlm.metrics import task_metrics
+
+    by_task: dict[str, list] = {}
+    for sample in samples:
+        by_task.setdefault(sample.task, []).append(sample.target)
+    out = {}
+    for task, targets in by_task.items():
+        if not all(t.label is not None or t.labels or t.count is not None for t in targets):
+            continue
+        answer = Counter(t.answer for t in targets).most_common(1)[0][0]
+        completions = [f"<answer>{answer}</answer>"] * len(targets)
+        metrics = task_metrics(task, completions, targets, convention=convention)
+        out[task] = EvalReport({task: metrics}).summary()[task][1]
+    return out
 
 
 def grpo_objective(

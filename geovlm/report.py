@@ -1,10 +1,14 @@
 """The run's report: ``summary.md`` / ``summary.json`` and the plots, redrawn whenever a run ends,
 and the held-out table sent to the experiment trackers after every evaluation.
 
-``summary.md`` holds the headline metric of every task after every stage (columns in stage order,
-``init`` first) and each GRPO stage's objective (mean sampled reward on held-out prompts) before
-and after it; ``summary.json`` the same numbers as data; ``training_curves.png`` the curves of
-``metrics.jsonl``.
+``summary.md`` holds, for every task, its headline metric (and the secondary metrics of
+``REPORTED_METRICS`` it has) after every stage, columns in stage order with ``init`` first; the
+majority baseline of the tasks whose answers are labels; which stages trained the task; and each
+GRPO stage's objective (mean sampled reward on held-out prompts) before and after it.
+``summary.json`` holds the same numbers as data, ``training_curves.png`` the curves of
+``metrics.jsonl``, ``held_out.png`` the held-out metrics per stage.
+
+Shapes: a stage's held-out summary is ``{task: {metric: value}}``, the headline metric first.
 """
 
 from __future__ import annotations
@@ -18,23 +22,76 @@ from geovlm.tasks import registry
 if TYPE_CHECKING:
     from geovlm.trackers import Trackers
 
+# Metrics reported next to a task's headline wherever its evaluation computes them: mean IoU
+# shows how far the boxes moved when acc@0.5 (a threshold) barely moves.
+REPORTED_METRICS: tuple[str, ...] = ("mean_iou",)
 
-def summary_table(summaries: dict[str, dict], objective: dict[str, dict]) -> str:
-    """Markdown: ``| task | metric | <label> ... |`` and the GRPO-objective table under it."""
+
+def held_out_rows(
+    metrics: dict[str, dict[str, float]], headline: dict[str, tuple[str, float]]
+) -> dict[str, dict[str, float]]:
+    """``{task: {headline: value, <REPORTED_METRICS it has>: value}}`` from an evaluation's
+    metrics (``{task: {metric: value}}``) and headline summary (``{task: (metric, value)}``)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, (name, value) in headline.items():
+        row = {name: float(value)}
+        for extra in REPORTED_METRICS:
+            if extra != name and extra in metrics.get(task, {}):
+                row[extra] = float(metrics[task][extra])
+        out[task] = row
+    return out
+
+
+def _marked(summaries: dict[str, dict], trained: dict[str, list[str]]) -> dict[str, set[str]]:
+    """``{stage label: tasks whose cells are bold}``: the tasks a stage trained, unless it
+    trained every task of the table (SFT), which would make its whole column bold."""
+    tasks = {t for s in summaries.values() for t in s}
+    out = {}
+    for label in summaries:
+        mine = set(trained.get(label, ())) & tasks
+        out[label] = set() if mine == tasks else mine
+    return out
+
+
+def summary_table(
+    summaries: dict[str, dict[str, dict[str, float]]],
+    objective: dict[str, dict],
+    trained: dict[str, list[str]] | None = None,
+    majority: dict[str, float] | None = None,
+) -> str:
+    """Markdown: ``| task | metric | majority | <label> ... | trained by |`` and the
+    GRPO-objective table under it.
+
+    ``trained``: ``{stage label: tasks it trained}``; ``majority``: ``{task: headline metric of
+    always giving the most frequent held-out answer}`` (``geovlm.heldout.majority_baseline``).
+    """
+    trained, majority = trained or {}, majority or {}
     labels = list(summaries)
     tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
+    bold = _marked(summaries, trained)
     lines = [
-        "| task | metric | " + " | ".join(labels) + " |",
-        "|---|---|" + "---|" * len(labels),
+        "| task | metric | majority | " + " | ".join(labels) + " | trained by |",
+        "|---|---|---|" + "---|" * len(labels) + "---|",
     ]
     for task in tasks:
-        metric = next(s[task][0] for s in summaries.values() if task in s)
-        values = [
-            f"{summaries[label][task][1]:.3f}" if task in summaries[label] else "-"
-            for label in labels
-        ]
-        lines.append(f"| {task} | {metric} | " + " | ".join(values) + " |")
+        metrics = list(dict.fromkeys(m for s in summaries.values() for m in s.get(task, {})))
+        by = ", ".join(label for label in labels if task in trained.get(label, ()))
+        for row, metric in enumerate(metrics):
+            cells = []
+            for label in labels:
+                value = summaries[label].get(task, {}).get(metric)
+                text = "-" if value is None else f"{value:.3f}"
+                cells.append(f"**{text}**" if value is not None and task in bold[label] else text)
+            base = f"{majority[task]:.3f}" if row == 0 and task in majority else ""
+            stages = by if row == 0 else ""
+            lines.append(f"| {task} | {metric} | {base} | " + " | ".join(cells) + f" | {stages} |")
     table = "\n".join(lines)
+    if any(bold.values()):
+        table += (
+            "\n\n**bold**: after a stage that trained the task (stages that trained every task, "
+            "such as SFT, are left plain). majority: the metric of always giving the most "
+            "frequent held-out answer."
+        )
     rows = [
         f"| {name} | {', '.join(o['tasks'])} | {o['prompts']} | {o['before']['reward']:.3f} | "
         f"{o['after']['reward']:.3f} | {o['before'].get('reward/accuracy', 0):.3f} -> "
@@ -61,19 +118,37 @@ def log_heldout(
 
 
 def write_summary(
-    run_dir: Path, summaries: dict[str, dict], objective: dict[str, dict], seconds: float
+    run_dir: Path,
+    summaries: dict[str, dict[str, dict[str, float]]],
+    objective: dict[str, dict],
+    seconds: float,
+    trained: dict[str, list[str]] | None = None,
+    majority: dict[str, float] | None = None,
 ) -> str:
     """Write ``summary.md`` and ``summary.json``; returns the Markdown tables."""
-    table = summary_table(summaries, objective)
+    table = summary_table(summaries, objective, trained, majority)
     (run_dir / "summary.md").write_text(table + f"\n\nwall time: {seconds:.0f} s\n")
-    (run_dir / "summary.json").write_text(
-        json.dumps({"held_out": summaries, "grpo_objective": objective}, indent=2)
-    )
+    payload = {
+        "held_out": summaries,
+        "majority": majority or {},
+        "trained": trained or {},
+        "grpo_objective": objective,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(payload, indent=2))
     return table
 
 
-def draw_plots(run_dir: Path, records: list[dict]) -> None:
-    """Redraw ``training_curves.png`` from the run's metric records."""
-    from geovlm.plots import plot_training_curves
+def draw_plots(
+    run_dir: Path,
+    records: list[dict],
+    summaries: dict[str, dict[str, dict[str, float]]] | None = None,
+    trained: dict[str, list[str]] | None = None,
+    majority: dict[str, float] | None = None,
+) -> None:
+    """Redraw ``training_curves.png`` from the run's metric records and ``held_out.png`` from
+    the held-out summaries so far."""
+    from geovlm.plots import plot_held_out, plot_training_curves
 
     plot_training_curves(records, run_dir / "training_curves.png")
+    if summaries:
+        plot_held_out(summaries, trained or {}, majority or {}, run_dir / "held_out.png")

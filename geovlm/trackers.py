@@ -94,25 +94,28 @@ def record_scalars(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def heldout_scalars(summary: dict[str, tuple[str, float]]) -> dict[str, float]:
-    """``{task: (metric, value)}`` of one held-out evaluation as ``heldout/<task>/<metric>``."""
-    return {f"heldout/{task}/{metric}": float(value) for task, (metric, value) in summary.items()}
+def heldout_scalars(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{task: {metric: value}}`` of one held-out evaluation as ``heldout/<task>/<metric>``."""
+    return {
+        f"heldout/{task}/{metric}": float(value)
+        for task, row in summary.items()
+        for metric, value in row.items()
+    }
 
 
 def heldout_rows(summaries: dict[str, dict]) -> tuple[list[str], list[list[Any]]]:
-    """Columns ``task, metric, <label>...`` and one row per task (None where not evaluated)."""
+    """Columns ``task, metric, <label>...`` and one row per task and metric (None where not
+    evaluated); ``summaries``: ``{label: {task: {metric: value}}}``."""
     from geovlm.tasks import registry
 
     labels = list(summaries)
     tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
     rows = []
     for task in tasks:
-        metric = next(s[task][0] for s in summaries.values() if task in s)
-        values = [
-            float(summaries[label][task][1]) if task in summaries[label] else None
-            for label in labels
-        ]
-        rows.append([task, metric, *values])
+        metrics = dict.fromkeys(m for s in summaries.values() for m in s.get(task, {}))
+        for metric in metrics:
+            values = [summaries[label].get(task, {}).get(metric) for label in labels]
+            rows.append([task, metric, *(None if v is None else float(v) for v in values)])
     return ["task", "metric", *labels], rows
 
 

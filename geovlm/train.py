@@ -9,7 +9,8 @@ model on the embedded synthetic EO world, on CPU, end to end, writing ``runs/<na
     init/                  the initial model + processor (HF format)
     stages/<i>-<name>/     checkpoint-<step>/ while running, final/ when done, eval/ tables
     training_curves.png    loss / reward / KL curves of every stage
-    summary.md             the held-out table after every stage
+    held_out.png           every task's held-out metric after every stage
+    summary.md             the held-out table after every stage, which stage trained which task
 
 Rerunning the same command resumes: finished stages are skipped, a running one continues from
 its last checkpoint with the same data order and RNG streams. A different config under the same
@@ -77,6 +78,12 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     test = heldout.held_out_samples(config, splits["test"])
     summaries: dict[str, dict] = {}
     objective: dict[str, dict] = {}
+    all_tasks = config.data.tasks or sorted({s.task for s in splits["train"]})
+    trained = {stage.name: list(stage.tasks or all_tasks) for stage in config.stages}
+    majority = heldout.majority_baseline(test, config.model.box_convention)
+
+    def draw() -> None:
+        report.draw_plots(config.run_dir, log.records(), summaries, trained, majority)
 
     def evaluate(label: str, out_dir: Path, get_model) -> bool:
         """Held-out table after ``label``; whether it is new (not saved by an earlier launch,
@@ -134,14 +141,14 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
             report.log_heldout(trackers, stage.name, summaries, objective)
         previous = final
         if runtime.is_main:
-            report.draw_plots(config.run_dir, log.records())
+            draw()
         barrier()
 
     if runtime.is_main:
-        report.draw_plots(config.run_dir, log.records())
+        draw()
         if summaries:
             table = report.write_summary(
-                config.run_dir, summaries, objective, time.time() - started
+                config.run_dir, summaries, objective, time.time() - started, trained, majority
             )
             print(f"\n## Summary (headline metric per task, by stage)\n\n{table}\n\nwall time: "
                   f"{time.time() - started:.0f} s; run directory: {config.run_dir}", flush=True)

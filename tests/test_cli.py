@@ -68,7 +68,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
 def test_config_differences_sees_nested_and_stage_keys():
     old = load_config(None, []).to_dict()
     new = load_config(None, ["stages.sft.steps=5", "eval.batch_size=3"]).to_dict()
-    assert config_differences(old, new) == [("stages.0.steps", 300, 5)]
+    assert config_differences(old, new) == [("stages.0.steps", 400, 5)]
     assert flatten({"a": {"b": 1}, "s": [{"n": 2}], "l": [1, 2]}) == {
         "a.b": 1,
         "s.0.n": 2,
@@ -115,7 +115,7 @@ def test_a_task_typo_is_refused_before_any_model_is_built(tmp_path, capsys, monk
 def test_a_stage_left_without_tasks_is_refused_before_any_model_is_built(tmp_path, capsys):
     code = main([f"output_dir={tmp_path}", "data.tasks=[scene_cls]"])
     assert code == 2
-    assert "stages.grpo_labels.tasks" in capsys.readouterr().err
+    assert "stages.grpo_det.tasks" in capsys.readouterr().err  # the preset's first GRPO stage
     assert not (tmp_path / "tiny-cpu").exists()
 
 
@@ -209,7 +209,8 @@ def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypat
     run_dir = tmp_path / "run"
     assert (run_dir / "stages" / "1-grpo" / "final" / "config.json").is_file()
     assert not (run_dir / "summary.md").exists()
-    (run_dir / "training_curves.png").unlink(missing_ok=True)
+    for plot in ("training_curves.png", "held_out.png"):
+        (run_dir / plot).unlink(missing_ok=True)
     monkeypatch.setattr(geovlm.grpo, "sampled_reward", original)
     assert main(args) == 0
     summary = (run_dir / "summary.md").read_text()
@@ -218,3 +219,7 @@ def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypat
     assert set(saved["held_out"]) == {"init", "sft", "grpo"}
     assert saved["grpo_objective"]["grpo"]["before"]["reward"] >= 0
     assert (run_dir / "training_curves.png").is_file()
+    assert (run_dir / "held_out.png").is_file()  # redrawn from the saved evaluations
+    assert saved["trained"] == {"sft": ["scene_cls"], "grpo": ["scene_cls"]}
+    assert 0 < saved["majority"]["scene_cls"] <= 1
+    assert "| scene_cls | accuracy |" in summary

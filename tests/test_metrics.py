@@ -121,6 +121,8 @@ def test_referred_detection_fixture():
             "box_precision@0.5/large": 0.0,
             "box_precision@0.5/single": 1 / 2,
             "box_precision@0.5/multiple": 1.0,
+            # matched IoU over max(P, G): 0.8, 1/3, (1 + 0) / 2, no box 0.
+            "mean_iou": (0.8 + 1 / 3 + 0.5 + 0) / 4,
         }
     )
 
@@ -162,6 +164,42 @@ def test_rotated_acc_matches_shapely_on_random_boxes():
     got = M.task_metrics("referred_det_rot", completions, targets)
     assert 0 < np.mean(expected) < 1
     assert got["acc@0.5"] == pytest.approx(np.mean(expected))
+
+
+def _xyxy_iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def test_mean_iou_is_the_optimal_matching_over_the_larger_box_count():
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(11)
+    completions, targets, expected = [], [], []
+    for n_gt, n_pred in [(1, 1)] * 6 + [(1, 2), (2, 1), (3, 3), (2, 3), (3, 2), (1, 0)]:
+        gt = rng.uniform(0, 60, (n_gt, 2))
+        gt = np.c_[gt, gt + rng.uniform(8, 40, (n_gt, 2))]
+        pred = gt[rng.integers(0, n_gt, n_pred)] + rng.normal(0, 5, (n_pred, 4))
+        pred = np.clip(np.c_[pred[:, :2], np.maximum(pred[:, 2:], pred[:, :2] + 1)], 0, 112)
+        pred = np.round(pred, 3)  # what the answer text says
+        text = ", ".join("[" + ", ".join(f"{v:.3f}" for v in box) + "]" for box in pred)
+        completions.append(f"<answer>{text or 'none'}</answer>")
+        targets.append(Target(task="referred_det", answer="", image_size=(112, 112),
+                              boxes=gt, box_format="xyxy"))
+        iou = np.array([[_xyxy_iou(p, g) for g in gt] for p in pred]).reshape(n_pred, n_gt)
+        rows, cols = linear_sum_assignment(iou, maximize=True)
+        expected.append(iou[rows, cols].sum() / max(n_pred, n_gt))
+    got = M.task_metrics("referred_det", completions, targets)
+    assert 0.2 < np.mean(expected) < 0.9
+    assert got["mean_iou"] == pytest.approx(np.mean(expected), abs=1e-9)
+
+
+def test_rotated_mean_iou_uses_rotated_iou():
+    # rr1: the same rectangle -> 1; rr2: the hull of the rotated box -> 400 / 1250.
+    got = _metrics("detection", "referred_det_rot")
+    assert got["mean_iou"] == pytest.approx((1 + 400 / 1250) / 2, abs=1e-3)
 
 
 def test_size_bucket_meta_then_area():

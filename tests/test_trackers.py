@@ -144,14 +144,16 @@ def test_tensorboard_holds_every_metric_the_config_and_the_heldout_tables(tmp_pa
     summary = json.loads((config.run_dir / "summary.json").read_text())["held_out"]
     assert list(summary) == ["init", "sft", "grpo"]
     for label, table in summary.items():
-        for task, (metric, value) in table.items():
-            points = events.Scalars(f"heldout/{task}/{metric}")
-            at = [e.value for e in points if e.step == stage_end_step(config, label)]
-            assert at == [pytest.approx(value)], (label, task)
+        for task, row in table.items():
+            for metric, value in row.items():
+                points = events.Scalars(f"heldout/{task}/{metric}")
+                at = [e.value for e in points if e.step == stage_end_step(config, label)]
+                assert at == [pytest.approx(value)], (label, task, metric)
 
     texts = events.Tensors("heldout/summary/text_summary")
     last = texts[-1].tensor_proto.string_val[0].decode()
-    assert texts[-1].step == 6 and "| task | metric | init | sft | grpo |" in last
+    assert texts[-1].step == 6
+    assert "| task | metric | majority | init | sft | grpo | trained by |" in last
     assert "scene_cls" in last
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     saved = yaml.safe_load(config_text.removeprefix("```yaml\n").removesuffix("```"))
@@ -234,8 +236,8 @@ RECORDS = [
     {"stage": "grpo", "kind": "grpo", "step": 1, "reward": 0.25, "reward/format": 1.0,
      "clip_ratio/low_min": float("nan")},
 ]
-SUMMARIES = {"init": {"vqa": ("accuracy", 0.1)}, "sft": {"vqa": ("accuracy", 0.4),
-                                                         "counting": ("mae", 2.0)}}
+SUMMARIES = {"init": {"vqa": {"accuracy": 0.1}}, "sft": {"vqa": {"accuracy": 0.4},
+                                                         "counting": {"mae": 2.0}}}
 COLUMNS = ["task", "metric", "init", "sft"]
 ROWS = [["counting", "mae", None, 2.0], ["vqa", "accuracy", 0.1, 0.4]]
 

@@ -84,6 +84,7 @@ SIZES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "vehicle": ((9.0, 12.0), (6.0, 7.5)),
 }
 
+MAX_OBJECTS = 6  # objects per scene (fewer when no room is left)
 _MIN_SIDE = 56
 _PLACEMENT_TRIES = 40
 _GAP = 3.0  # minimum free space between two objects' boxes, so that they never touch
@@ -130,6 +131,26 @@ class Scene:
     after: SceneState
     change: str
     background_seed: int
+    after_noise_seed: int
+    after_gain: float
+
+    def unchanged_after(self) -> SceneState:
+        """What the second image would show had nothing changed: the first image's land cover and
+        objects under the second image's illumination and sensor noise (``after`` itself for a
+        "no change" scene). Rendered on demand: a change-detection sample may pair it with
+        ``before`` as a no-change pair."""
+        if self.change == "no change":
+            return self.after
+        cover, objects = self.before.land_cover, self.before.objects
+        image = render(
+            cover,
+            objects,
+            self.image_size,
+            self.background_seed,
+            self.after_noise_seed,
+            self.after_gain,
+        )
+        return SceneState(cover, objects, image)
 
 
 def _rotate(points: np.ndarray, cx: float, cy: float, angle_deg: float) -> np.ndarray:
@@ -341,19 +362,26 @@ def render(
     return Image.fromarray(np.clip(pixels + noise, 0, 255).round().astype(np.uint8), mode="RGB")
 
 
-def _colors_for(category: str, land_cover: str) -> list[str]:
-    return [c for c in OBJECT_COLORS[category] if c not in FORBIDDEN_COLORS[land_cover]]
+def _colors_for(category: str, covers: tuple[str, ...]) -> list[str]:
+    """Colours of ``category`` visible on every land cover of ``covers``."""
+    forbidden = {c for cover in covers for c in FORBIDDEN_COLORS[cover]}
+    return [c for c in OBJECT_COLORS[category] if c not in forbidden]
+
+
+def _classes_for(covers: tuple[str, ...]) -> list[str]:
+    """Classes that may stand on every land cover of ``covers``."""
+    return [c for c in OBJECT_CLASSES if all(c in ALLOWED_CLASSES[cover] for cover in covers)]
 
 
 def compatible(obj: SceneObject, land_cover: str) -> bool:
     """Whether ``obj`` may stand on ``land_cover`` (class allowed, colour visible there)."""
     return obj.category in ALLOWED_CLASSES[land_cover] and obj.color in _colors_for(
-        obj.category, land_cover
+        obj.category, (land_cover,)
     )
 
 
 def _sample_object(
-    rng: np.random.Generator, category: str, land_cover: str, size: tuple[int, int]
+    rng: np.random.Generator, category: str, covers: tuple[str, ...], size: tuple[int, int]
 ) -> SceneObject:
     (l_lo, l_hi), (w_lo, w_hi) = SIZES[category]
     length = rng.uniform(l_lo, l_hi)
@@ -363,11 +391,11 @@ def _sample_object(
         width = length
     else:
         width = min(rng.uniform(w_lo, w_hi), length)
-    if category == "building" and land_cover == "urban":
+    if category == "building" and covers[0] == "urban":
         heading = float(rng.choice([0.0, 90.0])) + rng.uniform(-4, 4)
     else:
         heading = rng.uniform(0, 360)
-    color = str(rng.choice(_colors_for(category, land_cover)))
+    color = str(rng.choice(_colors_for(category, covers)))
     probe = make_object(category, color, 0.0, 0.0, length, width, heading)
     x1, y1, x2, y2 = probe.xyxy
     width_px, height_px = size
@@ -388,61 +416,61 @@ def _free(candidate: SceneObject, placed: list[SceneObject] | tuple[SceneObject,
 def _place(
     rng: np.random.Generator,
     categories: list[str],
-    land_cover: str,
+    covers: tuple[str, ...],
     size: tuple[int, int],
-    placed: tuple[SceneObject, ...] = (),
 ) -> list[SceneObject]:
     """Place objects of ``categories`` without overlap; one that finds no room is skipped."""
-    new: list[SceneObject] = []
+    placed: list[SceneObject] = []
     for category in categories:
         for _ in range(_PLACEMENT_TRIES):
-            candidate = _sample_object(rng, category, land_cover, size)
-            if _free(candidate, [*placed, *new]):
-                new.append(candidate)
+            candidate = _sample_object(rng, category, covers, size)
+            if _free(candidate, placed):
+                placed.append(candidate)
                 break
-    return new
+    return placed
 
 
-def _scene_categories(rng: np.random.Generator, land_cover: str) -> list[str]:
-    """1-6 objects of 1-3 classes, so that classes repeat (counting, plurals, comparison)."""
-    allowed = ALLOWED_CLASSES[land_cover]
+def _scene_categories(rng: np.random.Generator, covers: tuple[str, ...], least: int) -> list[str]:
+    """``least``..MAX_OBJECTS objects of 1-3 classes, so that classes repeat (counting, plurals,
+    comparison)."""
+    allowed = _classes_for(covers)
     n_classes = int(rng.integers(1, min(3, len(allowed)) + 1))
     chosen = [str(c) for c in rng.choice(allowed, size=n_classes, replace=False)]
-    n_objects = int(rng.integers(max(1, n_classes), 7))
+    n_objects = int(rng.integers(max(least, n_classes), MAX_OBJECTS + 1))
     picks = chosen + [str(c) for c in rng.choice(chosen, size=n_objects - n_classes)]
     rng.shuffle(picks)
     return picks
 
 
-def _after_state(
-    rng: np.random.Generator,
-    land_cover: str,
-    objects: tuple[SceneObject, ...],
-    size: tuple[int, int],
-) -> tuple[str, str, tuple[SceneObject, ...]]:
-    """Pick a change kind and apply it; returns ``(kind, land cover after, objects after)``."""
-    kinds = list(CHANGE_KINDS)
-    targets = [
-        t for t in LAND_COVER_TRANSITIONS[land_cover] if all(compatible(o, t) for o in objects)
-    ]
-    if not targets:
-        kinds.remove("land cover change")
-    while True:
-        kind = str(rng.choice(kinds))
-        if kind == "no change":
-            return kind, land_cover, objects
-        if kind == "land cover change":
-            return kind, str(rng.choice(targets)), objects
-        if kind == "objects removed":
-            n_remove = int(rng.integers(1, len(objects) + 1))
-            gone = set(rng.choice(len(objects), size=n_remove, replace=False).tolist())
-            return kind, land_cover, tuple(o for i, o in enumerate(objects) if i not in gone)
-        allowed = ALLOWED_CLASSES[land_cover]
-        wanted = [str(c) for c in rng.choice(allowed, size=int(rng.integers(1, 4)))]
-        added = _place(rng, wanted, land_cover, size, objects)
-        if added:
-            return kind, land_cover, objects + tuple(added)
-        kinds.remove("objects added")
+def _draw_change(rng: np.random.Generator) -> tuple[str, str, str]:
+    """``(change kind, land cover before, land cover after)``: every kind equally likely (a
+    land-cover change starts from a cover that has a transition)."""
+    kind = str(rng.choice(CHANGE_KINDS))
+    if kind != "land cover change":
+        cover = str(rng.choice(LAND_COVERS))
+        return kind, cover, cover
+    cover = str(rng.choice([c for c in LAND_COVERS if LAND_COVER_TRANSITIONS[c]]))
+    return kind, cover, str(rng.choice(LAND_COVER_TRANSITIONS[cover]))
+
+
+def _objects_before_after(
+    rng: np.random.Generator, kind: str, covers: tuple[str, str], size: tuple[int, int]
+) -> tuple[tuple[SceneObject, ...], tuple[SceneObject, ...]]:
+    """The objects of both images. Added and removed objects are placed with the others, so they
+    never overlap them: objects added are the ones the first image lacks."""
+    least = 2 if kind == "objects added" else 1
+    objects: list[SceneObject] = []
+    while len(objects) < least:
+        objects = _place(rng, _scene_categories(rng, covers, least), covers, size)
+    if kind not in ("objects added", "objects removed"):
+        return tuple(objects), tuple(objects)
+    # Added: 1 .. n-1 objects (the first image keeps one); removed: 1 .. n (all may go).
+    n_changed = int(rng.integers(1, len(objects) + (kind == "objects removed")))
+    changed = set(rng.choice(len(objects), size=n_changed, replace=False).tolist())
+    kept = tuple(o for i, o in enumerate(objects) if i not in changed)
+    if kind == "objects added":
+        return kept, kept + tuple(o for i, o in enumerate(objects) if i in changed)
+    return tuple(objects), kept
 
 
 def _as_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -463,22 +491,27 @@ def generate_scene(seed: int, index: int, image_size: int | tuple[int, int] = 11
     """Scene ``index`` of the stream ``seed``; the same arguments give the same scene."""
     size = _as_size(image_size)
     rng = np.random.default_rng([0x5CE7E, seed, index])
-    land_cover = str(rng.choice(LAND_COVERS))
-    objects: tuple[SceneObject, ...] = ()
-    while not objects:
-        objects = tuple(_place(rng, _scene_categories(rng, land_cover), land_cover, size))
-    kind, cover_after, objects_after = _after_state(rng, land_cover, objects, size)
+    kind, cover, cover_after = _draw_change(rng)
+    objects, objects_after = _objects_before_after(rng, kind, (cover, cover_after), size)
     background_seed, noise_before, noise_after = (int(v) for v in rng.integers(0, 2**31, 3))
     gain_after = float(rng.uniform(0.88, 1.12))
-    before = SceneState(
-        land_cover, objects, render(land_cover, objects, size, background_seed, noise_before)
-    )
+    before = SceneState(cover, objects, render(cover, objects, size, background_seed, noise_before))
     after = SceneState(
         cover_after,
         objects_after,
         render(cover_after, objects_after, size, background_seed, noise_after, gain_after),
     )
-    return Scene(f"scene-{seed}-{index}", (seed, index), size, before, after, kind, background_seed)
+    return Scene(
+        f"scene-{seed}-{index}",
+        (seed, index),
+        size,
+        before,
+        after,
+        kind,
+        background_seed,
+        noise_after,
+        gain_after,
+    )
 
 
 def generate_scenes(seed: int, n: int, image_size: int | tuple[int, int] = 112) -> list[Scene]:

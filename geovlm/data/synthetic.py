@@ -45,6 +45,7 @@ from geovlm.data.scenes import (
     PLURALS,
     Scene,
     SceneObject,
+    SceneState,
     generate_scenes,
 )
 from geovlm.data.schema import Sample, Target
@@ -224,7 +225,9 @@ class SceneContext:
 
     The stream is seeded by the scene and the task's registry position, so that a task's sample
     does not depend on which other tasks are generated. ``objects`` / ``cover`` are the "before"
-    image's.
+    image's. ``after`` is the state the second image of a bi-temporal sample shows:
+    ``scene.after``, unless the generator shows ``scene.unchanged_after()`` instead (a no-change
+    pair made from a changed scene).
     """
 
     def __init__(
@@ -246,7 +249,13 @@ class SceneContext:
         self.rng = np.random.default_rng([0x7A5C, *scene.seed, stream])
         self.cover = scene.before.land_cover
         self.objects = scene.before.objects
+        self.after: SceneState = scene.after
         self._resized: tuple[int, int] | None = None
+
+    @property
+    def change(self) -> str:
+        """The change the sample's image pair shows (a ``CHANGE_KINDS`` label)."""
+        return self.scene.change if self.after is self.scene.after else "no change"
 
     def choice(self, options: Sequence):
         """One of ``options``, drawn from the task's stream."""
@@ -299,12 +308,27 @@ def scene_captions(ctx: SceneContext) -> tuple[str, ...]:
 
 
 def change_summary(ctx: SceneContext) -> str:
-    """The think trace of the bi-temporal tasks: what each of the two images shows."""
-    before, after = ctx.scene.before, ctx.scene.after
+    """The think trace of the bi-temporal tasks: what each of the two images shows, then what
+    changed ("First: 2 ships on the water. Second: 3 ships on the water. 1 ship was added.")."""
+    before, after = ctx.scene.before, ctx.after
     return (
         f"First: {inventory(before.objects)} {COVER_PLACE[before.land_cover]}. "
-        f"Second: {inventory(after.objects)} {COVER_PLACE[after.land_cover]}."
+        f"Second: {inventory(after.objects)} {COVER_PLACE[after.land_cover]}. "
+        f"{_what_changed(before, after)}."
     )
+
+
+def _what_changed(before: SceneState, after: SceneState) -> str:
+    """``1 ship was added`` / ``2 buildings were removed`` / ``farmland became urban`` /
+    ``Nothing changed``: the one change of a scene's image pair."""
+    if before.land_cover != after.land_cover:
+        return f"{before.land_cover.capitalize()} became {after.land_cover}"
+    added = [o for o in after.objects if o not in before.objects]
+    removed = [o for o in before.objects if o not in after.objects]
+    changed, verb = (added, "added") if added else (removed, "removed")
+    if not changed:
+        return "Nothing changed"
+    return f"{inventory(changed)} {was_were(len(changed))} {verb}"
 
 
 def _generators(tasks: Iterable[str] | None) -> list[tuple[TaskSpec, int]]:
@@ -360,7 +384,7 @@ def _samples(
         prompt, think, target = spec.generate(ctx)
         images = [scene.before.image]
         if spec.bitemporal:
-            images.append(scene.after.image)
+            images.append(ctx.after.image)
         out.append(
             Sample(f"{scene.id}-{spec.name}", spec.name, images, prompt, target, think, "synthetic")
         )

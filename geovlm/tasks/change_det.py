@@ -14,6 +14,7 @@ import numpy as np
 
 from geovlm import earthdial_metrics
 from geovlm.data.readers import Exchange
+from geovlm.data.scenes import CHANGE_KINDS
 from geovlm.data.schema import Target
 from geovlm.data.synthetic import SceneContext, change_summary
 from geovlm.rewards.options import RewardOptions
@@ -51,15 +52,21 @@ def from_record(exchange: Exchange) -> Target:
     )
 
 
+# Every change kind is equally likely (geovlm.data.scenes), so a scene changes 3 times in 4. This
+# share of the changed scenes is shown as a no-change pair (the first image beside the scene
+# imaged again without its change) so that "yes" and "no" are equally likely: always answering
+# one of them scores 0.5.
+_P_UNCHANGED = 1 / len(CHANGE_KINDS)
+NO_CHANGE_PAIR_SHARE = (0.5 - _P_UNCHANGED) / (1 - _P_UNCHANGED)
+
+
 def generate(ctx: SceneContext) -> tuple[str, str, Target]:
-    """Whether the scene changed (any change kind but "no change")."""
-    changed = ctx.scene.change != "no change"
-    answer = "yes" if changed else "no"
-    think = change_summary(ctx) + (" They differ." if changed else " They match.")
-    target = ctx.target(
-        answer, label=answer, classes=("yes", "no"), meta={"change": ctx.scene.change}
-    )
-    return ctx.prompt(), think, target
+    """Whether the image pair shows a change (any change kind but "no change")."""
+    if ctx.scene.change != "no change" and ctx.rng.random() < NO_CHANGE_PAIR_SHARE:
+        ctx.after = ctx.scene.unchanged_after()
+    answer = "no" if ctx.change == "no change" else "yes"
+    target = ctx.target(answer, label=answer, classes=("yes", "no"), meta={"change": ctx.change})
+    return ctx.prompt(), change_summary(ctx), target
 
 
 CHANGE_DET = TaskSpec(

@@ -22,6 +22,7 @@ from geovlm.data.synthetic import (
     detection_meta,
     inventory,
     reading_order,
+    region_of,
 )
 from geovlm.metrics import (
     MetricOptions,
@@ -111,7 +112,8 @@ def generate(ctx: SceneContext) -> tuple[str, str, Target]:
         prompt = ctx.prompt(plural=PLURALS[picked[0]], singular=picked[0])
     found = reading_order(o for o in ctx.objects if o.category in picked)
     boxes = np.array([o.xyxy for o in found], dtype=np.float64)
-    think = f"I find {inventory(found)}."
+    where = ", ".join(region_of(o, ctx.size) for o in found)
+    think = f"I find {inventory(found)}: {where}."
     meta = {**detection_meta(found, ctx.size), "categories": tuple(picked)}
     texts, snapped = ctx.render(boxes)
     target = ctx.target(", ".join(texts), boxes=snapped, box_format="xyxy", meta=meta)

@@ -6,7 +6,7 @@ phrase refers to: axis-aligned, or rotated.
   rotated task on axis-aligned hulls (the paper's) or exact rotated IoU
   (``RewardOptions.rotated_iou``).
 * metrics: ``acc@0.5`` and EarthDial's ``box_precision@0.5``, overall and per size and
-  single / multiple split.
+  single / multiple split; ``mean_iou`` (the matched IoU the multi-box reward pays).
 * records: the answer's boxes; a GeoChat ``[refer]`` whose boxes carry an angle is the rotated
   task.
 """
@@ -30,7 +30,13 @@ from geovlm.data.synthetic import (
     reading_order,
     region_of,
 )
-from geovlm.metrics import MetricOptions, box_metrics, box_pairs, detection_splits
+from geovlm.metrics import (
+    MetricOptions,
+    box_metrics,
+    box_pairs,
+    detection_splits,
+    sample_mean,
+)
 from geovlm.rewards.accuracy import box_reward
 from geovlm.rewards.options import RewardOptions
 from geovlm.rewards.parse import ParseOptions
@@ -72,6 +78,29 @@ def rotated_detection_accuracy(
     return box_reward(parsed, targets, options, options.referred_reward, 5)
 
 
+def matched_iou(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> np.ndarray:
+    """Per sample ``[C]``: the IoU summed over the optimal one-to-one matching of predicted and
+    true boxes, over ``max(P, G)`` (``geometry.multibox_reward``, what the multi-box accuracy
+    reward pays): the IoU itself for one box each, 0 without a readable box, 1 when neither side
+    has a box. Rotated IoU where the true boxes are rotated (``[K, 5]``), as ``acc@0.5``."""
+    from geovlm.rewards.geometry import multibox_reward
+
+    out = np.zeros(len(preds))
+    for width in (4, 5):
+        index = [i for i, gt in enumerate(gts) if gt.shape[1] == width]
+        if not index:
+            continue
+        flat = {}
+        for side, boxes in (("pred", preds), ("gt", gts)):
+            chosen = [boxes[i] for i in index]
+            offsets = np.zeros(len(chosen) + 1, dtype=np.int64)
+            offsets[1:] = np.cumsum([len(b) for b in chosen])
+            rows = np.concatenate(chosen) if offsets[-1] else np.zeros((0, width))
+            flat[side] = (np.ascontiguousarray(rows, dtype=np.float64), offsets)
+        out[index] = multibox_reward(*flat["pred"], *flat["gt"])
+    return out
+
+
 def referred_detection_metrics(
     answers: Sequence[str | None],
     targets: Sequence[Target],
@@ -79,11 +108,15 @@ def referred_detection_metrics(
 ) -> dict:
     """referred_det / referred_det_rot: ``acc@0.5`` and EarthDial's ``box_precision@0.5``, overall
     and per split ``/small``, ``/medium``, ``/large`` (``size_bucket``), ``/single``,
-    ``/multiple`` (one or several gt boxes). IoU is rotated IoU where the gt boxes are rotated.
+    ``/multiple`` (one or several gt boxes), and ``mean_iou`` (``matched_iou``, mean over
+    samples), which shows boxes moving closer before they cross the 0.5 threshold. IoU is
+    rotated IoU where the gt boxes are rotated.
     """
     options = options or MetricOptions()
     preds, gts = box_pairs(answers, targets, options.convention, options.pixel_budget)
-    return box_metrics(preds, gts, (0.5,), detection_splits(targets))
+    out = box_metrics(preds, gts, (0.5,), detection_splits(targets))
+    out["mean_iou"] = sample_mean(matched_iou(preds, gts))
+    return out
 
 
 def read_axis_aligned(exchange: Exchange) -> Target:

@@ -151,8 +151,23 @@ def _other_class(sample: Sample) -> str | None:
 
 
 def _other_scene(sample: Sample, pool: Sequence[Sample]) -> Sample | None:
+    """A sample of another scene whose answer is honestly wrong here: none of this target's
+    references, and more than one word away from its answer (one word away is near-correct:
+    "a blue building on bare land" for "a red building on bare land")."""
     refs = set(sample.target.captions) | {sample.target.answer}
-    return next((s for s in pool if s.target.answer not in refs and s.target.captions), None)
+    words = sample.target.answer.split()
+
+    def far(answer: str) -> bool:
+        other = answer.split()
+        if len(other) != len(words):
+            return True
+        return sum(a != b for a, b in zip(other, words, strict=True)) > 1
+
+    return next(
+        (s for s in pool if s.target.answer not in refs and s.target.captions
+         and far(s.target.answer)),
+        None,
+    )
 
 
 def plain_wrong(sample: Sample, pool: Sequence[Sample]) -> str | None:

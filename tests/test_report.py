@@ -1,0 +1,140 @@
+"""The run's report: summary table, majority baseline, held-out rows, and the plots."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geovlm import plots, report
+from geovlm.data.schema import Sample, Target
+from geovlm.heldout import majority_baseline
+
+SUMMARIES = {
+    "init": {"scene_cls": {"accuracy": 0.2}, "referred_det": {"acc@0.5": 0.0, "mean_iou": 0.01}},
+    "sft": {"scene_cls": {"accuracy": 0.9}, "referred_det": {"acc@0.5": 0.2, "mean_iou": 0.3}},
+    "grpo_det": {
+        "scene_cls": {"accuracy": 0.88},
+        "referred_det": {"acc@0.5": 0.35, "mean_iou": 0.42},
+    },
+}
+TRAINED = {"sft": ["scene_cls", "referred_det"], "grpo_det": ["referred_det"]}
+
+
+def _rows(table: str) -> dict[tuple[str, str], list[str]]:
+    out = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 3 and cells[0] not in ("task", "---"):
+            out[(cells[0], cells[1])] = cells[2:]
+    return out
+
+
+def test_summary_table_marks_the_stages_that_trained_each_task_and_the_majority():
+    table = report.summary_table(SUMMARIES, {}, TRAINED, {"scene_cls": 0.25})
+    header = table.splitlines()[0]
+    assert header == "| task | metric | majority | init | sft | grpo_det | trained by |"
+    rows = _rows(table)
+    # majority, init, sft, grpo_det, trained by
+    assert rows[("scene_cls", "accuracy")] == ["0.250", "0.200", "0.900", "0.880", "sft"]
+    # The GRPO stage trained referred_det: bold; SFT trained every task: plain.
+    assert rows[("referred_det", "acc@0.5")] == ["", "0.000", "0.200", "**0.350**", "sft, grpo_det"]
+    assert rows[("referred_det", "mean_iou")] == ["", "0.010", "0.300", "**0.420**", ""]
+    assert "**bold**" in table
+
+
+def test_summary_table_without_stage_information_has_no_bold_cells():
+    table = report.summary_table(SUMMARIES, {})
+    assert "**" not in table
+    assert _rows(table)[("scene_cls", "accuracy")] == ["", "0.200", "0.900", "0.880", ""]
+
+
+def test_held_out_rows_put_the_headline_first_and_add_the_reported_metrics():
+    metrics = {
+        "referred_det": {"acc@0.5": 0.25, "box_precision@0.5": 0.3, "mean_iou": 0.4, "n": 8},
+        "vqa": {"accuracy": 0.5, "n": 8},
+    }
+    headline = {"referred_det": ("acc@0.5", 0.25), "vqa": ("accuracy", 0.5)}
+    rows = report.held_out_rows(metrics, headline)
+    assert rows == {"referred_det": {"acc@0.5": 0.25, "mean_iou": 0.4}, "vqa": {"accuracy": 0.5}}
+    assert list(rows["referred_det"]) == ["acc@0.5", "mean_iou"]
+
+
+def _sample(task: str, target: Target, i: int) -> Sample:
+    image = Image.new("RGB", (56, 56))
+    return Sample(f"s{i}", task, [image], "q", target, "", "test")
+
+
+def test_majority_baseline_scores_the_most_frequent_answer_with_the_task_metric():
+    labels = ["yes", "yes", "no", "yes", "no"]
+    samples = [
+        _sample("change_det", Target("change_det", a, (56, 56), label=a, classes=("yes", "no")), i)
+        for i, a in enumerate(labels)
+    ]
+    counts = [2, 3, 2, 0]
+    samples += [
+        _sample("counting", Target("counting", str(n), (56, 56), count=n), 10 + i)
+        for i, n in enumerate(counts)
+    ]
+    sets = [("ship",), ("ship", "plane"), ("ship",)]
+    classes = ("ship", "plane", "vehicle")
+    samples += [
+        _sample(
+            "multilabel_cls",
+            Target("multilabel_cls", ", ".join(s), (56, 56), labels=s, classes=classes),
+            20 + i,
+        )
+        for i, s in enumerate(sets)
+    ]
+    samples.append(
+        _sample("image_caption", Target("image_caption", "a ship", (56, 56), captions=("a",)), 30)
+    )
+    baseline = majority_baseline(samples, "qwen25vl")
+    assert set(baseline) == {"change_det", "counting", "multilabel_cls"}  # captions have none
+    assert baseline["change_det"] == pytest.approx(3 / 5)
+    assert baseline["counting"] == pytest.approx(2 / 4)
+    # "ship" for every sample: F1 1, 2/3, 1.
+    assert baseline["multilabel_cls"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+
+
+def test_running_mean_is_a_centred_window_that_shrinks_at_the_ends():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=23).tolist()
+    window = 5
+    expected = [np.mean(values[max(0, i - 2) : i + 3]) for i in range(len(values))]
+    np.testing.assert_allclose(plots.running_mean(values, window), expected, rtol=1e-12)
+    assert plots.smoothing_window(10) == 1
+    assert plots.smoothing_window(300) % 2 == 1
+
+
+def _records():
+    rows = []
+    for step in range(25):
+        rows.append({"stage": "sft", "kind": "sft", "step": step, "loss": 2.0 / (step + 1),
+                     "lr": 1e-3})
+    for step in range(6):
+        rows.append({"stage": "grpo", "kind": "grpo", "step": step, "reward": 0.1 * step,
+                     "kl": float("nan") if step == 0 else 0.01 * step, "clip_ratio": 0.0})
+    return rows
+
+
+def test_constant_panels_are_left_out():
+    rows = dict(plots.training_panels(_records()))
+    assert [p[0] for p in rows["sft"]] == ["loss"]  # lr is constant
+    assert [p[0] for p in rows["grpo"]] == ["reward", "kl"]  # clip ratio stays 0
+
+
+def test_draw_plots_writes_both_figures(tmp_path):
+    report.draw_plots(tmp_path, _records(), SUMMARIES, TRAINED, {"scene_cls": 0.25})
+    for name in ("training_curves.png", "held_out.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_draw_plots_without_summaries_draws_only_the_curves(tmp_path):
+    report.draw_plots(tmp_path, _records())
+    assert (tmp_path / "training_curves.png").is_file()
+    assert not (tmp_path / "held_out.png").exists()
+
+
+def test_a_single_logged_step_is_drawn():
+    rows = dict(plots.training_panels([{"stage": "g", "kind": "grpo", "step": 0, "reward": 0.5}]))
+    assert [p[0] for p in rows["grpo"]] == ["reward"]
