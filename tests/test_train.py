@@ -9,7 +9,8 @@ from geovlm.config import load_config
 from geovlm.distributed import Engine
 from geovlm.train import run
 
-TINY = [
+# The smallest tiny model the end-to-end tests train (shared with the other end-to-end tests).
+TINY_MODEL = [
     "model.tiny.hidden_size=32",
     "model.tiny.intermediate_size=64",
     "model.tiny.num_hidden_layers=1",
@@ -19,6 +20,10 @@ TINY = [
     "model.tiny.vision_intermediate_size=32",
     "model.tiny.vision_depth=1",
     "model.tiny.vocab_size=400",
+]
+
+TINY = [
+    *TINY_MODEL,
     "data.n_train_scenes=4",
     "data.n_val_scenes=1",
     "data.n_test_scenes=1",

@@ -22,6 +22,7 @@ from geovlm.metrics import MetricOptions, sample_mean
 from geovlm.rewards.options import RewardOptions
 from geovlm.rewards.parse import ParseOptions, parse_label
 from geovlm.tasks import TaskSpec, registry
+from tests.test_train import TINY_MODEL
 
 COLORS = tuple(sorted({color for colors in OBJECT_COLORS.values() for color in colors}))
 
@@ -78,15 +79,7 @@ LARGEST_COLOR = TaskSpec(
 SPECS = (LARGEST_COLOR,)
 
 TINY = [
-    "model.tiny.hidden_size=32",
-    "model.tiny.intermediate_size=64",
-    "model.tiny.num_hidden_layers=1",
-    "model.tiny.num_attention_heads=2",
-    "model.tiny.num_key_value_heads=1",
-    "model.tiny.vision_hidden_size=32",
-    "model.tiny.vision_intermediate_size=32",
-    "model.tiny.vision_depth=1",
-    "model.tiny.vocab_size=400",
+    *TINY_MODEL,
     "data.n_train_scenes=4",
     "data.n_val_scenes=1",
     "data.n_test_scenes=2",
