@@ -1,9 +1,11 @@
 """multilabel_cls: multi-label classification, every object class present in the image.
 
-* parse: the distinct classes of ``Target.classes`` named (``[]`` for an explicit "none"); without
-  a vocabulary the listed items, each mapped onto a ``Target.labels`` class it spells.
+* parse: the distinct classes of ``Target.classes`` named (``[]`` for an explicit "none"), with
+  the count of listed items that name none of them; without a vocabulary the listed items, each
+  mapped onto a ``Target.labels`` class it spells.
 * accuracy: informedness (true-positive rate minus false-positive rate over the vocabulary), so
-  naming every class scores 0; ``RewardOptions.multilabel`` selects F1 or the paper's recall.
+  naming every class scores 0, and an item that names no class ("two vehicles", free text)
+  counts as a false positive; ``RewardOptions.multilabel`` selects F1 or the paper's recall.
 * metrics: precision, recall, F1 and exact match of the class sets; headline ``f1``.
 * records: the answer lists the labels, separated by ``,`` ``;`` or "and".
 """
@@ -33,16 +35,33 @@ from geovlm.rewards.parse import (
 from geovlm.tasks.spec import TaskSpec
 
 
-def parse(answer: str, target: Target, options: ParseOptions) -> list[str] | None:
-    """``list[str]`` of the classes named, ``[]`` for "none", else ``None``."""
+class ClassList(list):
+    """The classes a list answer names (a ``list[str]``) and ``unnamed``: how many of the answer's
+    items (``split_items``) name no class of the vocabulary as a whole ("two vehicles",
+    "a vehicle", a sentence around a class name).
+
+    Without it a GRPO policy drifts into lists like "building, vehicle and two vehicles" at no
+    cost: the classes are found inside the junk and the junk itself is free.
+    """
+
+    def __init__(self, labels=(), unnamed: int = 0):
+        super().__init__(labels)
+        self.unnamed = unnamed
+
+
+def parse(answer: str, target: Target, options: ParseOptions) -> ClassList | None:
+    """``ClassList`` of the classes named, empty for "none", else ``None``."""
     if target.classes:
         labels = parse_labels(answer, target.classes, options.synonyms)
+        matcher = label_matcher(tuple(target.classes), tuple(options.synonyms))
+        unnamed = sum(matcher.exact(item) is None for item in split_items(answer))
     else:
         matcher = label_matcher(tuple(target.labels), tuple(options.synonyms))
         labels = list(dict.fromkeys(matcher.exact(i) or i for i in split_items(answer)))
+        unnamed = 0  # every item is a guess of its own, counted against the true labels
     if labels:
-        return labels
-    return [] if says_none(answer) else None
+        return ClassList(labels, unnamed)
+    return ClassList() if says_none(answer) else None
 
 
 def multilabel_accuracy(
@@ -51,13 +70,15 @@ def multilabel_accuracy(
     """Multi-label classification: the named classes ``P`` against the true ones ``G``, out of the
     vocabulary ``V = Target.classes`` (``options.multilabel``):
 
-    * ``"informedness"`` (default): ``|P ∩ G| / |G| - |P - G| / |V - G|`` clipped at 0, the
-      true-positive rate minus the false-positive rate (Youden's J). Any answer chosen without
-      looking at the image, naming every class included, scores 0 in expectation, like a wrong
-      one. With every class true (``V = G``) it is the recall; without a vocabulary the
-      false-positive rate counts the extra items against ``|G|`` (as many negatives as positives,
-      capped at 1).
-    * ``"f1"``: ``2 |P ∩ G| / (|P| + |G|)``; naming every class scores ``2 |G| / (|V| + |G|)``.
+    * ``"informedness"`` (default): ``|P ∩ G| / |G| - (|P - G| + U) / |V - G|`` clipped at 0,
+      the true-positive rate minus the false-positive rate (Youden's J), ``U`` the listed items
+      that name no class (``ClassList.unnamed``), each a false positive. Any answer chosen
+      without looking at the image, naming every class included, scores 0 in expectation, like a
+      wrong one. With every class true (``V = G``) it is the recall, less ``U / |V|``; without a
+      vocabulary the false-positive rate counts the extra items against ``|G|`` (as many
+      negatives as positives, capped at 1).
+    * ``"f1"``: ``2 |P ∩ G| / (|P| + U + |G|)``; naming every class scores
+      ``2 |G| / (|V| + |G|)``.
     * ``"recall"``: ``|P ∩ G| / |G|``, GeoVLM-R1's reward, which naming every class maximises.
 
     No true class (``G`` empty) scores 1 for an answer that names none ("none") and 0 otherwise.
@@ -70,11 +91,12 @@ def multilabel_accuracy(
         matcher = label_matcher(vocabulary, tuple(options.synonyms))
         truth = {normalize_text(matcher.exact(label) or label) for label in t.labels}
         guess = {normalize_text(label) for label in pred}
+        unnamed = getattr(pred, "unnamed", 0)
         hit = len(truth & guess)
         if not truth:
-            out[i] = float(not guess)
+            out[i] = float(not guess and not unnamed)
         elif options.multilabel == "f1":
-            out[i] = 2.0 * hit / (len(truth) + len(guess))
+            out[i] = 2.0 * hit / (len(truth) + len(guess) + unnamed)
         elif options.multilabel == "recall":
             out[i] = hit / len(truth)
         else:
@@ -83,7 +105,11 @@ def multilabel_accuracy(
                 negatives = len(classes - truth)
             else:
                 negatives = len(truth)
-            false_rate = min(len(guess - truth) / negatives, 1.0) if negatives else 0.0
+            wrong = len(guess - truth) + unnamed
+            if negatives:
+                false_rate = min(wrong / negatives, 1.0)
+            else:  # every class is true (V = G): only junk items can be wrong
+                false_rate = min(unnamed / len(truth), 1.0)
             out[i] = max(hit / len(truth) - false_rate, 0.0)
     return out
 

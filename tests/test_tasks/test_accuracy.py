@@ -221,6 +221,38 @@ def test_multilabel_listing_every_class_does_not_pay():
     np.testing.assert_allclose(acc("multilabel_cls", answers[1:3], [every] * 2), [1.0, 0.1])
 
 
+def test_multilabel_items_that_name_no_class_are_false_positives():
+    # What a GRPO policy drifted into on the embedded default, where the junk used to be free.
+    classes = ("ship", "plane", "storage tank", "building", "vehicle")
+    t = Target("multilabel_cls", "", SIZE, labels=("building", "vehicle"), classes=classes)
+    answers = [
+        "building, vehicle",
+        "buildings and vehicles",  # plurals name their class
+        "building, vehicle and two vehicles",
+        "building, vehicle, ship",  # the same cost as a wrong class
+        "plane, building and a vehicle",
+        "storage tank, building and two buildings and building",
+        "The image shows buildings and vehicles.",
+    ]
+    expected = [1.0, 1.0, 1 - 1 / 3, 1 - 1 / 3, 1 - 1 / 3 - 1 / 3, 0.0, 1 - 1 / 3]
+    np.testing.assert_allclose(acc("multilabel_cls", answers, [t] * 7), expected)
+    f1 = dataclasses.replace(PIX, multilabel="f1")
+    np.testing.assert_allclose(
+        acc("multilabel_cls", answers[:3], [t] * 3, f1), [1.0, 1.0, 2 * 2 / (2 + 1 + 2)]
+    )
+    recall = dataclasses.replace(PIX, multilabel="recall")  # the paper's, unchanged
+    np.testing.assert_allclose(acc("multilabel_cls", answers[:3], [t] * 3, recall), [1, 1, 1])
+    every = Target("multilabel_cls", "", SIZE, labels=classes, classes=classes)
+    listing = ", ".join(classes)
+    np.testing.assert_allclose(
+        acc("multilabel_cls", [listing, listing + " and more"], [every] * 2), [1.0, 1 - 1 / 5]
+    )
+    nothing = Target("multilabel_cls", "", SIZE, labels=(), classes=classes)
+    np.testing.assert_allclose(
+        acc("multilabel_cls", ["none", "no ship"], [nothing] * 2), [1.0, 0.0]
+    )
+
+
 def test_multilabel_without_vocabulary_counts_extra_items_against_the_true_ones():
     t = Target("multilabel_cls", "", SIZE, labels=("ship", "harbor", "bridge"))
     answers = ["ships, harbor, bridge", "ship, harbor, bridge, car", "ship", "a, b, c, d, ship"]
