@@ -240,10 +240,11 @@ def parse_label(
 _ITEM_SPLIT = re.compile(r"\s*(?:[,;\n|/]|\band\b|\bor\b)\s*")
 
 
-def split_items(answer: str) -> list[str]:
-    """A list answer cut at commas, semicolons, newlines, ``|``, ``/``, "and", "or"; normalised."""
-    items = (normalize_text(item) for item in _ITEM_SPLIT.split(answer))
-    return list(dict.fromkeys(item for item in items if item))
+def split_items(answer: str, distinct: bool = True) -> list[str]:
+    """A list answer cut at commas, semicolons, newlines, ``|``, ``/``, "and", "or"; normalised;
+    repeated items once (``distinct``) or as often as written."""
+    items = [item for item in (normalize_text(i) for i in _ITEM_SPLIT.split(answer)) if item]
+    return list(dict.fromkeys(items)) if distinct else items
 
 
 # Clause ends (a choice list never spans them) and the words that open a question rather than a

@@ -4,8 +4,9 @@
   the count of listed items that name none of them; without a vocabulary the listed items, each
   mapped onto a ``Target.labels`` class it spells.
 * accuracy: informedness (true-positive rate minus false-positive rate over the vocabulary), so
-  naming every class scores 0, and an item that names no class ("two vehicles", free text)
-  counts as a false positive; ``RewardOptions.multilabel`` selects F1 or the paper's recall.
+  naming every class scores 0, and an item that names no class ("two vehicles", free text) or
+  repeats one counts as a false positive; ``RewardOptions.multilabel`` selects F1 or the
+  paper's recall.
 * metrics: precision, recall, F1 and exact match of the class sets; headline ``f1``.
 * records: the answer lists the labels, separated by ``,`` ``;`` or "and".
 """
@@ -38,7 +39,7 @@ from geovlm.tasks.spec import TaskSpec
 class ClassList(list):
     """The classes a list answer names (a ``list[str]``) and ``unnamed``: how many of the answer's
     items (``split_items``) name no class of the vocabulary as a whole ("two vehicles",
-    "a vehicle", a sentence around a class name).
+    "a vehicle", a sentence around a class name) or repeat a class already named.
 
     Without it a GRPO policy drifts into lists like "building, vehicle and two vehicles" at no
     cost: the classes are found inside the junk and the junk itself is free.
@@ -54,7 +55,9 @@ def parse(answer: str, target: Target, options: ParseOptions) -> ClassList | Non
     if target.classes:
         labels = parse_labels(answer, target.classes, options.synonyms)
         matcher = label_matcher(tuple(target.classes), tuple(options.synonyms))
-        unnamed = sum(matcher.exact(item) is None for item in split_items(answer))
+        items = [matcher.exact(item) for item in split_items(answer, distinct=False)]
+        # Every item but the first naming of each class is junk: no class, or a repeat.
+        unnamed = len(items) - len({name for name in items if name is not None})
     else:
         matcher = label_matcher(tuple(target.labels), tuple(options.synonyms))
         labels = list(dict.fromkeys(matcher.exact(i) or i for i in split_items(answer)))

@@ -233,9 +233,12 @@ def test_multilabel_items_that_name_no_class_are_false_positives():
         "plane, building and a vehicle",
         "storage tank, building and two buildings and building",
         "The image shows buildings and vehicles.",
+        "building, building, vehicle",  # a repeat is junk too
+        "vehicle; building; vehicles",
     ]
-    expected = [1.0, 1.0, 1 - 1 / 3, 1 - 1 / 3, 1 - 1 / 3 - 1 / 3, 0.0, 1 - 1 / 3]
-    np.testing.assert_allclose(acc("multilabel_cls", answers, [t] * 7), expected)
+    third = 1 - 1 / 3
+    expected = [1.0, 1.0, third, third, third - 1 / 3, 0.0, third, third, third]
+    np.testing.assert_allclose(acc("multilabel_cls", answers, [t] * 9), expected)
     f1 = dataclasses.replace(PIX, multilabel="f1")
     np.testing.assert_allclose(
         acc("multilabel_cls", answers[:3], [t] * 3, f1), [1.0, 1.0, 2 * 2 / (2 + 1 + 2)]
