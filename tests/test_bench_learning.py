@@ -71,3 +71,34 @@ def test_task_rows_pair_each_task_with_the_grpo_stage_that_trained_it(bench):
     assert cells[:5] == ["referred_det", "acc@0.5", "", "0.220 ± 0.020", "grpo_det"]
     assert cells[5] == "0.370 ± 0.026" and cells[6].endswith("improves")
     assert "| 2 | 302 s | 1.0 / 2.0 |" in table
+
+
+def test_a_rerun_over_a_finished_run_reports_the_timing_of_the_run_that_trained_it(
+    bench, tmp_path, monkeypatch
+):
+    run_dir = tmp_path / "seed-3"
+    stages = [{"name": "sft", "kind": "sft"}, {"name": "grpo_labels", "kind": "grpo"}]
+    calls = []
+
+    def fake_train(command, cwd, check):
+        # What a finished run leaves behind; stage 1's checkpoint only from the second call on.
+        calls.append(command)
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "config.yaml").write_text(bench.yaml.safe_dump({"stages": stages}))
+        (run_dir / "summary.json").write_text('{"held_out": {}}')
+        for i, stage in enumerate(stages[: len(calls)]):
+            final = run_dir / "stages" / f"{i}-{stage['name']}" / "final"
+            final.mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_train)
+    interrupted = bench.run_seed(3, tmp_path, [])
+    assert not (run_dir / "bench_timing.json").exists()  # stage 1 unfinished: no timing kept
+    finished = bench.run_seed(3, tmp_path, [])
+    kept = bench.json.loads((run_dir / "bench_timing.json").read_text())
+    assert kept["seconds"] == pytest.approx(finished["seconds"])
+    assert interrupted["seconds"] >= 0
+    # Pretend the finishing invocation took 20 minutes: a rerun reports those, not its own.
+    (run_dir / "bench_timing.json").write_text('{"seconds": 1200.0, "load": ["1.5", "3.2"]}')
+    rerun = bench.run_seed(3, tmp_path, [])
+    assert len(calls) == 3
+    assert rerun["seconds"] == 1200.0 and rerun["load"] == ("1.5", "3.2")
