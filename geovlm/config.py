@@ -83,6 +83,18 @@ class LoraConfig:
 
 
 @dataclass
+class VisionPretrainConfig:
+    """Dense pretraining of the embedded tiny model's vision tower when it is built
+    (``geovlm.vision_pretrain``): per-token object classes, colours, boxes and positions of the
+    train split's scenes. ``steps`` 0: off (the tower starts at random). Only for the embedded
+    model (``model.path`` unset); a real checkpoint's tower is pretrained already."""
+
+    steps: int = 0
+    lr: float = 3.0e-3
+    batch_size: int = 32
+
+
+@dataclass
 class ModelConfig:
     """Which policy to build and how to run it. ``path``: a local model folder (HF format, or a
     PEFT adapter folder), or a Hugging Face hub id resolved through the local HF cache (and
@@ -90,6 +102,7 @@ class ModelConfig:
 
     path: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
@@ -481,11 +494,26 @@ def _check_lora(lora: LoraConfig) -> None:
         raise ConfigError("model.lora.target_modules: name at least one module (e.g. q_proj)")
 
 
+def _check_vision_pretrain(model: ModelConfig) -> None:
+    pre = model.vision_pretrain
+    if pre.steps < 0 or pre.lr <= 0 or pre.batch_size < 1:
+        raise ConfigError(
+            f"model.vision_pretrain: steps={pre.steps} must be >= 0, lr={pre.lr} > 0 and "
+            f"batch_size={pre.batch_size} >= 1"
+        )
+    if pre.steps and model.path:
+        raise ConfigError(
+            "model.vision_pretrain.steps: pretraining applies only to the embedded tiny model; "
+            f"model.path={model.path!r} brings its own (pretrained) vision tower"
+        )
+
+
 def check(config: RunConfig) -> RunConfig:
     """Checks across fields, before anything is built: task names, the data splits' sources,
     unique stage names, tracker names, LoRA sizes. Raises ``ConfigError`` naming the key."""
     report_targets(config.report_to)
     _check_lora(config.model.lora)
+    _check_vision_pretrain(config.model)
     try:
         known = known_tasks(config.data.task_modules)
     except ValueError as err:

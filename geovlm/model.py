@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import itertools
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -506,14 +507,55 @@ def initial_policy(
     model, processor = build_policy(
         tokenizer_corpus=corpus, tiny=asdict(config.model.tiny), **policy_settings(config, device)
     )
+    pretrain_scores = _pretrain_tiny_vision(config, model, processor, is_main)
     if is_main:
         from geovlm.checkpoint import save_checkpoint
 
         save_checkpoint(init_dir, model, processor, config, step=0)
+        if pretrain_scores is not None:
+            text = json.dumps(pretrain_scores, indent=1) + "\n"
+            (init_dir / VISION_PRETRAIN_FILE).write_text(text)
     # The model is init/ from now on (LoRA adapters name it as their base).
     model.name_or_path = str(init_dir.resolve())
     apply_kernel_patches(model, liger=config.model.liger_kernels)
     return (model, processor), init_dir
+
+
+# The read-out scores of the tiny model's vision pretraining, written beside init/'s weights.
+VISION_PRETRAIN_FILE = "vision_pretrain.json"
+
+
+def _pretrain_tiny_vision(
+    config: RunConfig, model: PreTrainedModel, processor, is_main: bool
+) -> dict[str, float] | None:
+    """``model.vision_pretrain`` on the freshly built tiny model: the train split's scene stream
+    (``3 * data.seed``) trains the tower, 24 scenes of the val stream score it. Every rank runs
+    the same seeded steps, so the ranks' towers stay identical."""
+    settings = config.model.vision_pretrain
+    if settings.steps <= 0:
+        return None
+    from geovlm.data.scenes import generate_scenes
+    from geovlm.vision_pretrain import pretrain_vision_tower
+
+    seed, size = int(config.data.seed), config.data.image_size
+    visual = model.model.visual
+    frozen = [p for p in visual.parameters() if not p.requires_grad]
+    visual.requires_grad_(True)  # model.freeze_vision freezes it for the run, not for this
+    try:
+        return pretrain_vision_tower(
+            model,
+            processor,
+            generate_scenes(3 * seed, config.data.n_train_scenes, size),
+            generate_scenes(3 * seed + 1, 24, size),
+            steps=settings.steps,
+            lr=settings.lr,
+            batch_size=settings.batch_size,
+            seed=config.seed,
+            progress=is_main,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def apply_kernel_patches(model: PreTrainedModel, liger: bool = True) -> bool:
