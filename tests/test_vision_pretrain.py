@@ -44,7 +44,8 @@ def test_dense_targets_mark_each_object_in_the_cell_of_its_centre():
             assert y.classes[i, token, OBJECT_CLASSES.index(obj.category)] == 1
             assert y.colors[i, token, COLOR_NAMES.index(obj.color)] == 1
         # Nothing is marked where no object is centred, and each cell holds its largest box.
-        assert int(y.classes[i].sum()) == len({(t, o.category) for t, objs in cells.items() for o in objs})
+        marked = {(t, o.category) for t, objs in cells.items() for o in objs}
+        assert int(y.classes[i].sum()) == len(marked)
         assert set(torch.nonzero(y.box_mask[i]).flatten().tolist()) == set(cells)
         for token, objs in cells.items():
             largest = max(objs, key=lambda o: o.area)
@@ -139,17 +140,11 @@ def test_initial_policy_pretrains_the_embedded_tower_and_keeps_it_frozen_when_as
     plain = load_config("tiny-cpu", [*overrides[:-2], "name=plain", "model.freeze_vision=true"])
     (unpretrained, _), _ = initial_policy(plain, corpus, torch.device("cpu"))
     (reloaded, _), _ = initial_policy(config, corpus, torch.device("cpu"))
-    for (name, p), q, r in zip(
-        model.model.visual.named_parameters(),
-        unpretrained.model.visual.parameters(),
-        reloaded.model.visual.parameters(),
-        strict=True,
-    ):
+    built, plain_tower, again = (m.model.visual for m in (model, unpretrained, reloaded))
+    for (name, p), r in zip(built.named_parameters(), again.parameters(), strict=True):
         torch.testing.assert_close(r, p, rtol=0, atol=0, msg=name)
-    assert any(
-        not torch.equal(p, q)
-        for p, q in zip(model.model.visual.parameters(), unpretrained.model.visual.parameters())
-    )
+    pairs = zip(built.parameters(), plain_tower.parameters(), strict=True)
+    assert any(not torch.equal(p, q) for p, q in pairs)
 
 
 def test_vision_pretraining_is_refused_for_a_real_checkpoint_and_bad_values():
