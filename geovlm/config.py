@@ -86,8 +86,9 @@ class LoraConfig:
 class VisionPretrainConfig:
     """Dense pretraining of the embedded tiny model's vision tower when it is built
     (``geovlm.vision_pretrain``): per-token object classes, colours, boxes and positions of the
-    train split's scenes. ``steps`` 0: off (the tower starts at random). Only for the embedded
-    model (``model.path`` unset); a real checkpoint's tower is pretrained already."""
+    train split's scenes. ``steps`` 0: off (the tower starts at random). Only when the embedded
+    model is built (``model.path`` unset, no ``init/`` yet): a checkpoint's tower is already
+    trained, and a preset's setting must not stop ``model.path`` from loading one."""
 
     steps: int = 0
     lr: float = 3.0e-3
@@ -500,11 +501,6 @@ def _check_vision_pretrain(model: ModelConfig) -> None:
         raise ConfigError(
             f"model.vision_pretrain: steps={pre.steps} must be >= 0, lr={pre.lr} > 0 and "
             f"batch_size={pre.batch_size} >= 1"
-        )
-    if pre.steps and model.path:
-        raise ConfigError(
-            "model.vision_pretrain.steps: pretraining applies only to the embedded tiny model; "
-            f"model.path={model.path!r} brings its own (pretrained) vision tower"
         )
 
 

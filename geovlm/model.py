@@ -530,7 +530,7 @@ def _pretrain_tiny_vision(
 ) -> dict[str, float] | None:
     """``model.vision_pretrain`` on the freshly built tiny model: the train split's scene stream
     (``3 * data.seed``) trains the tower, 24 scenes of the val stream score it. Every rank runs
-    the same seeded steps, so the ranks' towers stay identical."""
+    the same seeded steps, then takes rank 0's tower."""
     settings = config.model.vision_pretrain
     if settings.steps <= 0:
         return None
@@ -542,7 +542,7 @@ def _pretrain_tiny_vision(
     frozen = [p for p in visual.parameters() if not p.requires_grad]
     visual.requires_grad_(True)  # model.freeze_vision freezes it for the run, not for this
     try:
-        return pretrain_vision_tower(
+        scores = pretrain_vision_tower(
             model,
             processor,
             generate_scenes(3 * seed, config.data.n_train_scenes, size),
@@ -556,6 +556,13 @@ def _pretrain_tiny_vision(
     finally:
         for p in frozen:
             p.requires_grad_(False)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Same seeds, same steps; but GPU kernels need not be bitwise deterministic, and every
+        # rank must start from rank 0's tower (FSDP2 does not broadcast it).
+        with torch.no_grad():
+            for param in visual.parameters():
+                torch.distributed.broadcast(param.data, src=0)
+    return scores
 
 
 def apply_kernel_patches(model: PreTrainedModel, liger: bool = True) -> bool:

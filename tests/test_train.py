@@ -20,6 +20,9 @@ TINY_MODEL = [
     "model.tiny.vision_intermediate_size=32",
     "model.tiny.vision_depth=1",
     "model.tiny.vocab_size=400",
+    # The preset's tower pretraining and freezing are tested in tests/test_vision_pretrain.py.
+    "model.vision_pretrain.steps=0",
+    "model.freeze_vision=false",
 ]
 
 TINY = [

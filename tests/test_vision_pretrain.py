@@ -15,7 +15,7 @@ import torch
 
 from geovlm.config import ConfigError, load_config
 from geovlm.data.scenes import LAND_COVERS, OBJECT_CLASSES, generate_scenes
-from geovlm.model import VISION_PRETRAIN_FILE, initial_policy
+from geovlm.model import VISION_PRETRAIN_FILE, initial_policy, save_pretrained
 from geovlm.vision_pretrain import (
     COLOR_NAMES,
     _Images,
@@ -137,7 +137,7 @@ def test_initial_policy_pretrains_the_embedded_tower_and_keeps_it_frozen_when_as
     assert not any(p.requires_grad for p in model.model.visual.parameters())
     assert all(p.requires_grad for p in model.model.language_model.parameters())
     # The saved init/ carries the pretrained tower: the same weights as the built one.
-    plain = load_config("tiny-cpu", [*overrides[:-2], "name=plain", "model.freeze_vision=true"])
+    plain = load_config("tiny-cpu", [*overrides, "name=plain", "model.vision_pretrain.steps=0"])
     (unpretrained, _), _ = initial_policy(plain, corpus, torch.device("cpu"))
     (reloaded, _), _ = initial_policy(config, corpus, torch.device("cpu"))
     built, plain_tower, again = (m.model.visual for m in (model, unpretrained, reloaded))
@@ -147,9 +147,17 @@ def test_initial_policy_pretrains_the_embedded_tower_and_keeps_it_frozen_when_as
     assert any(not torch.equal(p, q) for p, q in pairs)
 
 
-def test_vision_pretraining_is_refused_for_a_real_checkpoint_and_bad_values():
-    with pytest.raises(ConfigError, match="only to the embedded tiny model"):
-        load_config("tiny-cpu", ["model.path=/models/qwen", "model.vision_pretrain.steps=10"])
+def test_vision_pretraining_refuses_bad_values_and_leaves_a_checkpoint_alone(tmp_path):
+    # A saved tiny model loads as it is, whatever the preset says about pretraining.
+    model, processor = tiny_policy(seed=4)
+    save_pretrained(model, processor, tmp_path / "ckpt")
+    config = load_config(
+        "tiny-cpu", [f"model.path={tmp_path / 'ckpt'}", "model.vision_pretrain.steps=10"]
+    )
+    (loaded, _), source = initial_policy(config, [], torch.device("cpu"))
+    assert source == tmp_path / "ckpt" and not (source / VISION_PRETRAIN_FILE).exists()
+    for p, q in zip(loaded.model.visual.parameters(), model.model.visual.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="model.vision_pretrain"):
         load_config("tiny-cpu", ["model.vision_pretrain.steps=-1"])
     with pytest.raises(ConfigError, match="model.vision_pretrain"):
