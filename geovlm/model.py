@@ -535,6 +535,7 @@ def _pretrain_tiny_vision(
     if settings.steps <= 0:
         return None
     from geovlm.data.scenes import generate_scenes
+    from geovlm.runtime import is_distributed
     from geovlm.vision_pretrain import pretrain_vision_tower
 
     seed, size = int(config.data.seed), config.data.image_size
@@ -556,7 +557,7 @@ def _pretrain_tiny_vision(
     finally:
         for p in frozen:
             p.requires_grad_(False)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         # Same seeds, same steps; but GPU kernels need not be bitwise deterministic, and every
         # rank must start from rank 0's tower (FSDP2 does not broadcast it).
         with torch.no_grad():

@@ -127,13 +127,18 @@ class _DenseHead(torch.nn.Module):
         return classes, colors, boxes, cover.mean(1), rows, cols
 
 
+def _box_l1(boxes: torch.Tensor, y: DenseTargets) -> torch.Tensor:
+    """Mean L1 of the predicted boxes over the tokens that hold one (fractions of the side)."""
+    per_token = (boxes - y.boxes).abs().mean(-1)
+    return (per_token * y.box_mask).sum() / y.box_mask.sum().clamp(min=1.0)
+
+
 def _losses(head: _DenseHead, tokens: torch.Tensor, y: DenseTargets) -> dict[str, torch.Tensor]:
     classes, colors, boxes, cover, rows, cols = head(tokens)
-    box_l1 = (boxes - y.boxes).abs().mean(-1)
     return {
         "classes": F.binary_cross_entropy_with_logits(classes, y.classes),
         "colors": F.binary_cross_entropy_with_logits(colors, y.colors),
-        "boxes": (box_l1 * y.box_mask).sum() / y.box_mask.sum().clamp(min=1.0),
+        "boxes": _box_l1(boxes, y),
         "cover": F.cross_entropy(cover, y.cover),
         "position": F.cross_entropy(rows.flatten(0, 1), y.rows.flatten())
         + F.cross_entropy(cols.flatten(0, 1), y.cols.flatten()),
@@ -147,11 +152,10 @@ def _scores(head: _DenseHead, tokens: torch.Tensor, y: DenseTargets) -> dict[str
     predicted, true = classes > 0, y.classes > 0
     tp = (predicted & true).sum().item()
     f1 = 2 * tp / max(predicted.sum().item() + true.sum().item(), 1)
-    box_l1 = ((boxes - y.boxes).abs().mean(-1) * y.box_mask).sum() / y.box_mask.sum().clamp(min=1)
     position = ((rows.argmax(-1) == y.rows) & (cols.argmax(-1) == y.cols)).float().mean()
     return {
         "class_f1": round(f1, 4),
-        "box_l1": round(float(box_l1), 4),
+        "box_l1": round(float(_box_l1(boxes, y)), 4),
         "position_acc": round(float(position), 4),
         "cover_acc": round(float((cover.argmax(-1) == y.cover).float().mean()), 4),
     }
@@ -191,15 +195,14 @@ def _states(scenes: Sequence[Scene]) -> list[SceneState]:
 def center_merger_output(visual: torch.nn.Module, images: _Images, batch_size: int = 64) -> None:
     """Shift and scale the merger's last Linear so that the merged tokens of ``images`` have zero
     mean and a mean norm of 1 (an exact affine change of the output)."""
-    sums, norms, count = None, [], 0
-    for start in range(0, len(images), batch_size):
-        tokens = images.tokens(visual, torch.arange(start, min(start + batch_size, len(images))))
-        tokens = tokens.flatten(0, 1).double()
-        sums = tokens.sum(0) if sums is None else sums + tokens.sum(0)
-        count += len(tokens)
-        norms.append(tokens)
-    mean = sums / count
-    scale = 1.0 / torch.cat(norms).sub(mean).norm(dim=-1).mean()
+    tokens = torch.cat([
+        images.tokens(visual, torch.arange(start, min(start + batch_size, len(images))))
+        .flatten(0, 1)
+        .double()
+        for start in range(0, len(images), batch_size)
+    ])
+    mean = tokens.mean(0)
+    scale = 1.0 / (tokens - mean).norm(dim=-1).mean()
     last = visual.merger.mlp[-1]
     last.bias.sub_(mean.to(last.bias.dtype)).mul_(scale.to(last.bias.dtype))
     last.weight.mul_(scale.to(last.weight.dtype))
@@ -225,7 +228,7 @@ def pretrain_vision_tower(
     if not train_scenes or not eval_scenes:
         raise ValueError("vision pretraining needs train and eval scenes")
     visual = model.model.visual
-    train, held_out = _Images(processor, [s.image for s in _states(train_scenes)]), None
+    train = _Images(processor, [s.image for s in _states(train_scenes)])
     held_out = _Images(processor, [s.image for s in _states(eval_scenes)])
     y_train = dense_targets(_states(train_scenes), train.grid)
     y_eval = dense_targets(_states(eval_scenes), held_out.grid)
@@ -234,7 +237,6 @@ def pretrain_vision_tower(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = _DenseHead(hidden, train.grid).to(next(visual.parameters()).device)
-    head.float()
     was_training = visual.training
     visual.train()
     trainable = [p for p in visual.parameters() if p.requires_grad]
