@@ -4,7 +4,8 @@ and the held-out table sent to the experiment trackers after every evaluation.
 ``summary.md`` holds, for every task, its headline metric (and the secondary metrics of
 ``REPORTED_METRICS`` it has) after every stage, columns in stage order with ``init`` first; the
 majority baseline of the tasks whose answers are labels; which stages trained the task; and each
-GRPO stage's objective (mean sampled reward on held-out prompts) before and after it.
+GRPO stage's objective (mean sampled reward on held-out prompts) before and after it; and, where
+the embedded tower was pretrained (``init/vision_pretrain.json``), its read-out scores.
 ``summary.json`` holds the same numbers as data, ``training_curves.png`` the curves of
 ``metrics.jsonl``, ``held_out.png`` the held-out metrics per stage.
 
@@ -124,18 +125,48 @@ def write_summary(
     seconds: float,
     trained: dict[str, list[str]] | None = None,
     majority: dict[str, float] | None = None,
+    vision_pretrain: dict[str, float] | None = None,
 ) -> str:
-    """Write ``summary.md`` and ``summary.json``; returns the Markdown tables."""
+    """Write ``summary.md`` and ``summary.json``; returns the Markdown tables.
+
+    ``vision_pretrain``: the scores ``geovlm.vision_pretrain.pretrain_vision_tower`` returned
+    (``init_<score>`` before, ``<score>`` after), shown as a table of their own."""
     table = summary_table(summaries, objective, trained, majority)
+    if vision_pretrain:
+        table += "\n\n" + vision_pretrain_table(vision_pretrain)
     (run_dir / "summary.md").write_text(table + f"\n\nwall time: {seconds:.0f} s\n")
     payload = {
         "held_out": summaries,
         "majority": majority or {},
         "trained": trained or {},
         "grpo_objective": objective,
+        "vision_pretrain": vision_pretrain or {},
     }
     (run_dir / "summary.json").write_text(json.dumps(payload, indent=2))
     return table
+
+
+# The read-outs of the tower's pretraining, in the order and words summary.md gives them.
+VISION_PRETRAIN_SCORES: tuple[tuple[str, str], ...] = (
+    ("class_f1", "object classes per token, F1"),
+    ("box_l1", "largest object's box, L1 (fraction of the side)"),
+    ("position_acc", "token's own row and column, accuracy"),
+    ("cover_acc", "land cover, accuracy"),
+)
+
+
+def vision_pretrain_table(scores: dict[str, float]) -> str:
+    """Markdown table of the tower's read-out scores before and after its pretraining (held-out
+    val scenes); scores it lacks are left out."""
+    rows = [
+        f"| {words} | {scores[f'init_{key}']:.3f} | {scores[key]:.3f} |"
+        for key, words in VISION_PRETRAIN_SCORES
+        if key in scores and f"init_{key}" in scores
+    ]
+    return (
+        "Vision tower pretraining (linear read-outs of its image tokens, held-out val scenes):\n\n"
+        "| read-out | untrained | pretrained |\n|---|---|---|\n" + "\n".join(rows)
+    )
 
 
 def draw_plots(

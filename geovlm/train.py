@@ -20,6 +20,7 @@ run name is refused (``--existing-run`` says what to do instead; ``geovlm.rundir
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     (model, processor), previous = initial_policy(
         config, corpus(splits["train"]), runtime.device, runtime.is_main
     )
+    vision_scores = _vision_pretrain_scores(previous)
     test = heldout.held_out_samples(config, splits["test"])
     summaries: dict[str, dict] = {}
     objective: dict[str, dict] = {}
@@ -148,12 +150,26 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
         draw()
         if summaries:
             table = report.write_summary(
-                config.run_dir, summaries, objective, time.time() - started, trained, majority
+                config.run_dir,
+                summaries,
+                objective,
+                time.time() - started,
+                trained,
+                majority,
+                vision_scores,
             )
             print(f"\n## Summary (headline metric per task, by stage)\n\n{table}\n\nwall time: "
                   f"{time.time() - started:.0f} s; run directory: {config.run_dir}", flush=True)
     trackers.close()
     return summaries
+
+
+def _vision_pretrain_scores(init_dir: Path) -> dict | None:
+    """The tower's pretraining scores saved beside init/'s weights, if it was pretrained."""
+    from geovlm.model import VISION_PRETRAIN_FILE
+
+    path = Path(init_dir) / VISION_PRETRAIN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _claim_run_dir(config: RunConfig, existing: ExistingRun, runtime) -> str:

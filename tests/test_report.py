@@ -1,5 +1,7 @@
 """The run's report: summary table, majority baseline, held-out rows, and the plots."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,6 +47,26 @@ def test_summary_table_without_stage_information_has_no_bold_cells():
     table = report.summary_table(SUMMARIES, {})
     assert "**" not in table
     assert _rows(table)[("scene_cls", "accuracy")] == ["", "0.200", "0.900", "0.880", ""]
+
+
+def test_summary_shows_the_towers_pretraining_scores_before_and_after(tmp_path):
+    scores = {
+        "init_class_f1": 0.05, "class_f1": 0.43, "init_box_l1": 0.31, "box_l1": 0.058,
+        "init_position_acc": 0.06, "position_acc": 0.987, "init_cover_acc": 0.2,
+        "cover_acc": 1.0, "loss_classes": 0.1,
+    }
+    table = report.write_summary(tmp_path, SUMMARIES, {}, 1.0, TRAINED, vision_pretrain=scores)
+    lines = table.splitlines()
+    assert "| object classes per token, F1 | 0.050 | 0.430 |" in lines
+    assert "| largest object's box, L1 (fraction of the side) | 0.310 | 0.058 |" in lines
+    assert "| land cover, accuracy | 0.200 | 1.000 |" in lines
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["vision_pretrain"] == scores
+    assert "Vision tower pretraining" in (tmp_path / "summary.md").read_text()
+    # No pretraining: no such table.
+    plain = report.write_summary(tmp_path, SUMMARIES, {}, 1.0, TRAINED)
+    assert "Vision tower" not in plain
+    assert json.loads((tmp_path / "summary.json").read_text())["vision_pretrain"] == {}
 
 
 def test_held_out_rows_put_the_headline_first_and_add_the_reported_metrics():
