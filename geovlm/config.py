@@ -136,6 +136,10 @@ class DataConfig:
     n_val_scenes: int = 24
     n_test_scenes: int = 60
     image_size: int = 112
+    # The embedded world's detection difficulty (geovlm.data.scenes.WorldSettings): every
+    # object's size times object_scale, at most max_objects objects a scene.
+    object_scale: float = 1.0
+    max_objects: int = 6
     seed: int = 0
     # Background processes preparing batches ahead of the loop (geovlm.data.loader); null: up to
     # 4 on CUDA, 1 on CPU when 3+ cores are free for it, else 0 (inline).
@@ -504,12 +508,24 @@ def _check_vision_pretrain(model: ModelConfig) -> None:
         )
 
 
+def embedded_world(data: DataConfig):
+    """``data.object_scale`` / ``data.max_objects`` as the embedded world's ``WorldSettings``;
+    values it refuses are a ``ConfigError`` naming the key."""
+    from geovlm.data.scenes import WorldSettings
+
+    try:
+        return WorldSettings(object_scale=data.object_scale, max_objects=data.max_objects)
+    except ValueError as err:
+        raise ConfigError(f"data.object_scale / data.max_objects: {err}") from err
+
+
 def check(config: RunConfig) -> RunConfig:
     """Checks across fields, before anything is built: task names, the data splits' sources,
     unique stage names, tracker names, LoRA sizes. Raises ``ConfigError`` naming the key."""
     report_targets(config.report_to)
     _check_lora(config.model.lora)
     _check_vision_pretrain(config.model)
+    embedded_world(config.data)
     try:
         known = known_tasks(config.data.task_modules)
     except ValueError as err:

@@ -629,11 +629,12 @@ def embedded_samples(
     pixel_budget: tuple[int | None, int | None] = (None, None),
 ) -> list[Sample]:
     """A split of the embedded world: its defaults, or the data settings of the checkpoint's run
-    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``), boxes in
-    the frame of the processor's ``pixel_budget``."""
+    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``,
+    ``data.object_scale``, ``data.max_objects``), boxes in the frame of the processor's
+    ``pixel_budget``."""
     import inspect
 
-    from geovlm.data.synthetic import embedded_splits
+    from geovlm.data.synthetic import WorldSettings, embedded_splits
 
     if split not in ("train", "val", "test"):
         raise EvalInputError(f"--data embedded:{split}: split must be train, val or test")
@@ -654,9 +655,12 @@ def embedded_samples(
             kwargs[f"n_{name}"] = count
         else:
             kwargs[f"n_{name}"] = defaults[f"n_{name}"].default
+    world = {key: data[key] for key in ("object_scale", "max_objects") if data.get(key) is not None}
     try:
+        # The checkpoint's own world: a model trained on large objects is judged on large ones.
+        kwargs["world"] = WorldSettings(**world)
         return embedded_splits(**kwargs)[split]
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise EvalInputError(f"run_config.yaml data settings do not fit the embedded world: {err}"
                              ) from err
 

@@ -36,7 +36,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from geovlm.config import RunConfig, TinyModelConfig
+from geovlm.config import RunConfig, TinyModelConfig, embedded_world
 from geovlm.data.collate import DEFAULT_SYSTEM_PROMPT
 from geovlm.tokenizer import build_tokenizer
 
@@ -539,6 +539,7 @@ def _pretrain_tiny_vision(
     from geovlm.vision_pretrain import pretrain_vision_tower
 
     seed, size = int(config.data.seed), config.data.image_size
+    world = embedded_world(config.data)
     visual = model.model.visual
     frozen = [p for p in visual.parameters() if not p.requires_grad]
     visual.requires_grad_(True)  # model.freeze_vision freezes it for the run, not for this
@@ -546,8 +547,8 @@ def _pretrain_tiny_vision(
         scores = pretrain_vision_tower(
             model,
             processor,
-            generate_scenes(3 * seed, config.data.n_train_scenes, size),
-            generate_scenes(3 * seed + 1, 24, size),
+            generate_scenes(3 * seed, config.data.n_train_scenes, size, world),
+            generate_scenes(3 * seed + 1, 24, size, world),
             steps=settings.steps,
             lr=settings.lr,
             batch_size=settings.batch_size,

@@ -64,6 +64,8 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("stages.9.steps=1", "out of range"),
         ("model.gradient_checkpointing=maybe", "true/false"),
         ("noequals", "key=value"),
+        ("data.object_scale=0", "data.object_scale .*object_scale must be in"),
+        ("data.max_objects=1", "data.object_scale / data.max_objects: max_objects"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -261,6 +261,26 @@ def test_embedded_data_follows_run_config(tmp_path):
     assert {s.task for s in got} == {"counting", "vqa"}
 
 
+def test_embedded_data_is_the_checkpoints_own_world(tmp_path):
+    """A model trained on the large-object world is judged on it, not on the standard one."""
+    from geovlm.data.synthetic import WorldSettings, embedded_splits
+
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt")
+    (checkpoint / "run_config.yaml").write_text(
+        "data:\n  seed: 2\n  n_test_scenes: 3\n  tasks: [referred_det]\n"
+        "  object_scale: 2.0\n  max_objects: 3\n"
+    )
+    got = E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
+    world = WorldSettings(object_scale=2.0, max_objects=3)
+    large = embedded_splits(2, 0, 0, 3, tasks=["referred_det"], world=world)["test"]
+    standard = embedded_splits(2, 0, 0, 3, tasks=["referred_det"])["test"]
+    assert [s.target.answer for s in got] == [s.target.answer for s in large]
+    assert [s.target.answer for s in got] != [s.target.answer for s in standard]
+    (checkpoint / "run_config.yaml").write_text("data:\n  object_scale: 9.0\n")
+    with pytest.raises(E.EvalInputError, match="object_scale"):
+        E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
+
+
 # --------------------------------------------------------------------------- end to end
 
 

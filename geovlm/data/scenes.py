@@ -87,7 +87,29 @@ SIZES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 MAX_OBJECTS = 6  # objects per scene (fewer when no room is left)
 _MIN_SIDE = 56
 _PLACEMENT_TRIES = 40
+_SCENE_TRIES = 50  # redraws of a scene's objects before its settings are called impossible
 _GAP = 3.0  # minimum free space between two objects' boxes, so that they never touch
+
+
+@dataclass(frozen=True)
+class WorldSettings:
+    """How hard the world makes detection: ``object_scale`` multiplies every object's size
+    (``SIZES``: length and width; a plane's span and a tank's roundness stay proportional), and a
+    scene holds at most ``max_objects`` objects (at least 2: an "objects added" pair needs one
+    object before and one added). The defaults are the world the tests and benchmarks know; the
+    same ``(seed, index)`` gives another scene under other settings."""
+
+    object_scale: float = 1.0
+    max_objects: int = MAX_OBJECTS
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.object_scale, (int, float)) and 0 < self.object_scale <= 4):
+            raise ValueError(f"object_scale must be in (0, 4], got {self.object_scale!r}")
+        if not (isinstance(self.max_objects, (int, np.integer)) and 2 <= self.max_objects <= 12):
+            raise ValueError(f"max_objects must be an int in [2, 12], got {self.max_objects!r}")
+
+
+DEFAULT_WORLD = WorldSettings()
 
 
 @dataclass(frozen=True)
@@ -381,16 +403,20 @@ def compatible(obj: SceneObject, land_cover: str) -> bool:
 
 
 def _sample_object(
-    rng: np.random.Generator, category: str, covers: tuple[str, ...], size: tuple[int, int]
+    rng: np.random.Generator,
+    category: str,
+    covers: tuple[str, ...],
+    size: tuple[int, int],
+    scale: float = 1.0,
 ) -> SceneObject:
     (l_lo, l_hi), (w_lo, w_hi) = SIZES[category]
-    length = rng.uniform(l_lo, l_hi)
+    length = rng.uniform(l_lo * scale, l_hi * scale)
     if category == "plane":
         width = length * rng.uniform(w_lo, w_hi)
     elif category == "storage tank":
         width = length
     else:
-        width = min(rng.uniform(w_lo, w_hi), length)
+        width = min(rng.uniform(w_lo * scale, w_hi * scale), length)
     if category == "building" and covers[0] == "urban":
         heading = float(rng.choice([0.0, 90.0])) + rng.uniform(-4, 4)
     else:
@@ -399,6 +425,11 @@ def _sample_object(
     probe = make_object(category, color, 0.0, 0.0, length, width, heading)
     x1, y1, x2, y2 = probe.xyxy
     width_px, height_px = size
+    if x2 - x1 > width_px - 4 or y2 - y1 > height_px - 4:
+        raise ValueError(
+            f"a {category} at object_scale {scale} spans {x2 - x1:.0f} x {y2 - y1:.0f} px, more "
+            f"than a {width_px} x {height_px} image holds: lower object_scale or raise image_size"
+        )
     cx = rng.uniform(2 - x1, width_px - 2 - x2)
     cy = rng.uniform(2 - y1, height_px - 2 - y2)
     return make_object(category, color, cx, cy, length, width, heading)
@@ -418,25 +449,28 @@ def _place(
     categories: list[str],
     covers: tuple[str, ...],
     size: tuple[int, int],
+    scale: float = 1.0,
 ) -> list[SceneObject]:
     """Place objects of ``categories`` without overlap; one that finds no room is skipped."""
     placed: list[SceneObject] = []
     for category in categories:
         for _ in range(_PLACEMENT_TRIES):
-            candidate = _sample_object(rng, category, covers, size)
+            candidate = _sample_object(rng, category, covers, size, scale)
             if _free(candidate, placed):
                 placed.append(candidate)
                 break
     return placed
 
 
-def _scene_categories(rng: np.random.Generator, covers: tuple[str, ...], least: int) -> list[str]:
-    """``least``..MAX_OBJECTS objects of 1-3 classes, so that classes repeat (counting, plurals,
+def _scene_categories(
+    rng: np.random.Generator, covers: tuple[str, ...], least: int, most: int = MAX_OBJECTS
+) -> list[str]:
+    """``least``..``most`` objects of 1-3 classes, so that classes repeat (counting, plurals,
     comparison)."""
     allowed = _classes_for(covers)
-    n_classes = int(rng.integers(1, min(3, len(allowed)) + 1))
+    n_classes = int(rng.integers(1, min(3, len(allowed), most) + 1))
     chosen = [str(c) for c in rng.choice(allowed, size=n_classes, replace=False)]
-    n_objects = int(rng.integers(max(least, n_classes), MAX_OBJECTS + 1))
+    n_objects = int(rng.integers(max(least, n_classes), most + 1))
     picks = chosen + [str(c) for c in rng.choice(chosen, size=n_objects - n_classes)]
     rng.shuffle(picks)
     return picks
@@ -454,14 +488,26 @@ def _draw_change(rng: np.random.Generator) -> tuple[str, str, str]:
 
 
 def _objects_before_after(
-    rng: np.random.Generator, kind: str, covers: tuple[str, str], size: tuple[int, int]
+    rng: np.random.Generator,
+    kind: str,
+    covers: tuple[str, str],
+    size: tuple[int, int],
+    world: WorldSettings = DEFAULT_WORLD,
 ) -> tuple[tuple[SceneObject, ...], tuple[SceneObject, ...]]:
     """The objects of both images. Added and removed objects are placed with the others, so they
     never overlap them: objects added are the ones the first image lacks."""
     least = 2 if kind == "objects added" else 1
     objects: list[SceneObject] = []
-    while len(objects) < least:
-        objects = _place(rng, _scene_categories(rng, covers, least), covers, size)
+    for _ in range(_SCENE_TRIES):
+        categories = _scene_categories(rng, covers, least, world.max_objects)
+        objects = _place(rng, categories, covers, size, world.object_scale)
+        if len(objects) >= least:
+            break
+    else:
+        raise ValueError(
+            f"no room for {least} object(s) at object_scale {world.object_scale} on a "
+            f"{size[0]} x {size[1]} image: lower object_scale or raise image_size"
+        )
     if kind not in ("objects added", "objects removed"):
         return tuple(objects), tuple(objects)
     # Added: 1 .. n-1 objects (the first image keeps one); removed: 1 .. n (all may go).
@@ -487,12 +533,17 @@ def _as_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def generate_scene(seed: int, index: int, image_size: int | tuple[int, int] = 112) -> Scene:
+def generate_scene(
+    seed: int,
+    index: int,
+    image_size: int | tuple[int, int] = 112,
+    world: WorldSettings = DEFAULT_WORLD,
+) -> Scene:
     """Scene ``index`` of the stream ``seed``; the same arguments give the same scene."""
     size = _as_size(image_size)
     rng = np.random.default_rng([0x5CE7E, seed, index])
     kind, cover, cover_after = _draw_change(rng)
-    objects, objects_after = _objects_before_after(rng, kind, (cover, cover_after), size)
+    objects, objects_after = _objects_before_after(rng, kind, (cover, cover_after), size, world)
     background_seed, noise_before, noise_after = (int(v) for v in rng.integers(0, 2**31, 3))
     gain_after = float(rng.uniform(0.88, 1.12))
     before = SceneState(cover, objects, render(cover, objects, size, background_seed, noise_before))
@@ -514,8 +565,13 @@ def generate_scene(seed: int, index: int, image_size: int | tuple[int, int] = 11
     )
 
 
-def generate_scenes(seed: int, n: int, image_size: int | tuple[int, int] = 112) -> list[Scene]:
+def generate_scenes(
+    seed: int,
+    n: int,
+    image_size: int | tuple[int, int] = 112,
+    world: WorldSettings = DEFAULT_WORLD,
+) -> list[Scene]:
     """``n`` scenes of the stream ``seed`` (scene ``i`` is ``generate_scene(seed, i)``)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return [generate_scene(seed, i, image_size) for i in range(n)]
+    return [generate_scene(seed, i, image_size, world) for i in range(n)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from geovlm.config import DataConfig, ModelConfig
+from geovlm.config import DataConfig, ModelConfig, embedded_world
 from geovlm.data.schema import Sample
 
 SPLITS = ("train", "val", "test")
@@ -49,6 +49,7 @@ def load_splits(
             convention=convention,
             min_pixels=pixel_budget[0],
             max_pixels=pixel_budget[1],
+            world=embedded_world(data),
         )
     for split in SPLITS:
         source = getattr(data, split)

@@ -46,6 +46,7 @@ from geovlm.data.scenes import (
     Scene,
     SceneObject,
     SceneState,
+    WorldSettings,
     generate_scenes,
 )
 from geovlm.data.schema import Sample, Target
@@ -63,6 +64,7 @@ __all__ = [
     "OBJECT_CLASSES",
     "REGION_PHRASE",
     "SceneContext",
+    "WorldSettings",
     "change_summary",
     "class_counts",
     "colored_inventory",
@@ -401,8 +403,11 @@ def embedded_splits(
     convention: str = "qwen25vl",
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    world: WorldSettings | None = None,
 ) -> dict[str, list[Sample]]:
     """Train / val / test samples from ``n_train`` / ``n_val`` / ``n_test`` scenes each.
+
+    ``world``: the objects' scale and clutter (``WorldSettings``; default: the standard world).
 
     Every scene gives one sample per task (``samples_from_scene``). Split ``k`` (0 train, 1 val,
     2 test) draws its scenes from the stream ``3 * seed + k``, so no two splits of any seeds share
@@ -415,7 +420,7 @@ def embedded_splits(
     generators = _generators(tasks)
     out: dict[str, list[Sample]] = {}
     for k, (name, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
-        scenes = generate_scenes(3 * int(seed) + k, n, image_size)
+        scenes = generate_scenes(3 * int(seed) + k, n, image_size, world or WorldSettings())
         out[name] = [
             sample
             for scene in scenes

@@ -20,6 +20,8 @@ from geovlm.data.scenes import (
     CHANGE_KINDS,
     LAND_COVERS,
     OBJECT_CLASSES,
+    SIZES,
+    WorldSettings,
     generate_scene,
     make_object,
     render,
@@ -459,6 +461,67 @@ def test_bad_arguments_are_clear_errors(scenes):
         embedded_splits(seed=-1)
     with pytest.raises(ValueError, match="no colour"):
         make_object("ship", "blue", 10, 10, 20, 8, 0)
+
+
+def test_world_settings_scale_the_objects_and_bound_the_clutter():
+    """object_scale multiplies every size range, max_objects caps both images of a pair; the
+    default settings are the standard world itself."""
+    default = generate_scenes(5, 30)
+    assert generate_scenes(5, 30, 112, WorldSettings()) == default
+    world = WorldSettings(object_scale=2.0, max_objects=3)
+    scenes = generate_scenes(5, 60, 112, world)
+    assert scenes != default
+    lengths: dict[str, list[float]] = {}
+    for scene in scenes:
+        assert 1 <= len(scene.before.objects) <= 3  # "objects removed" may empty the second
+        for state in (scene.before, scene.after):
+            assert len(state.objects) <= 3
+            for obj in state.objects:
+                lengths.setdefault(obj.category, []).append(obj.length)
+                x1, y1, x2, y2 = obj.xyxy
+                assert 0 <= x1 and 0 <= y1 and x2 <= 112 and y2 <= 112
+        assert scene.change != "objects added" or len(scene.after.objects) >= 2
+    for category, values in lengths.items():
+        low, high = SIZES[category][0]
+        assert 2 * low <= min(values) and max(values) <= 2 * high, category
+    # Twice the size on average (the range of each class doubles).
+    mean_area = np.mean([o.area for s in scenes for o in s.before.objects])
+    assert mean_area > 3 * np.mean([o.area for s in default for o in s.before.objects])
+    # The samples of such a world: the referred boxes are the large objects'.
+    split = embedded_splits(5, 8, 0, 0, tasks=["referred_det"], world=world)["train"]
+    assert min((b[2] - b[0]) * (b[3] - b[1]) for s in split for b in s.target.boxes) > 150
+
+
+def test_a_runs_data_settings_build_its_world():
+    from geovlm.config import load_config
+    from geovlm.data.sources import load_splits
+
+    sizes = ["data.n_train_scenes=3", "data.n_val_scenes=0", "data.n_test_scenes=0"]
+    overrides = [*sizes, "data.tasks=[referred_det]", "data.object_scale=2", "data.max_objects=3"]
+    got = load_splits(load_config("tiny-cpu", overrides).data, "qwen25vl")["train"]
+    world = WorldSettings(object_scale=2.0, max_objects=3)
+    expected = embedded_splits(0, 3, 0, 0, tasks=["referred_det"], world=world)["train"]
+    assert [s.target.answer for s in got] == [s.target.answer for s in expected]
+
+
+def test_impossible_world_settings_are_clear_errors(monkeypatch):
+    for bad in (0.0, -1.0, 4.5, "2"):
+        with pytest.raises(ValueError, match="object_scale"):
+            WorldSettings(object_scale=bad)
+    for bad in (1, 13, 2.5):
+        with pytest.raises(ValueError, match="max_objects"):
+            WorldSettings(max_objects=bad)
+    # Objects larger than the image, or too large for two of them to fit: an error, not a hang.
+    with pytest.raises(ValueError, match="building at object_scale 4.0 spans .* 112 x 112"):
+        generate_scenes(0, 40, 112, WorldSettings(object_scale=4.0))
+    with pytest.raises(ValueError, match="lower object_scale or raise image_size"):
+        generate_scenes(0, 40, 56, WorldSettings(object_scale=1.9))
+    # A world where objects never find room: the redraws are bounded.
+    import geovlm.data.scenes as scenes_module
+
+    monkeypatch.setattr(scenes_module, "_place", lambda *args: [])
+    with pytest.raises(ValueError, match=r"no room for 1 object\(s\) at object_scale 1.0"):
+        generate_scene(0, 0)
 
 
 def test_samples_are_plain_schema_objects(samples):
