@@ -40,6 +40,7 @@ from geovlm.data.boxes import (
 )
 from geovlm.data.scenes import (
     CHANGE_KINDS,
+    DEFAULT_WORLD,
     LAND_COVERS,
     OBJECT_CLASSES,
     PLURALS,
@@ -403,7 +404,7 @@ def embedded_splits(
     convention: str = "qwen25vl",
     min_pixels: int | None = None,
     max_pixels: int | None = None,
-    world: WorldSettings | None = None,
+    world: WorldSettings = DEFAULT_WORLD,
 ) -> dict[str, list[Sample]]:
     """Train / val / test samples from ``n_train`` / ``n_val`` / ``n_test`` scenes each.
 
@@ -420,7 +421,7 @@ def embedded_splits(
     generators = _generators(tasks)
     out: dict[str, list[Sample]] = {}
     for k, (name, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
-        scenes = generate_scenes(3 * int(seed) + k, n, image_size, world or WorldSettings())
+        scenes = generate_scenes(3 * int(seed) + k, n, image_size, world)
         out[name] = [
             sample
             for scene in scenes
