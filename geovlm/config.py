@@ -36,10 +36,13 @@ class TinyModelConfig:
     """Sizes of the embedded Qwen2.5-VL-architecture model (used when ``model.path`` is unset).
 
     The pixel budget suits the embedded world's 112x112 scenes (an 8x8 patch grid, 16 merged
-    image tokens) and caps larger images at 224x224.
+    image tokens) and caps larger images at 224x224. ``number_tokens`` N > 0 gives the integers
+    below N one token each (location tokens, ``geovlm.tokenizer.build_tokenizer``); 0 keeps
+    Qwen's one token per digit.
     """
 
     vocab_size: int = 1024
+    number_tokens: int = 0
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 3

@@ -188,7 +188,9 @@ def _build_tiny(
     sizes = {**TINY_DEFAULTS, **(tiny or {})}
     # Every prompt carries the default system prompt: weigh it like a frequent phrase.
     corpus = itertools.chain(tokenizer_corpus, [DEFAULT_SYSTEM_PROMPT] * SYSTEM_PROMPT_WEIGHT)
-    tokenizer = build_tokenizer(corpus, vocab_size=int(sizes["vocab_size"]))
+    tokenizer = build_tokenizer(
+        corpus, vocab_size=int(sizes["vocab_size"]), number_tokens=int(sizes["number_tokens"])
+    )
     processor = tiny_processor(tokenizer, sizes["min_pixels"], sizes["max_pixels"])
     config = tiny_config(tokenizer, sizes)
     # Seed only the initialisation, without disturbing the caller's RNG stream.

@@ -5,7 +5,11 @@ The tiny model of the embedded default needs a tokenizer whose vocabulary fits t
 
 * byte-level BPE, so any text encodes and decodes losslessly (no unknown token);
 * Qwen2's pre-tokenizer split, which isolates every digit, so ``123`` is always ``1 2 3`` and
-  box coordinates tokenize regularly whatever numbers the corpus happened to contain;
+  box coordinates tokenize regularly whatever numbers the corpus happened to contain; or, with
+  ``number_tokens``, one token per integer below it, as location-token models do (Pix2Seq,
+  Kosmos-2, Florence-2, PaliGemma): a small language model trained from scratch does not learn
+  the digit arithmetic a coordinate spelt digit by digit needs (``benchmarks/RESULTS.md``, "A
+  fifth look");
 * Qwen2.5-VL's special tokens (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``,
   ``<|vision_start|>``, ``<|image_pad|>``, ...) as single ids, ``<|im_end|>`` as EOS and
   ``<|endoftext|>`` as padding, exactly as the real tokenizer configures them;
@@ -102,19 +106,26 @@ def _backend(vocab_size: int) -> tuple[Tokenizer, BpeTrainer]:
     return tokenizer, trainer
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 2000, number_tokens: int = 0
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``corpus`` with Qwen2.5-VL's tokens and chat template.
 
     ``vocab_size`` counts the 256 byte symbols and the special tokens; the 4 format tokens come on
-    top. The chat template's fixed text is added to the corpus; the corpus should hold the texts the
-    model will read and write (prompts, system prompt, responses). Training is deterministic for a
-    given corpus (order included).
+    top, and so do ``number_tokens`` single tokens for the integers ``0 .. number_tokens - 1``
+    (matched before the digit split, longest first: ``[34, 107]`` is ``[``, ``34``, ``,``, `` ``,
+    ``107``, ``]``; longer numbers still split into such pieces and round-trip). 0 keeps Qwen's
+    one token per digit. The chat template's fixed text is added to the corpus; the corpus should
+    hold the texts the model will read and write (prompts, system prompt, responses). Training is
+    deterministic for a given corpus (order included).
     """
     n_reserved = 256 + len(SPECIAL_TOKENS)
     if vocab_size <= n_reserved:
         raise ValueError(
             f"vocab_size must exceed {n_reserved} (bytes + special tokens), got {vocab_size}"
         )
+    if number_tokens < 0:
+        raise ValueError(f"number_tokens must be >= 0, got {number_tokens}")
     texts = [text for text in corpus if text]
     if not texts:
         raise ValueError("build_tokenizer needs a non-empty corpus of non-empty strings")
@@ -126,6 +137,10 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2000) -> PreTrained
     texts.extend(text for text in CHAT_SCAFFOLD for _ in range(SCAFFOLD_WEIGHT))
     backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
     backend.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in FORMAT_TOKENS])
+    if number_tokens:
+        backend.add_tokens([
+            AddedToken(str(n), special=False, normalized=False) for n in range(number_tokens)
+        ])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

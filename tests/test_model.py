@@ -336,3 +336,16 @@ def test_forward_hidden_through_a_data_parallel_wrapper_is_the_same(policy, batc
         wrapped = forward_hidden(Wrapper(model), batch)
     torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)
     assert lm_head_weight(Wrapper(model)) is lm_head_weight(model)
+
+
+def test_number_tokens_reach_the_tiny_models_vocabulary(policy):
+    plain, _ = policy
+    corpus = make_corpus(np.random.default_rng(0), 600)
+    numbered, processor = build_policy(
+        tokenizer_corpus=corpus, tiny=dict(TEST_SIZES, number_tokens=128), seed=0
+    )
+    tokenizer = processor.tokenizer
+    assert numbered.config.text_config.vocab_size == len(tokenizer)
+    assert len(tokenizer) > plain.config.text_config.vocab_size
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("[17, 101]")]
+    assert pieces == ["[", "17", ",", " ", "101", "]"]

@@ -148,3 +148,34 @@ def test_bad_input_is_a_clear_error():
         build_tokenizer(["some text"], vocab_size=100)
     with pytest.raises(TypeError, match="corpus must hold strings"):
         build_tokenizer(["text", 3])
+
+
+def test_number_tokens_make_every_integer_below_the_bound_one_token():
+    rng = np.random.default_rng()
+    corpus = make_corpus(rng, 500)
+    numbered = build_tokenizer(corpus, vocab_size=400, number_tokens=256)
+    plain = build_tokenizer(corpus, vocab_size=400)
+    assert len(numbered) - len(plain) == 256 - 10  # the ten digits are byte symbols already
+    values = rng.integers(0, 256, size=4)
+    text = f"<answer>[{', '.join(str(v) for v in values)}]</answer>"
+    tokens = numbered.convert_ids_to_tokens(numbered.encode(text))
+    assert [t for t in tokens if t.isdigit()] == [str(v) for v in values]
+    # Every integer is one token, whatever surrounds it; larger numbers split and round-trip.
+    for n in (0, 9, 10, 99, 100, 255):
+        assert len(numbered.encode(str(n))) == 1
+        assert numbered.convert_ids_to_tokens(numbered.encode(f"x{n},"))[1] == str(n)
+    for text in ("256", "1050", "2026-12-05", "007", "[3, 999, 12345]"):
+        ids = numbered.encode(text)
+        assert numbered.decode(ids) == text
+        assert all(len(numbered.decode([i])) <= 3 for i in ids)
+
+
+def test_number_tokens_survive_save_and_reload(tmp_path):
+    tokenizer = build_tokenizer(make_corpus(np.random.default_rng(), 300), 400, number_tokens=128)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "<think>3 ships</think><answer>[17, 101, 127, 128]</answer>"
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert loaded.decode(loaded.encode(text)) == text
+    with pytest.raises(ValueError, match="number_tokens must be >= 0"):
+        build_tokenizer(["some text"], vocab_size=400, number_tokens=-1)
