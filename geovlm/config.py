@@ -138,6 +138,10 @@ class DataConfig:
     n_train_scenes: int = 600
     n_val_scenes: int = 24
     n_test_scenes: int = 60
+    # More (or fewer) test scenes for some tasks, e.g. {referred_det: 300}: the test stream's
+    # first n scenes give that task's samples, its first n_test_scenes every other task's. A
+    # detection change of a few points is invisible on 60 prompts.
+    n_test_scenes_by_task: dict[str, int] = field(default_factory=dict)
     image_size: int = 112
     # The embedded world's detection difficulty (geovlm.data.scenes.WorldSettings): every
     # object's size times object_scale, at most max_objects objects a scene.
@@ -536,6 +540,15 @@ def check(config: RunConfig) -> RunConfig:
     lists = [("data.tasks", config.data.tasks)] + [
         (f"stages.{stage.name}.tasks", stage.tasks) for stage in config.stages
     ]
+    by_task = config.data.n_test_scenes_by_task
+    lists.append(("data.n_test_scenes_by_task", list(by_task)))
+    if any(not isinstance(n, int) or n < 0 for n in by_task.values()):
+        raise ConfigError(f"data.n_test_scenes_by_task: counts must be ints >= 0, got {by_task}")
+    outside = sorted(set(by_task) - set(config.data.tasks or by_task))
+    if outside:
+        raise ConfigError(
+            f"data.n_test_scenes_by_task: {outside} not in data.tasks {config.data.tasks}"
+        )
     for key, tasks in lists:
         unknown = [t for t in tasks or () if t not in known]
         if unknown:

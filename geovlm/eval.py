@@ -629,9 +629,9 @@ def embedded_samples(
     pixel_budget: tuple[int | None, int | None] = (None, None),
 ) -> list[Sample]:
     """A split of the embedded world: its defaults, or the data settings of the checkpoint's run
-    (``data.seed``, ``data.n_<split>_scenes``, ``data.image_size``, ``data.tasks``,
-    ``data.object_scale``, ``data.max_objects``), boxes in the frame of the processor's
-    ``pixel_budget``."""
+    (``data.seed``, ``data.n_<split>_scenes``, ``data.n_test_scenes_by_task``,
+    ``data.image_size``, ``data.tasks``, ``data.object_scale``, ``data.max_objects``), boxes in
+    the frame of the processor's ``pixel_budget``."""
     import inspect
 
     from geovlm.data.synthetic import WorldSettings, embedded_splits
@@ -655,6 +655,8 @@ def embedded_samples(
             kwargs[f"n_{name}"] = count
         else:
             kwargs[f"n_{name}"] = defaults[f"n_{name}"].default
+    if split == "test" and data.get("n_test_scenes_by_task"):
+        kwargs["n_test_by_task"] = data["n_test_scenes_by_task"]
     world = {key: data[key] for key in ("object_scale", "max_objects") if data.get(key) is not None}
     try:
         # The checkpoint's own world: a model trained on large objects is judged on large ones.

@@ -66,11 +66,21 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("noequals", "key=value"),
         ("data.object_scale=0", "data.object_scale .*object_scale must be in"),
         ("data.max_objects=1", "data.object_scale / data.max_objects: max_objects"),
+        ("data.n_test_scenes_by_task={referred_dett: 300}", "n_test_scenes_by_task: unknown"),
+        ("data.n_test_scenes_by_task={vqa: -1}", "n_test_scenes_by_task: counts must be"),
+        ("data.n_test_scenes_by_task={vqa: many}", "n_test_scenes_by_task.*expected an int"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_more_test_scenes_only_for_the_runs_tasks():
+    config = load_config(None, ["data.n_test_scenes_by_task={referred_det: 300}"])
+    assert config.data.n_test_scenes_by_task == {"referred_det": 300}
+    with pytest.raises(ConfigError, match=r"\['vqa'\] not in data.tasks"):
+        load_config(None, ["data.tasks=[referred_det]", "data.n_test_scenes_by_task={vqa: 90}"])
 
 
 def test_unknown_key_in_yaml_names_file(tmp_path: Path):

@@ -281,6 +281,16 @@ def test_embedded_data_is_the_checkpoints_own_world(tmp_path):
         E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
 
 
+def test_embedded_test_split_keeps_the_runs_per_task_scene_counts(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path / "ckpt")
+    (checkpoint / "run_config.yaml").write_text(
+        "data:\n  n_test_scenes: 2\n  tasks: [vqa, referred_det]\n"
+        "  n_test_scenes_by_task: {referred_det: 5}\n"
+    )
+    got = E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
+    assert [sum(s.task == t for s in got) for t in ("vqa", "referred_det")] == [2, 5]
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -44,6 +44,7 @@ def load_splits(
             n_train=data.n_train_scenes,
             n_val=data.n_val_scenes,
             n_test=data.n_test_scenes,
+            n_test_by_task=data.n_test_scenes_by_task,
             image_size=data.image_size,
             tasks=data.tasks,
             convention=convention,

@@ -405,10 +405,14 @@ def embedded_splits(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     world: WorldSettings = DEFAULT_WORLD,
+    n_test_by_task: Mapping[str, int] | None = None,
 ) -> dict[str, list[Sample]]:
     """Train / val / test samples from ``n_train`` / ``n_val`` / ``n_test`` scenes each.
 
     ``world``: the objects' scale and clutter (``WorldSettings``; default: the standard world).
+    ``n_test_by_task``: other test-scene counts for some tasks (``{"referred_det": 300}``): the
+    test stream's first ``n`` scenes give that task's samples; every task's samples of the first
+    ``n_test`` scenes are the same as without it.
 
     Every scene gives one sample per task (``samples_from_scene``). Split ``k`` (0 train, 1 val,
     2 test) draws its scenes from the stream ``3 * seed + k``, so no two splits of any seeds share
@@ -419,13 +423,23 @@ def embedded_splits(
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown box convention {convention!r}; known: {CONVENTIONS}")
     generators = _generators(tasks)
+    by_task = dict(n_test_by_task or {})
+    unknown = sorted(set(by_task) - {spec.name for spec, _ in generators})
+    if unknown:
+        raise ValueError(f"n_test_by_task names tasks this world does not generate: {unknown}")
     out: dict[str, list[Sample]] = {}
     for k, (name, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
-        scenes = generate_scenes(3 * int(seed) + k, n, image_size, world)
+        counts = by_task if name == "test" else {}
+        scenes = generate_scenes(3 * int(seed) + k, max([n, *counts.values()]), image_size, world)
         out[name] = [
             sample
-            for scene in scenes
-            for sample in _samples(scene, generators, convention, (min_pixels, max_pixels))
+            for i, scene in enumerate(scenes)
+            for sample in _samples(
+                scene,
+                [(spec, stream) for spec, stream in generators if i < counts.get(spec.name, n)],
+                convention,
+                (min_pixels, max_pixels),
+            )
         ]
     return out
 

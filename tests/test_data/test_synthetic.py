@@ -435,6 +435,28 @@ def test_splits_are_disjoint():
     )
 
 
+def test_more_test_scenes_for_one_task_leave_the_others_alone():
+    tasks = ["scene_cls", "referred_det", "vqa"]
+    plain = embedded_splits(seed=1, n_train=2, n_val=2, n_test=4, tasks=tasks)
+    more = embedded_splits(
+        seed=1, n_train=2, n_val=2, n_test=4, tasks=tasks, n_test_by_task={"referred_det": 9}
+    )
+    for split in ("train", "val"):
+        assert [s.response for s in more[split]] == [s.response for s in plain[split]]
+    count = {task: sum(s.task == task for s in more["test"]) for task in tasks}
+    assert count == {"scene_cls": 4, "referred_det": 9, "vqa": 4}
+    # The first 4 scenes' samples are exactly the plain split's; the extra ones continue the
+    # test stream with new scenes.
+    first = [s for s in more["test"] if int(s.target.meta["scene_id"].split("-")[-1]) < 4]
+    assert [(s.id, s.response) for s in first] == [(s.id, s.response) for s in plain["test"]]
+    det = [s for s in more["test"] if s.task == "referred_det"]
+    assert len({s.target.meta["scene_id"] for s in det}) == 9
+    fewer = embedded_splits(1, 0, 0, 4, tasks=tasks, n_test_by_task={"vqa": 0})["test"]
+    assert {s.task for s in fewer} == {"scene_cls", "referred_det"}
+    with pytest.raises(ValueError, match="does not generate"):
+        embedded_splits(1, 0, 0, 4, tasks=["vqa"], n_test_by_task={"referred_det": 9})
+
+
 def test_corpus_holds_every_prompt_and_response(samples):
     texts = corpus(samples[:60])
     assert all(isinstance(t, str) and t for t in texts)
