@@ -176,6 +176,9 @@ class StageConfig:
     max_length: int = 512
     eval_every: int = 0
     save_every: int = 50
+    # How often each training sample of a task appears in the stage's epoch (default 1), e.g.
+    # {referred_det: 4}: a multi-task stage that gives one task a larger share of its batches.
+    task_weights: dict[str, int] = field(default_factory=dict)
     # SFT only: pack samples into rows without padding (geovlm.data.packing). "auto": always with
     # flash-attention 2, with SDPA / eager when rows no wider than the longest sample save rows
     # (the rule is in geovlm.sft); "on": rows of up to max_length; "off": padded batches.
@@ -549,6 +552,16 @@ def check(config: RunConfig) -> RunConfig:
         raise ConfigError(
             f"data.n_test_scenes_by_task: {outside} not in data.tasks {config.data.tasks}"
         )
+    for stage in config.stages:
+        key = f"stages.{stage.name}.task_weights"
+        weights = stage.task_weights
+        lists.append((key, list(weights)))
+        if any(not isinstance(w, int) or w < 1 for w in weights.values()):
+            raise ConfigError(f"{key}: weights must be ints >= 1, got {weights}")
+        trained = stage.tasks or config.data.tasks
+        outside = sorted(set(weights) - set(trained or weights))
+        if outside:
+            raise ConfigError(f"{key}: {outside} not among the stage's tasks {trained}")
     for key, tasks in lists:
         unknown = [t for t in tasks or () if t not in known]
         if unknown:

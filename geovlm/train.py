@@ -39,7 +39,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     """Run every stage of ``config``; returns {stage label: held-out summary}."""
     from geovlm import heldout, report
     from geovlm.checkpoint import holds_model
-    from geovlm.data.sources import load_splits, model_pixel_budget, select_tasks
+    from geovlm.data.sources import load_splits, model_pixel_budget, select_tasks, weigh_tasks
     from geovlm.data.synthetic import corpus
     from geovlm.loop import MetricsLog, StageContext
     from geovlm.model import initial_policy, load_policy, resolve_model_source
@@ -109,7 +109,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
         else:
             if model is None:
                 model, processor = load_policy(config, previous, runtime.device)
-            train = select_tasks(splits["train"], tasks)
+            train = weigh_tasks(select_tasks(splits["train"], tasks), stage.task_weights)
             if stage.kind == "sft":
                 from geovlm.sft import run_sft
 

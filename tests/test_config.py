@@ -69,6 +69,9 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("data.n_test_scenes_by_task={referred_dett: 300}", "n_test_scenes_by_task: unknown"),
         ("data.n_test_scenes_by_task={vqa: -1}", "n_test_scenes_by_task: counts must be"),
         ("data.n_test_scenes_by_task={vqa: many}", "n_test_scenes_by_task.*expected an int"),
+        ("stages.sft.task_weights={referred_det: 0}", "task_weights: weights must be ints >= 1"),
+        ("stages.sft.task_weights={referred_dett: 2}", "sft.task_weights: unknown task"),
+        ("stages.grpo_labels.task_weights={vqa: 1.5}", "task_weights.*expected an int"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -81,6 +84,13 @@ def test_more_test_scenes_only_for_the_runs_tasks():
     assert config.data.n_test_scenes_by_task == {"referred_det": 300}
     with pytest.raises(ConfigError, match=r"\['vqa'\] not in data.tasks"):
         load_config(None, ["data.tasks=[referred_det]", "data.n_test_scenes_by_task={vqa: 90}"])
+
+
+def test_task_weights_only_for_the_stages_tasks():
+    config = load_config(None, ["stages.sft.task_weights={referred_det: 4}"])
+    assert config.stages[0].task_weights == {"referred_det": 4}
+    with pytest.raises(ConfigError, match=r"grpo_labels.task_weights: \['counting'\] not among"):
+        load_config(None, ["stages.grpo_labels.task_weights={counting: 2}"])
 
 
 def test_unknown_key_in_yaml_names_file(tmp_path: Path):

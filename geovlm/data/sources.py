@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from geovlm.config import DataConfig, ModelConfig, embedded_world
 from geovlm.data.schema import Sample
@@ -72,6 +72,15 @@ def load_splits(
                 box_layout=data.box_layout,
             )
     return out
+
+
+def weigh_tasks(samples: list[Sample], weights: Mapping[str, int]) -> list[Sample]:
+    """``samples`` with each sample of a task in ``weights`` repeated that many times (in place,
+    order kept): its task's share of a stage's batches grows by that factor, nothing is lost."""
+    bad = {task: w for task, w in weights.items() if not isinstance(w, int) or w < 1}
+    if bad:
+        raise ValueError(f"task weights must be ints >= 1, got {bad}")
+    return [s for s in samples for _ in range(weights.get(s.task, 1))]
 
 
 def select_tasks(samples: list[Sample], tasks: Iterable[str] | None) -> list[Sample]:

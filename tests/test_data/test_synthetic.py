@@ -457,6 +457,19 @@ def test_more_test_scenes_for_one_task_leave_the_others_alone():
         embedded_splits(1, 0, 0, 4, tasks=["vqa"], n_test_by_task={"referred_det": 9})
 
 
+def test_task_weights_repeat_a_tasks_samples_and_drop_nothing():
+    from geovlm.data.sources import weigh_tasks
+
+    samples = embedded_splits(2, 5, 0, 0, tasks=["scene_cls", "referred_det", "vqa"])["train"]
+    weighted = weigh_tasks(samples, {"referred_det": 3, "vqa": 1})
+    count = {t: sum(s.task == t for s in weighted) for t in ("scene_cls", "referred_det", "vqa")}
+    assert count == {"scene_cls": 5, "referred_det": 15, "vqa": 5}
+    assert {s.id for s in weighted} == {s.id for s in samples}
+    assert weigh_tasks(samples, {}) == samples
+    with pytest.raises(ValueError, match="ints >= 1"):
+        weigh_tasks(samples, {"vqa": 0})
+
+
 def test_corpus_holds_every_prompt_and_response(samples):
     texts = corpus(samples[:60])
     assert all(isinstance(t, str) and t for t in texts)
