@@ -130,10 +130,13 @@ def _block_sizes(
 
 
 @numba.njit(cache=True)
-def above_chance(iou: float, chance: float) -> float:
+def above_chance(iou: float, chance: float, floor: float = 0.0) -> float:
     """``iou`` rescaled so that ``chance`` (the whole-image box's IoU with the true box) maps to 0
-    and 1 stays 1; values below ``chance`` give 0. A true box that is the whole image
-    (``chance >= 1``) keeps its IoU."""
+    and 1 stays 1; values below ``chance``, or below ``floor`` (a gate that leaves the credit of
+    the IoUs it passes alone), give 0. A true box that is the whole image (``chance >= 1``) keeps
+    its IoU."""
+    if iou < floor:
+        return 0.0
     if chance >= 1.0:
         return iou
     value = (iou - chance) / (1.0 - chance)
@@ -165,9 +168,10 @@ def first_box_kernel(
     gt_index: np.ndarray,
     kind: int,
     chance: np.ndarray,
+    floor: float,
 ) -> np.ndarray:
     """IoU of each candidate's first box with its sample's first; rescaled by ``above_chance``
-    with ``chance[G]`` (one per true box) unless ``chance`` is empty."""
+    with ``chance[G]`` (one per true box) and gated at ``floor`` unless ``chance`` is empty."""
     n_cand = pred_offsets.shape[0] - 1
     out = np.zeros(n_cand)
     work = new_work()
@@ -176,7 +180,7 @@ def first_box_kernel(
         g = gt_index[c]
         if pred_offsets[c + 1] > pred_offsets[c] and gt_offsets[g + 1] > gt_offsets[g]:
             value = _one_pair(pred, pred_offsets[c], gt, gt_offsets[g], kind, work)
-            out[c] = above_chance(value, chance[gt_offsets[g]]) if rescale else value
+            out[c] = above_chance(value, chance[gt_offsets[g]], floor) if rescale else value
     return out
 
 
@@ -191,11 +195,12 @@ def multibox_kernel(
     max_pred: int,
     chance: np.ndarray,
     extra_penalty: bool,
+    floor: float,
 ) -> np.ndarray:
     """Optimal-assignment credit sum per candidate: divided by ``max(n_pred, n_gt)``, or with
     ``extra_penalty`` minus ``max(n_pred - n_gt, 0)`` and divided by ``n_gt``. A pair's credit is
     its IoU, rescaled by ``above_chance`` with ``blind_chance(chance[g], n_pred)`` (``chance[G]``
-    the whole-image IoU of each true box) unless ``chance`` is empty."""
+    the whole-image IoU of each true box) and gated at ``floor`` unless ``chance`` is empty."""
     n_cand = pred_offsets.shape[0] - 1
     out = np.zeros(n_cand)
     max_n, max_m = _block_sizes(pred_offsets, gt_offsets, gt_index, max_pred)
@@ -232,7 +237,8 @@ def multibox_kernel(
         if rescale:
             for j in range(m):
                 for i in range(n):
-                    iou[i, j] = above_chance(iou[i, j], blind_chance(chance[g0 + j], n_total))
+                    blind = blind_chance(chance[g0 + j], n_total)
+                    iou[i, j] = above_chance(iou[i, j], blind, floor)
         r = 0
         for i in range(n):
             for j in range(m):

@@ -122,7 +122,9 @@ def box_reward(
     above a blind layout's, ``max(0, (IoU - b) / (1 - b))`` with ``b`` the IoU of the whole image
     with the true box (one predicted box; ``"first_box"``), or for ``n`` predicted boxes the IoU
     the tile of an ``n``-tile grid holding it reaches (``geometry.multibox_reward``), so boxing
-    the whole image (or the hull of an image-diagonal box) or tiling it earns nothing.
+    the whole image (or the hull of an image-diagonal box) or tiling it earns nothing; and a box
+    whose IoU is below ``options.min_box_iou`` earns nothing, so a large box around a roughly
+    located object does not either.
 
     ``"multibox"``: the optimal one-to-one matching of the credits; ``"above_chance"`` divides
     their sum, less one for every box beyond the true count, by the true count (a second box for
@@ -135,9 +137,10 @@ def box_reward(
     gt, gt_offsets, sample_index, sizes = _gt_csr(targets, width)
     above_chance = options.box_credit == "above_chance"
     chance = geometry.whole_image_iou(gt, sizes) if above_chance else None
+    floor = options.min_box_iou
     if kind == "first_box":
         out = geometry.first_box_iou(
-            flat, offsets, gt, gt_offsets, sample_index=sample_index, chance=chance
+            flat, offsets, gt, gt_offsets, sample_index=sample_index, chance=chance, floor=floor
         )
     else:
         out = geometry.multibox_reward(
@@ -149,6 +152,7 @@ def box_reward(
             max_pred_boxes=options.max_pred_boxes,
             chance=chance,
             extra_penalty=above_chance,
+            floor=floor,
         )
     # An answer without usable boxes is not the claim "nothing here", even where nothing is.
     out[[p is None for p in pred]] = 0.0

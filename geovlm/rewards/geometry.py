@@ -220,6 +220,13 @@ def greedy_match(score, iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndar
 # --------------------------------------------------------------------------- detection rewards
 
 
+def _floor(floor: float) -> float:
+    value = float(floor)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
+    return value
+
+
 def _chance(chance, n_gt: int) -> np.ndarray:
     if chance is None:
         return np.zeros(0)
@@ -248,18 +255,21 @@ def whole_image_iou(gt, image_sizes) -> np.ndarray:
 
 
 def first_box_iou(
-    pred, pred_offsets, gt, gt_offsets, *, sample_index=None, chance=None
+    pred, pred_offsets, gt, gt_offsets, *, sample_index=None, chance=None, floor: float = 0.0
 ) -> np.ndarray:
     """IoU of each candidate's first box with its sample's first box -> ``[C]`` (0 if either is
     missing): the referred-detection reward.
 
     ``chance [G]`` (one per gt box, e.g. ``whole_image_iou``) rescales the IoU to
-    ``max(0, (IoU - chance) / (1 - chance))``: a box no better than the whole image earns 0.
+    ``max(0, (IoU - chance) / (1 - chance))``: a box no better than the whole image earns 0; with
+    it, an IoU below ``floor`` earns 0 too (a gate: the credit above it is unchanged).
     """
     a, p_off, b, g_off, gt_index, code = _csr_operands(
         pred, pred_offsets, gt, gt_offsets, sample_index
     )
-    return _batch.first_box_kernel(a, p_off, b, g_off, gt_index, code, _chance(chance, len(b)))
+    return _batch.first_box_kernel(
+        a, p_off, b, g_off, gt_index, code, _chance(chance, len(b)), _floor(floor)
+    )
 
 
 def multibox_reward(
@@ -272,6 +282,7 @@ def multibox_reward(
     max_pred_boxes: int = 100,
     chance=None,
     extra_penalty: bool = False,
+    floor: float = 0.0,
 ) -> np.ndarray:
     """Matched credit penalised for missing and extra boxes -> ``[C]`` in ``[0, 1]``.
 
@@ -279,7 +290,8 @@ def multibox_reward(
     ``whole_image_iou``) ``max(0, (IoU - b) / (1 - b))``, ``b`` what a blind layout of as many
     boxes reaches: ``max(chance, min(n * chance, 1 / (n * chance), 0.5))`` for ``n`` predicted
     boxes (the tile of an ``n``-tile grid that holds the true box; one box: the whole image). A
-    whole-image box or a grid earns nothing. Over the optimal (Hungarian)
+    whole-image box or a grid earns nothing; with ``chance``, a pair whose IoU is below ``floor``
+    earns nothing either (a gate: the credit above it is unchanged). Over the optimal (Hungarian)
     one-to-one matching of the credits:
 
     * default: ``sum of credit / max(n_pred, n_gt)``: a missing box adds 0 to the sum, an extra one
@@ -294,7 +306,16 @@ def multibox_reward(
         pred, pred_offsets, gt, gt_offsets, sample_index
     )
     return _batch.multibox_kernel(
-        a, p_off, b, g_off, gt_index, code, max_pred, _chance(chance, len(b)), bool(extra_penalty)
+        a,
+        p_off,
+        b,
+        g_off,
+        gt_index,
+        code,
+        max_pred,
+        _chance(chance, len(b)),
+        bool(extra_penalty),
+        _floor(floor),
     )
 
 

@@ -40,8 +40,14 @@ class RewardChoices:
             the IoU credit for one box each) or ``"first_box"`` (the first predicted and first
             true box).
         box_credit: ``"above_chance"`` scores a matched box by its IoU above that of the
-            whole-image box and lets every box beyond the true count cancel one matched box;
-            ``"iou"`` by its IoU, with extra boxes only in the divisor (the paper's).
+            whole-image box (if it reaches ``min_box_iou``) and lets every box beyond the true count
+            cancel one matched box; ``"iou"`` by its IoU, with extra boxes only in the divisor
+            (the paper's).
+        min_box_iou: with ``"above_chance"``, the IoU a box must reach to earn anything (a
+            gate: the credit of the IoUs it passes is unchanged). A box ``k`` times an object's
+            area around it reaches IoU ``1 / k``: without a gate a policy that cannot localise
+            learns to hedge with one large central box (measured in benchmarks/RESULTS.md, "A
+            fifth look"). 0.3 pays nothing for boxes over 3.3 times the object's area.
         multilabel: ``"informedness"`` (true minus false positive rate), ``"f1"``, or
             ``"recall"`` (the paper's; listing every class maximises it).
         counting: ``"exact"`` or ``"smooth"`` (see the counting task's accuracy).
@@ -64,6 +70,7 @@ class RewardChoices:
     rotated_iou: Literal["hbb", "rotated"] = "hbb"
     referred_reward: Literal["multibox", "first_box"] = "multibox"
     box_credit: Literal["above_chance", "iou"] = "above_chance"
+    min_box_iou: float = 0.3
     multilabel: Literal["informedness", "f1", "recall"] = "informedness"
     counting: Literal["exact", "smooth"] = "exact"
     vqa: Literal["jaccard", "exact"] = "jaccard"
@@ -111,7 +118,7 @@ class RewardOptions(RewardChoices):
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RewardOptions.{name}={getattr(self, name)!r}; one of {allowed}")
-        for name in ("semantic_weight", "grounding_text_weight"):
+        for name in ("semantic_weight", "grounding_text_weight", "min_box_iou"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"RewardOptions.{name} must lie in [0, 1]")
         if int(self.max_pred_boxes) != self.max_pred_boxes or self.max_pred_boxes < 1:

@@ -297,6 +297,25 @@ def whole_image_box(sample, pool, rng) -> list[str]:
     return [wrap(_render(b)) for b in out]
 
 
+def box_around_target(sample, pool, rng) -> list[str]:
+    """Each true box grown 3x and 4x in side about its own centre (clipped to the image): the
+    hedge a GRPO policy that finds the object only roughly learns (benchmarks/RESULTS.md, "A
+    fifth look"), here with the exact centre, its strongest form."""
+    if sample.task not in ("referred_det", "multi_det"):
+        return []
+    w, h = sample.target.image_size
+    boxes = np.asarray(sample.target.boxes, dtype=np.float64)
+    if not len(boxes):
+        return []
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2
+    out = []
+    for grow in (3.0, 4.0):
+        grown = np.hstack([centre - grow * half, centre + grow * half])
+        out.append(wrap(_render(np.clip(grown, 0, [w, h, w, h]))))
+    return out
+
+
 def box_grid(sample, pool, rng) -> list[str]:
     """A grid of 2x2 .. 12x12 tiles over the image, and the true boxes with a grid added."""
     if sample.task not in BOX_TASKS:
@@ -413,6 +432,7 @@ HACKS: dict[str, Callable[..., list[str]]] = {
         every_class,
         both_options,
         whole_image_box,
+        box_around_target,
         box_grid,
         junk_box_with_right_text,
         caption_concatenation,

@@ -717,3 +717,22 @@ def test_hulls_match_shapely_bounds():
     np.testing.assert_allclose(geo.quad_to_xyxy(quads), want, rtol=0, atol=1e-12)
     xyxy = _rand_xyxy(rng, 9)
     np.testing.assert_allclose(geo.rotated_to_xyxy(geo.xyxy_to_rotated(xyxy)), xyxy, atol=1e-14)
+
+
+def test_floor_gates_low_ious_and_leaves_the_rest_alone():
+    gt = np.array([[40.0, 40.0, 60.0, 60.0]])
+    # IoU 1/9 (a box 3x the side around it), 0.64 (shifted), 1.
+    pred = np.array([[20.0, 20.0, 80.0, 80.0], [44.0, 40.0, 64.0, 60.0], [40.0, 40.0, 60.0, 60.0]])
+    offsets, gt_off = np.array([0, 1, 2, 3]), np.array([0, 1])
+    index = np.zeros(3, dtype=np.int64)
+    chance = np.array([0.0])
+    for fn in (geo.first_box_iou, geo.multibox_reward):
+        plain = fn(pred, offsets, gt, gt_off, sample_index=index, chance=chance)
+        gated = fn(pred, offsets, gt, gt_off, sample_index=index, chance=chance, floor=0.3)
+        np.testing.assert_allclose(plain, [1 / 9, 16 / 24, 1.0])
+        np.testing.assert_allclose(gated, [0.0, 16 / 24, 1.0])
+        # Without chance (the plain IoU credit) there is no gate.
+        np.testing.assert_allclose(fn(pred, offsets, gt, gt_off, sample_index=index, floor=0.3),
+                                   plain)
+        with pytest.raises(ValueError, match="floor must lie in"):
+            fn(pred, offsets, gt, gt_off, sample_index=index, chance=chance, floor=1.5)

@@ -62,8 +62,8 @@ def oracle_multibox(
     pred: np.ndarray, gt: np.ndarray, hull: bool = False, above_chance: bool = False
 ) -> float:
     """The multi-box reward with shapely IoU and scipy's Hungarian matching: plain (sum of IoU /
-    max(n_pred, n_gt)) or above chance (credit = IoU rescaled past a blind layout's IoU, sum less
-    one per extra box, over n_gt)."""
+    max(n_pred, n_gt)) or above chance (credit = IoU rescaled past a blind layout's IoU, 0 below
+    ``min_box_iou``, sum less one per extra box, over n_gt)."""
     if len(pred) == 0 and len(gt) == 0:
         return 1.0
     if len(pred) == 0 or len(gt) == 0:
@@ -82,7 +82,9 @@ def oracle_multibox(
     # box the whole image.
     tile = len(p) * chance
     blind = np.maximum(chance, np.minimum(np.minimum(tile, 1 / tile), 0.5))
+    gated = credit < RewardOptions().min_box_iou  # too far off to earn anything
     credit = np.clip((credit - blind) / (1 - blind), 0, None)
+    credit[gated] = 0.0
     rows, cols = linear_sum_assignment(-credit)
     extra = max(len(p) - len(g), 0)
     return max((credit[rows, cols].sum() - extra) / len(g), 0.0)
