@@ -656,7 +656,11 @@ def embedded_samples(
         else:
             kwargs[f"n_{name}"] = defaults[f"n_{name}"].default
     if split == "test" and data.get("n_test_scenes_by_task"):
-        kwargs["n_test_by_task"] = data["n_test_scenes_by_task"]
+        from geovlm.data.sources import test_scenes_by_task
+
+        kwargs["n_test_by_task"] = test_scenes_by_task(
+            data["n_test_scenes_by_task"], data.get("tasks")
+        )
     world = {key: data[key] for key in ("object_scale", "max_objects") if data.get(key) is not None}
     try:
         # The checkpoint's own world: a model trained on large objects is judged on large ones.

@@ -80,10 +80,16 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_more_test_scenes_only_for_the_runs_tasks():
-    config = load_config(None, ["data.n_test_scenes_by_task={referred_det: 300}"])
-    assert config.data.n_test_scenes_by_task == {"referred_det": 300}
-    with pytest.raises(ConfigError, match=r"\['vqa'\] not in data.tasks"):
-        load_config(None, ["data.tasks=[referred_det]", "data.n_test_scenes_by_task={vqa: 90}"])
+    from geovlm.data.sources import load_splits
+
+    config = load_config(None, ["data.n_test_scenes_by_task={referred_det: 3, vqa: 2}"])
+    assert config.data.n_test_scenes_by_task == {"referred_det": 3, "vqa": 2}
+    # A run without one of the tasks keeps the others' counts and is no error.
+    sizes = ["data.n_train_scenes=0", "data.n_val_scenes=0", "data.n_test_scenes=1"]
+    narrowed = load_config(None, [*sizes, "data.tasks=[scene_cls, referred_det]",
+                                  "data.n_test_scenes_by_task={referred_det: 3, vqa: 2}"])
+    test = load_splits(narrowed.data, "qwen25vl")["test"]
+    assert sorted(s.task for s in test) == ["referred_det"] * 3 + ["scene_cls"]
 
 
 def test_task_weights_only_for_the_stages_tasks():

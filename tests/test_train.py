@@ -30,6 +30,7 @@ TINY = [
     "data.n_train_scenes=4",
     "data.n_val_scenes=1",
     "data.n_test_scenes=1",
+    "data.n_test_scenes_by_task={}",
     "data.tasks=[scene_cls, counting, referred_det]",
     "eval.enabled=false",
     "threads=1",

@@ -44,7 +44,7 @@ def load_splits(
             n_train=data.n_train_scenes,
             n_val=data.n_val_scenes,
             n_test=data.n_test_scenes,
-            n_test_by_task=data.n_test_scenes_by_task,
+            n_test_by_task=test_scenes_by_task(data.n_test_scenes_by_task, data.tasks),
             image_size=data.image_size,
             tasks=data.tasks,
             convention=convention,
@@ -72,6 +72,14 @@ def load_splits(
                 box_layout=data.box_layout,
             )
     return out
+
+
+def test_scenes_by_task(
+    by_task: Mapping[str, int], tasks: Iterable[str] | None
+) -> dict[str, int]:
+    """``data.n_test_scenes_by_task`` narrowed to the run's ``tasks`` (all when None): a preset
+    that gives detection more test scenes still runs with ``data.tasks`` without it."""
+    return {t: n for t, n in by_task.items() if tasks is None or t in set(tasks)}
 
 
 def weigh_tasks(samples: list[Sample], weights: Mapping[str, int]) -> list[Sample]:

@@ -83,6 +83,7 @@ TINY = [
     "data.n_train_scenes=4",
     "data.n_val_scenes=1",
     "data.n_test_scenes=2",
+    "data.n_test_scenes_by_task={}",
     "threads=1",
 ]
 
