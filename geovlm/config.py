@@ -546,16 +546,16 @@ def check(config: RunConfig) -> RunConfig:
     ]
     by_task = config.data.n_test_scenes_by_task
     lists.append(("data.n_test_scenes_by_task", list(by_task)))
-    if any(not isinstance(n, int) or n < 0 for n in by_task.values()):
+    if any(n < 0 for n in by_task.values()):
         raise ConfigError(f"data.n_test_scenes_by_task: counts must be ints >= 0, got {by_task}")
     for stage in config.stages:
         key = f"stages.{stage.name}.task_weights"
         weights = stage.task_weights
         lists.append((key, list(weights)))
-        if any(not isinstance(w, int) or w < 1 for w in weights.values()):
+        if any(w < 1 for w in weights.values()):
             raise ConfigError(f"{key}: weights must be ints >= 1, got {weights}")
         trained = stage.tasks or config.data.tasks
-        outside = sorted(set(weights) - set(trained or weights))
+        outside = sorted(set(weights) - set(trained)) if trained is not None else []
         if outside:
             raise ConfigError(f"{key}: {outside} not among the stage's tasks {trained}")
     for key, tasks in lists:

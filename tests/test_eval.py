@@ -261,33 +261,37 @@ def test_embedded_data_follows_run_config(tmp_path):
     assert {s.task for s in got} == {"counting", "vqa"}
 
 
+def _embedded_test_samples(checkpoint: Path, run_config: str) -> list:
+    """The embedded test split eval builds for ``checkpoint`` with this ``run_config.yaml``."""
+    (checkpoint / "run_config.yaml").write_text(run_config)
+    return E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
+
+
 def test_embedded_data_is_the_checkpoints_own_world(tmp_path):
     """A model trained on the large-object world is judged on it, not on the standard one."""
     from geovlm.data.synthetic import WorldSettings, embedded_splits
 
     checkpoint = _fake_checkpoint(tmp_path / "ckpt")
-    (checkpoint / "run_config.yaml").write_text(
+    got = _embedded_test_samples(
+        checkpoint,
         "data:\n  seed: 2\n  n_test_scenes: 3\n  tasks: [referred_det]\n"
-        "  object_scale: 2.0\n  max_objects: 3\n"
+        "  object_scale: 2.0\n  max_objects: 3\n",
     )
-    got = E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
     world = WorldSettings(object_scale=2.0, max_objects=3)
     large = embedded_splits(2, 0, 0, 3, tasks=["referred_det"], world=world)["test"]
     standard = embedded_splits(2, 0, 0, 3, tasks=["referred_det"])["test"]
     assert [s.target.answer for s in got] == [s.target.answer for s in large]
     assert [s.target.answer for s in got] != [s.target.answer for s in standard]
-    (checkpoint / "run_config.yaml").write_text("data:\n  object_scale: 9.0\n")
     with pytest.raises(E.EvalInputError, match="object_scale"):
-        E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
+        _embedded_test_samples(checkpoint, "data:\n  object_scale: 9.0\n")
 
 
 def test_embedded_test_split_keeps_the_runs_per_task_scene_counts(tmp_path):
-    checkpoint = _fake_checkpoint(tmp_path / "ckpt")
-    (checkpoint / "run_config.yaml").write_text(
+    got = _embedded_test_samples(
+        _fake_checkpoint(tmp_path / "ckpt"),
         "data:\n  n_test_scenes: 2\n  tasks: [vqa, referred_det]\n"
-        "  n_test_scenes_by_task: {referred_det: 5}\n"
+        "  n_test_scenes_by_task: {referred_det: 5}\n",
     )
-    got = E.load_samples("embedded", None, "auto", "qwen25vl", E.read_run_config(checkpoint))
     assert [sum(s.task == t for s in got) for t in ("vqa", "referred_det")] == [2, 5]
 
 

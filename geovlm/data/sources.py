@@ -79,7 +79,10 @@ def test_scenes_by_task(
 ) -> dict[str, int]:
     """``data.n_test_scenes_by_task`` narrowed to the run's ``tasks`` (all when None): a preset
     that gives detection more test scenes still runs with ``data.tasks`` without it."""
-    return {t: n for t, n in by_task.items() if tasks is None or t in set(tasks)}
+    if tasks is None:
+        return dict(by_task)
+    wanted = set(tasks)
+    return {t: n for t, n in by_task.items() if t in wanted}
 
 
 def weigh_tasks(samples: list[Sample], weights: Mapping[str, int]) -> list[Sample]:

@@ -130,7 +130,7 @@ def _block_sizes(
 
 
 @numba.njit(cache=True)
-def above_chance(iou: float, chance: float, floor: float = 0.0) -> float:
+def above_chance(iou: float, chance: float, floor: float) -> float:
     """``iou`` rescaled so that ``chance`` (the whole-image box's IoU with the true box) maps to 0
     and 1 stays 1; values below ``chance``, or below ``floor`` (a gate that leaves the credit of
     the IoUs it passes alone), give 0. A true box that is the whole image (``chance >= 1``) keeps
