@@ -14,7 +14,7 @@ Printed (Markdown, for benchmarks/RESULTS.md):
 
 * per task: the headline metric after SFT, after the GRPO stage that trained the task and after
   the last stage, each as mean ± sd over the seeds; the paired changes Δ from SFT (same seed) as
-  mean ± sd with their min..max; the majority baseline; a verdict per change: ``improves`` when
+  mean ± sd with their min..max; the image-blind baseline; a verdict per change: ``improves`` when
   every seed's Δ is positive and the mean Δ exceeds the seed-to-seed sd of both metrics,
   ``regresses`` when the mirror holds, else ``within spread`` (no verdict from one seed);
 * the wall time of every run with the 1-minute load average at its start and end: of the
@@ -114,11 +114,13 @@ def task_rows(runs: list[dict]) -> list[dict]:
 
         grpo = [s["name"] for s in stages
                 if s["kind"] == "grpo" and task in runs[0]["trained"].get(s["name"], ())]
-        majority = [r["majority"][task] for r in runs if task in r.get("majority", {})]
+        # "majority": the label-task baseline's name in runs before the box prior joined it.
+        blind = [r.get("blind", r.get("majority", {}))[task] for r in runs
+                 if task in r.get("blind", r.get("majority", {}))]
         row = {
             "task": task,
             "metric": metric,
-            "majority": statistics.fmean(majority) if majority else None,
+            "blind": statistics.fmean(blind) if blind else None,
             "sft": _mean_sd(values(sft)),
             "final": _mean_sd(values(last)),
             "final_change": compare(values(sft), values(last)),
@@ -148,15 +150,15 @@ def markdown(runs: list[dict]) -> str:
         f"seeds {seeds} (seed = data.seed = k); mean ± sd over seeds; Δ paired by seed "
         "(min..max)",
         "",
-        "| task | metric | majority | SFT | GRPO stage | after it | Δ | final | Δ final |",
+        "| task | metric | blind | SFT | GRPO stage | after it | Δ | final | Δ final |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in task_rows(runs):
-        majority = "" if row["majority"] is None else f"{row['majority']:.3f}"
+        blind = "" if row["blind"] is None else f"{row['blind']:.3f}"
         own = [row["trained_by"], _pm(row["after"]), _change(row["change"])] if row["trained_by"] \
             else ["-", "", ""]
         lines.append(
-            f"| {row['task']} | {row['metric']} | {majority} | {_pm(row['sft'])} | "
+            f"| {row['task']} | {row['metric']} | {blind} | {_pm(row['sft'])} | "
             + " | ".join(own)
             + f" | {_pm(row['final'])} | {_change(row['final_change'])} |"
         )

@@ -94,9 +94,6 @@ def majority_baseline(samples: list[Sample], convention: str) -> dict[str, float
     ``labels`` or ``count``): the score a policy that ignores the image gets."""
     from collections import Counter
 
-    from geovlm.eval import EvalReport
-    from geovlm.metrics import task_metrics
-
     by_task: dict[str, list] = {}
     for sample in samples:
         by_task.setdefault(sample.task, []).append(sample.target)
@@ -105,9 +102,78 @@ def majority_baseline(samples: list[Sample], convention: str) -> dict[str, float
         if not all(t.label is not None or t.labels or t.count is not None for t in targets):
             continue
         answer = Counter(t.answer for t in targets).most_common(1)[0][0]
-        completions = [f"<answer>{answer}</answer>"] * len(targets)
-        metrics = task_metrics(task, completions, targets, convention=convention)
-        out[task] = EvalReport({task: metrics}).summary()[task][1]
+        out[task] = _scores(task, [answer] * len(targets), targets, convention)[0]
+    return out
+
+
+def blind_baseline(train: list[Sample], test: list[Sample], convention: str) -> dict[str, float]:
+    """``{task: headline metric}`` of answers that ignore the image: ``majority_baseline`` for the
+    label tasks, ``prompt_prior_baseline`` for the box tasks (tasks that are neither have none)."""
+    return {**majority_baseline(test, convention),
+            **prompt_prior_baseline(train, test, convention)}
+
+
+def _scores(task: str, answers: list[str], targets: list, convention: str) -> tuple[float, float]:
+    """(headline metric, mean IoU or 0) of giving ``answers[i]`` for ``targets[i]``."""
+    from geovlm.eval import EvalReport
+    from geovlm.metrics import task_metrics
+
+    completions = [f"<answer>{answer}</answer>" for answer in answers]
+    metrics = task_metrics(task, completions, targets, convention=convention)
+    return EvalReport({task: metrics}).summary()[task][1], metrics.get("mean_iou", 0.0)
+
+
+def _best_answer(
+    task: str, group: list[Sample], convention: str, max_candidates: int, max_targets: int
+) -> str:
+    """The answer among the group's first ``max_candidates`` distinct target answers that scores
+    best (headline metric, then mean IoU) when given for each of its first ``max_targets``."""
+    answers = list(dict.fromkeys(s.target.answer for s in group))[:max_candidates]
+    targets = [s.target for s in group[:max_targets]]
+    return max(answers, key=lambda a: _scores(task, [a] * len(targets), targets, convention))
+
+
+def prompt_prior_baseline(
+    train: list[Sample],
+    test: list[Sample],
+    convention: str,
+    max_candidates: int = 16,
+    max_targets: int = 32,
+) -> dict[str, float]:
+    """``{task: headline metric}`` of an image-blind box policy on the held-out ``test`` samples,
+    for the tasks whose targets are only boxes (detection): each held-out prompt gets
+    the answer, among the train targets of the same prompt text, that scores best on them (the
+    task's headline metric, then mean IoU); prompts no train sample has get the task's best
+    answer over its whole train split.
+
+    The box counterpart of ``majority_baseline``: a referring expression such as "the building in
+    the top right" already says roughly where the box is, and large objects fill much of the
+    image, so the prompt alone earns part of the IoU reward and of acc@0.5. A policy has learnt
+    to read the image only where it beats this. ``max_candidates`` bounds the answers tried per
+    prompt (the first distinct ones) and ``max_targets`` the train samples they are scored on."""
+
+    def boxes_only(sample: Sample) -> bool:
+        t = sample.target
+        return (t.boxes is not None and t.label is None and not t.labels and t.count is None
+                and not t.captions)
+
+    out = {}
+    for task in dict.fromkeys(s.task for s in test):
+        held = [s for s in test if s.task == task]
+        seen = [s for s in train if s.task == task]
+        if not seen or not all(boxes_only(s) for s in held + seen):
+            continue
+        by_prompt: dict[str, list[Sample]] = {}
+        for sample in seen:
+            by_prompt.setdefault(sample.prompt, []).append(sample)
+
+        limits = (convention, max_candidates, max_targets)
+        prompts = {s.prompt for s in held}
+        chosen = {p: _best_answer(task, by_prompt[p], *limits) for p in prompts if p in by_prompt}
+        if len(chosen) < len(prompts):
+            chosen[None] = _best_answer(task, seen, *limits)  # for prompts train lacks
+        answers = [chosen.get(s.prompt, chosen.get(None)) for s in held]
+        out[task] = _scores(task, answers, [s.target for s in held], convention)[0]
     return out
 
 

@@ -7,7 +7,7 @@
   it says nothing and takes the room of one that does.
 * ``plot_held_out``: one panel per task, its held-out headline metric (and any secondary metric
   the summary reports) after every stage, ``init`` first; the stages that trained the task are
-  marked, and the majority-answer baseline is drawn where the summary has one.
+  marked, and the image-blind baseline is drawn where the summary has one.
 """
 
 from __future__ import annotations
@@ -137,15 +137,15 @@ def plot_training_curves(records: list[dict], path: Path) -> Path | None:
 def plot_held_out(
     summaries: dict[str, dict[str, dict[str, float]]],
     trained: dict[str, list[str]],
-    majority: dict[str, float],
+    blind: dict[str, float],
     path: Path,
 ) -> Path | None:
     """One panel per task: its held-out metrics after every stage; returns the path, or None.
 
     ``summaries``: ``{stage label: {task: {metric: value}}}`` in stage order (``init`` first),
     the task's headline metric first; ``trained``: ``{stage label: tasks it trained}``
-    (those points are drawn filled); ``majority``: ``{task: the
-    headline metric of always giving the most frequent held-out answer}``.
+    (those points are drawn filled); ``blind``: ``{task: the
+    headline metric of answers that ignore the image}`` (``geovlm.heldout.blind_baseline``).
     """
     labels = list(summaries)
     tasks = list(dict.fromkeys(t for s in summaries.values() for t in s))
@@ -171,8 +171,8 @@ def plot_held_out(
             for x, value in points:
                 filled = task in trained.get(labels[x], ())
                 ax.plot(x, value, "o", color=color, markerfacecolor=color if filled else "white")
-        if task in majority:
-            ax.axhline(majority[task], color="gray", linestyle=":", label="majority")
+        if task in blind:
+            ax.axhline(blind[task], color="gray", linestyle=":", label="blind")
         values = [v for s in summaries.values() for v in s.get(task, {}).values()]
         if all(0.0 <= v <= 1.0 for v in values):
             # Rates and scores: one scale for every panel, so that the size of a change reads.
@@ -180,7 +180,7 @@ def plot_held_out(
         ax.set_title(task, fontsize=10)
         ax.set_ylabel(metrics[0] if metrics else "")
         ax.grid(alpha=0.3)
-        if len(metrics) > 1 or task in majority:
+        if len(metrics) > 1 or task in blind:
             ax.legend(fontsize=7)
     for i in range(len(tasks), nrows * ncols):
         axes[i // ncols][i % ncols].axis("off")

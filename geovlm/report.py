@@ -3,7 +3,7 @@ and the held-out table sent to the experiment trackers after every evaluation.
 
 ``summary.md`` holds, for every task, its headline metric (and the secondary metrics of
 ``REPORTED_METRICS`` it has) after every stage, columns in stage order with ``init`` first; the
-majority baseline of the tasks whose answers are labels; which stages trained the task; and each
+image-blind baseline (``BLIND_NOTE``); which stages trained the task; and each
 GRPO stage's objective (mean sampled reward on held-out prompts) before and after it; and, where
 the embedded tower was pretrained (``init/vision_pretrain.json``), its read-out scores.
 ``summary.json`` holds the same numbers as data, ``training_curves.png`` the curves of
@@ -54,24 +54,32 @@ def _marked(summaries: dict[str, dict], trained: dict[str, list[str]]) -> dict[s
     return out
 
 
+# What the "blind" column of summary.md holds (``geovlm.heldout.blind_baseline``).
+BLIND_NOTE = (
+    "blind: the metric of answers that ignore the image: the most frequent held-out answer "
+    "(label tasks), the train split's best box for the same prompt text (box tasks). A task is "
+    "learnt from the image only where it beats this."
+)
+
+
 def summary_table(
     summaries: dict[str, dict[str, dict[str, float]]],
     objective: dict[str, dict],
     trained: dict[str, list[str]] | None = None,
-    majority: dict[str, float] | None = None,
+    blind: dict[str, float] | None = None,
 ) -> str:
-    """Markdown: ``| task | metric | majority | <label> ... | trained by |`` and the
+    """Markdown: ``| task | metric | blind | <label> ... | trained by |`` and the
     GRPO-objective table under it.
 
-    ``trained``: ``{stage label: tasks it trained}``; ``majority``: ``{task: headline metric of
-    always giving the most frequent held-out answer}`` (``geovlm.heldout.majority_baseline``).
+    ``trained``: ``{stage label: tasks it trained}``; ``blind``: ``{task: headline metric of an
+    answer that ignores the image}`` (``geovlm.heldout.blind_baseline``).
     """
-    trained, majority = trained or {}, majority or {}
+    trained, blind = trained or {}, blind or {}
     labels = list(summaries)
     tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
     bold = _marked(summaries, trained)
     lines = [
-        "| task | metric | majority | " + " | ".join(labels) + " | trained by |",
+        "| task | metric | blind | " + " | ".join(labels) + " | trained by |",
         "|---|---|---|" + "---|" * len(labels) + "---|",
     ]
     for task in tasks:
@@ -83,16 +91,18 @@ def summary_table(
                 value = summaries[label].get(task, {}).get(metric)
                 text = "-" if value is None else f"{value:.3f}"
                 cells.append(f"**{text}**" if value is not None and task in bold[label] else text)
-            base = f"{majority[task]:.3f}" if row == 0 and task in majority else ""
+            base = f"{blind[task]:.3f}" if row == 0 and task in blind else ""
             stages = by if row == 0 else ""
             lines.append(f"| {task} | {metric} | {base} | " + " | ".join(cells) + f" | {stages} |")
     table = "\n".join(lines)
+    notes = []
     if any(bold.values()):
-        table += (
-            "\n\n**bold**: after a stage that trained the task (stages that trained every task, "
-            "such as SFT, are left plain). majority: the metric of always giving the most "
-            "frequent held-out answer."
-        )
+        notes.append("**bold**: after a stage that trained the task (stages that trained every "
+                     "task, such as SFT, are left plain).")
+    if blind:
+        notes.append(BLIND_NOTE)
+    if notes:
+        table += "\n\n" + " ".join(notes)
     rows = [
         f"| {name} | {', '.join(o['tasks'])} | {o['prompts']} | {o['before']['reward']:.3f} | "
         f"{o['after']['reward']:.3f} | {o['before'].get('reward/accuracy', 0):.3f} -> "
@@ -124,20 +134,20 @@ def write_summary(
     objective: dict[str, dict],
     seconds: float,
     trained: dict[str, list[str]] | None = None,
-    majority: dict[str, float] | None = None,
+    blind: dict[str, float] | None = None,
     vision_pretrain: dict[str, float] | None = None,
 ) -> str:
     """Write ``summary.md`` and ``summary.json``; returns the Markdown tables.
 
     ``vision_pretrain``: the scores ``geovlm.vision_pretrain.pretrain_vision_tower`` returned
     (``init_<score>`` before, ``<score>`` after), shown as a table of their own."""
-    table = summary_table(summaries, objective, trained, majority)
+    table = summary_table(summaries, objective, trained, blind)
     if vision_pretrain:
         table += "\n\n" + vision_pretrain_table(vision_pretrain)
     (run_dir / "summary.md").write_text(table + f"\n\nwall time: {seconds:.0f} s\n")
     payload = {
         "held_out": summaries,
-        "majority": majority or {},
+        "blind": blind or {},
         "trained": trained or {},
         "grpo_objective": objective,
         "vision_pretrain": vision_pretrain or {},
@@ -174,7 +184,7 @@ def draw_plots(
     records: list[dict],
     summaries: dict[str, dict[str, dict[str, float]]] | None = None,
     trained: dict[str, list[str]] | None = None,
-    majority: dict[str, float] | None = None,
+    blind: dict[str, float] | None = None,
 ) -> None:
     """Redraw ``training_curves.png`` from the run's metric records and ``held_out.png`` from
     the held-out summaries so far."""
@@ -182,4 +192,4 @@ def draw_plots(
 
     plot_training_curves(records, run_dir / "training_curves.png")
     if summaries:
-        plot_held_out(summaries, trained or {}, majority or {}, run_dir / "held_out.png")
+        plot_held_out(summaries, trained or {}, blind or {}, run_dir / "held_out.png")

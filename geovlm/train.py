@@ -82,10 +82,10 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     objective: dict[str, dict] = {}
     all_tasks = config.data.tasks or sorted({s.task for s in splits["train"]})
     trained = {stage.name: list(stage.tasks or all_tasks) for stage in config.stages}
-    majority = heldout.majority_baseline(test, config.model.box_convention)
+    blind = heldout.blind_baseline(splits["train"], test, config.model.box_convention)
 
     def draw() -> None:
-        report.draw_plots(config.run_dir, log.records(), summaries, trained, majority)
+        report.draw_plots(config.run_dir, log.records(), summaries, trained, blind)
 
     def evaluate(label: str, out_dir: Path, get_model) -> bool:
         """Held-out table after ``label``; whether it is new (not saved by an earlier launch,
@@ -155,7 +155,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
                 objective,
                 time.time() - started,
                 trained,
-                majority,
+                blind,
                 vision_scores,
             )
             print(f"\n## Summary (headline metric per task, by stage)\n\n{table}\n\nwall time: "

@@ -52,7 +52,7 @@ def _run(seed: int, sft: float, det: float, labels: float) -> dict:
     trained = {"sft": ["referred_det", "vqa"], "grpo_det": ["referred_det"],
                "grpo_labels": ["vqa"]}
     return {"seed": seed, "seconds": 300.0 + seed, "load": ("1.0", "2.0"), "stages": stages,
-            "held_out": held_out, "trained": trained, "majority": {"vqa": 0.5}}
+            "held_out": held_out, "trained": trained, "blind": {"vqa": 0.5}}
 
 
 def test_task_rows_pair_each_task_with_the_grpo_stage_that_trained_it(bench):
@@ -60,7 +60,7 @@ def test_task_rows_pair_each_task_with_the_grpo_stage_that_trained_it(bench):
     rows = {row["task"]: row for row in bench.task_rows(runs)}
     det, vqa = rows["referred_det"], rows["vqa"]
     assert det["trained_by"] == "grpo_det" and vqa["trained_by"] == "grpo_labels"
-    assert det["metric"] == "acc@0.5" and det["majority"] is None and vqa["majority"] == 0.5
+    assert det["metric"] == "acc@0.5" and det["blind"] is None and vqa["blind"] == 0.5
     assert det["sft"][0] == pytest.approx(0.22) and det["after"][0] == pytest.approx(0.37)
     assert det["change"]["verdict"] == "improves" and vqa["change"]["verdict"] == "improves"
     assert det["final"][0] == pytest.approx(0.36)  # after the last stage, grpo_labels

@@ -221,5 +221,5 @@ def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypat
     assert (run_dir / "training_curves.png").is_file()
     assert (run_dir / "held_out.png").is_file()  # redrawn from the saved evaluations
     assert saved["trained"] == {"sft": ["scene_cls"], "grpo": ["scene_cls"]}
-    assert 0 < saved["majority"]["scene_cls"] <= 1
+    assert 0 < saved["blind"]["scene_cls"] <= 1
     assert "| scene_cls | accuracy |" in summary

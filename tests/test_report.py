@@ -1,4 +1,4 @@
-"""The run's report: summary table, majority baseline, held-out rows, and the plots."""
+"""The run's report: summary table, image-blind baselines, held-out rows, and the plots."""
 
 import json
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 from geovlm import plots, report
 from geovlm.data.schema import Sample, Target
-from geovlm.heldout import majority_baseline
+from geovlm.heldout import blind_baseline, majority_baseline, prompt_prior_baseline
 
 SUMMARIES = {
     "init": {"scene_cls": {"accuracy": 0.2}, "referred_det": {"acc@0.5": 0.0, "mean_iou": 0.01}},
@@ -30,17 +30,17 @@ def _rows(table: str) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def test_summary_table_marks_the_stages_that_trained_each_task_and_the_majority():
+def test_summary_table_marks_the_stages_that_trained_each_task_and_the_blind_baseline():
     table = report.summary_table(SUMMARIES, {}, TRAINED, {"scene_cls": 0.25})
     header = table.splitlines()[0]
-    assert header == "| task | metric | majority | init | sft | grpo_det | trained by |"
+    assert header == "| task | metric | blind | init | sft | grpo_det | trained by |"
     rows = _rows(table)
-    # majority, init, sft, grpo_det, trained by
+    # blind, init, sft, grpo_det, trained by
     assert rows[("scene_cls", "accuracy")] == ["0.250", "0.200", "0.900", "0.880", "sft"]
     # The GRPO stage trained referred_det: bold; SFT trained every task: plain.
     assert rows[("referred_det", "acc@0.5")] == ["", "0.000", "0.200", "**0.350**", "sft, grpo_det"]
     assert rows[("referred_det", "mean_iou")] == ["", "0.010", "0.300", "**0.420**", ""]
-    assert "**bold**" in table
+    assert "**bold**" in table and report.BLIND_NOTE in table
 
 
 def test_summary_table_without_stage_information_has_no_bold_cells():
@@ -160,3 +160,54 @@ def test_draw_plots_without_summaries_draws_only_the_curves(tmp_path):
 def test_a_single_logged_step_is_drawn():
     rows = dict(plots.training_panels([{"stage": "g", "kind": "grpo", "step": 0, "reward": 0.5}]))
     assert [p[0] for p in rows["grpo"]] == ["reward"]
+
+
+def _box_sample(prompt: str, box: list[float], i: int, task: str = "referred_det") -> Sample:
+    answer = "[" + ", ".join(str(int(v)) for v in box) + "]"
+    target = Target(task, answer, (112, 112), boxes=np.array([box], float), box_format="xyxy")
+    return Sample(f"b{i}", task, [Image.new("RGB", (112, 112))], prompt, target, "", "test")
+
+
+def test_prompt_prior_gives_each_prompt_its_best_train_box_and_unseen_prompts_the_best_overall():
+    a, c = [0, 0, 10, 10], [50, 50, 60, 60]
+    train = [_box_sample("A", b, i) for i, b in enumerate([a, a, c])]
+    train += [_box_sample("C", c, 10 + i) for i in range(3)]
+    test = [
+        _box_sample("A", a, 20),  # prompt A's best train box: a (2 of its 3 targets)
+        _box_sample("A", [1, 1, 11, 11], 21),  # IoU 81 / 119 with a: a hit at 0.5
+        _box_sample("A", c, 22),  # a misses
+        _box_sample("B", c, 23),  # no train sample asks B: the best box overall, c (4 of 6)
+    ]
+    assert prompt_prior_baseline(train, test, "qwen25vl") == {"referred_det": pytest.approx(0.75)}
+
+
+def test_blind_baseline_is_the_majority_for_labels_and_the_prompt_prior_for_boxes():
+    labels = ["yes", "yes", "no"]
+    changes = [
+        _sample("change_det", Target("change_det", a, (56, 56), label=a, classes=("yes", "no")), i)
+        for i, a in enumerate(labels)
+    ]
+    caption = _sample(
+        "image_caption", Target("image_caption", "a ship", (56, 56), captions=("a",)), 9
+    )
+    train = [_box_sample("A", [0, 0, 10, 10], 0)] + changes + [caption]
+    test = [_box_sample("A", [0, 0, 10, 10], 1), _box_sample("A", [90, 90, 99, 99], 2)]
+    test += changes + [caption]
+    # Label tasks are no box tasks, and captions neither.
+    assert set(prompt_prior_baseline(train, test, "qwen25vl")) == {"referred_det"}
+    assert blind_baseline(train, test, "qwen25vl") == {
+        "referred_det": pytest.approx(0.5), "change_det": pytest.approx(2 / 3)
+    }
+
+
+def test_prompt_prior_of_the_embedded_world_grows_with_the_objects():
+    """The referring expressions say where to look; once objects fill much of the image, the
+    prompt alone earns acc@0.5 (benchmarks/RESULTS.md, "A sixth look")."""
+    from geovlm.data.synthetic import WorldSettings, embedded_splits
+
+    def prior(world: WorldSettings) -> float:
+        splits = embedded_splits(0, 300, 0, 100, tasks=["referred_det"], world=world)
+        return prompt_prior_baseline(splits["train"], splits["test"], "qwen25vl")["referred_det"]
+
+    standard, large = prior(WorldSettings()), prior(WorldSettings(object_scale=3, max_objects=3))
+    assert standard < 0.05 < 0.1 < large

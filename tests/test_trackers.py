@@ -153,7 +153,7 @@ def test_tensorboard_holds_every_metric_the_config_and_the_heldout_tables(tmp_pa
     texts = events.Tensors("heldout/summary/text_summary")
     last = texts[-1].tensor_proto.string_val[0].decode()
     assert texts[-1].step == 6
-    assert "| task | metric | majority | init | sft | grpo | trained by |" in last
+    assert "| task | metric | blind | init | sft | grpo | trained by |" in last
     assert "scene_cls" in last
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     saved = yaml.safe_load(config_text.removeprefix("```yaml\n").removesuffix("```"))
