@@ -115,8 +115,8 @@ def task_rows(runs: list[dict]) -> list[dict]:
         grpo = [s["name"] for s in stages
                 if s["kind"] == "grpo" and task in runs[0]["trained"].get(s["name"], ())]
         # "majority": the label-task baseline's name in runs before the box prior joined it.
-        blind = [r.get("blind", r.get("majority", {}))[task] for r in runs
-                 if task in r.get("blind", r.get("majority", {}))]
+        baselines = [r.get("blind", r.get("majority", {})) for r in runs]
+        blind = [b[task] for b in baselines if task in b]
         row = {
             "task": task,
             "metric": metric,

@@ -82,7 +82,9 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     objective: dict[str, dict] = {}
     all_tasks = config.data.tasks or sorted({s.task for s in splits["train"]})
     trained = {stage.name: list(stage.tasks or all_tasks) for stage in config.stages}
-    blind = heldout.blind_baseline(splits["train"], test, config.model.box_convention)
+    # Only the main process draws and writes the summary, and only when there are held-out tables.
+    blind = (heldout.blind_baseline(splits["train"], test, config.model.box_convention)
+             if runtime.is_main and config.eval.enabled else {})
 
     def draw() -> None:
         report.draw_plots(config.run_dir, log.records(), summaries, trained, blind)
