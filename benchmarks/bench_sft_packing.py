@@ -11,8 +11,12 @@ only shorten the set-up). For each of ``N`` batches and three layouts of the sam
 * ``auto``: what ``packing=auto`` does with SDPA/eager: rows no wider than the longest sample
   when that saves rows, else the padded batch;
 * ``on``: rows of up to ``max_length`` tokens;
+* ``shared``: what the stage does by default (``packing=auto`` with ``prompt_sharing``): the
+  samples' common leading tokens (system turn) run once and the rests are packed, when that runs
+  fewer positions (``geovlm.sft_prefix``);
 
-it reports the padding fraction (padding tokens / tokens computed) and the median time of one
+it reports the padding fraction (padding tokens / tokens computed; for ``shared`` the positions
+it saves count as negative padding) and the median time of one
 SFT forward + backward (``token_nll_sum`` then ``backward``); tokens/s counts the real tokens,
 the same in every layout. The ratio is the padded median over the layout's median (> 1: faster).
 Timed batches: the first ``N`` that ``auto`` packs and the first it leaves padded.
@@ -38,7 +42,8 @@ from geovlm.data.synthetic import corpus
 from geovlm.loop import batch_indices
 from geovlm.model import build_policy
 from geovlm.packed import pack_for_model
-from geovlm.sft import packing_capacity, token_nll_sum
+from geovlm.sft import model_batch, packing_capacity, token_nll_sum
+from geovlm.sft_prefix import SharedPrefixBatch
 
 
 def step_fn(model, batch):
@@ -79,7 +84,21 @@ def main() -> None:
 
         return lay
 
+    def shared(batch: dict):
+        return model_batch(model, batch, dataclasses.replace(stage, packing="auto"), pad_id)
+
     layouts = {mode: layout(mode) for mode in ("off", "auto", "on")}
+    layouts["shared"] = shared
+
+    def positions(laid) -> int:
+        """Token positions the model runs (the shared prefix once)."""
+        return laid.tokens() if isinstance(laid, SharedPrefixBatch) else laid["input_ids"].numel()
+
+    def rows_of(laid) -> str:
+        if isinstance(laid, SharedPrefixBatch):
+            r, w = laid.rest["input_ids"].shape
+            return f"{laid.prefix_length}+{r}x{w}"
+        return "x".join(str(n) for n in laid["input_ids"].shape)
 
     def batch_at(step: int) -> dict:
         idx = batch_indices(len(train), stage.batch_size, step, config.seed)
@@ -95,12 +114,13 @@ def main() -> None:
         batch = batch_at(step)
         real = sum(sequence_lengths(batch))
         for name, layout in layouts.items():
-            ids = layout(batch)["input_ids"]
-            fractions[name].append(1 - real / ids.numel())
-            rows[name].append(ids.shape[0])
+            laid = layout(batch)
+            fractions[name].append(1 - real / positions(laid))
+            shared_rows = isinstance(laid, SharedPrefixBatch)
+            rows[name].append((laid.rest if shared_rows else laid)["input_ids"].shape[0])
     print(f"padding over {args.stats_batches} batches: layout, mean padding fraction, mean rows")
     for name in layouts:
-        print(f"  {name:5s} {statistics.mean(fractions[name]):6.1%}  "
+        print(f"  {name:6s} {statistics.mean(fractions[name]):6.1%}  "
               f"{statistics.mean(rows[name]):5.1f} rows")
 
     print("layout, batch, rows x width, real tokens, median ms, tokens/s, ratio vs off")
@@ -118,8 +138,8 @@ def main() -> None:
             run_step()  # warm-up: first-call allocations, the thread pool
             ms = statistics.median(timeit.repeat(run_step, number=1, repeat=args.repeats)) * 1e3
             anchor = anchor or ms
-            shape = "x".join(str(n) for n in laid["input_ids"].shape)
-            print(f"  {name:5s} {step}  {shape:9s} {real:6d} {ms:9.1f} "
+            shape = rows_of(laid)
+            print(f"  {name:6s} {step}  {shape:11s} {real:6d} {ms:9.1f} "
                   f"{real / ms * 1e3:9.0f}  {anchor / ms:5.2f}")
 
 

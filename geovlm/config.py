@@ -190,9 +190,11 @@ class StageConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     num_iterations: int = 1
-    # Run each prompt (image included) once per group, not G times: rollouts prefill it once and
-    # the teacher-forced passes attend to its shared KV cache (geovlm.prefix). Exact; off only
-    # for debugging or comparison.
+    # GRPO: run each prompt (image included) once per group, not G times: rollouts prefill it
+    # once and the teacher-forced passes attend to its shared KV cache (geovlm.prefix). SFT
+    # (with packing auto, SDPA / eager attention): run the leading tokens every sample of a
+    # micro-batch shares (the system turn) once, and pack only the rest (geovlm.sft_prefix).
+    # Exact; off only for debugging or comparison.
     prompt_sharing: bool = True
     beta: float = 0.04
     epsilon_low: float = 0.2

@@ -51,7 +51,7 @@ from geovlm.model import forward_hidden, forward_logits, unwrap
 from geovlm.packed import mrope_positions
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
+def cache_argument(model: torch.nn.Module) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x)."""
     return _cache_argument_of(type(unwrap(model)))
 
@@ -97,13 +97,13 @@ def _run(model: torch.nn.Module, output: Output, inputs: dict, cache: Cache) -> 
     ``"logits"``: ``[B, T, V]``; ``"last_logits"``: ``[B, 1, V]`` of the last position only.
     ``geovlm.model``'s forwards, so wrappers and FSDP2 see the pass as any other.
     """
-    extra = {"use_cache": True, _cache_argument(model): cache}
+    extra = {"use_cache": True, cache_argument(model): cache}
     if output == "hidden":
         return forward_hidden(model, inputs, **extra)
     return forward_logits(model, inputs, 1 if output == "last_logits" else 0, **extra)
 
 
-class _PromptLayer(DynamicLayer):
+class PromptLayer(DynamicLayer):
     """The prompt pass's keys and values ``[P, heads, Lp, d]``: each update replaces them, so
     the replay of a checkpointed layer leaves the same state."""
 
@@ -114,7 +114,7 @@ class _PromptLayer(DynamicLayer):
         return key_states, value_states
 
 
-class _PrefixedLayer(DynamicLayer):
+class PrefixedLayer(DynamicLayer):
     """A fixed prefix ``[R, heads, Lp, d]``: each update returns prefix + the new states and
     stores nothing, so a replay reads the same prefix."""
 
@@ -131,7 +131,7 @@ class _PrefixedLayer(DynamicLayer):
 
 
 @contextmanager
-def _cache_through_checkpoints(model: torch.nn.Module) -> Iterator[None]:
+def cache_through_checkpoints(model: torch.nn.Module) -> Iterator[None]:
     """Checkpointed layers keep the cache argument (safe with the two layer kinds above)."""
     layers = [
         m
@@ -234,16 +234,16 @@ def completion_outputs(
             f"{rows} completion rows for {n_prompts} prompts x {num_generations} generations"
         )
     first_output = "hidden" if output == "hidden" else "last_logits"
-    with _cache_through_checkpoints(model):
+    with cache_through_checkpoints(model):
         encoded = encode_prompts(
-            model, prompt, Cache(layer_class_to_replicate=_PromptLayer), output=first_output
+            model, prompt, Cache(layer_class_to_replicate=PromptLayer), output=first_output
         )
         first = encoded.last.repeat_interleave(num_generations, dim=0)[:, None]
         if length == 1:
             return first
         encoded.cache = Cache(
             layers=[
-                _PrefixedLayer(
+                PrefixedLayer(
                     layer.keys.repeat_interleave(num_generations, dim=0),
                     layer.values.repeat_interleave(num_generations, dim=0),
                 )
