@@ -131,13 +131,18 @@ def packing_capacity(model, batch: dict, stage: StageConfig) -> int | None:
     return capacity if len(plan_rows(lengths, capacity)) < len(lengths) else None
 
 
-def model_batch(model, batch: dict, stage: StageConfig, pad_id: int) -> dict | SharedPrefixBatch:
+def model_batch(
+    model, batch: dict, stage: StageConfig, pad_id: int, sharded: bool = False
+) -> dict | SharedPrefixBatch:
     """What the model runs for the right-padded micro-batch ``batch``.
 
     Padded, or packed (``packing_capacity``); or, with ``stage.prompt_sharing`` under
-    ``packing: auto`` on a model that supports it (SDPA / eager attention), the rows' shared
-    leading tokens once and the rests packed (``geovlm.sft_prefix``), when that runs fewer
-    token positions than the padded or packed batch. The loss is the same whichever runs.
+    ``packing: auto`` on a model that supports it (SDPA / eager attention) and whose
+    parameters are not sharded (``sharded``: FSDP2 / ZeRO-3, whose backward gathers a layer's
+    weights when the gradient reaches that layer's output, which the prefix pass's output never
+    gets: only its KV cache is read), the rows' shared leading tokens once and the rests packed
+    (``geovlm.sft_prefix``), when that runs fewer token positions than the padded or packed
+    batch. The loss is the same whichever runs.
     """
     capacity = packing_capacity(model, batch, stage)
     if capacity is None:
@@ -149,6 +154,7 @@ def model_batch(model, batch: dict, stage: StageConfig, pad_id: int) -> dict | S
     if (
         stage.prompt_sharing
         and stage.packing == "auto"
+        and not sharded
         and prefix_sharing_unsupported(model) is None
     ):
         with nvtx_range("sft/share_prefix"):
@@ -163,16 +169,22 @@ def model_batch(model, batch: dict, stage: StageConfig, pad_id: int) -> dict | S
 
 @torch.no_grad()
 def validation_loss(
-    model, processor, samples: list[Sample], ctx: StageContext, fused_linear: bool = False
+    model,
+    processor,
+    samples: list[Sample],
+    ctx: StageContext,
+    fused_linear: bool = False,
+    sharded: bool = False,
 ) -> float:
-    """Teacher-forced mean token NLL on ``samples`` (assistant tokens only)."""
+    """Teacher-forced mean token NLL on ``samples`` (assistant tokens only); ``sharded`` as
+    for ``model_batch``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     size = ctx.stage.batch_size
     for start in range(0, len(samples), size):
         batch = collate_sft(samples[start : start + size], processor, ctx.stage.max_length)
-        batch = model_batch(model, batch, ctx.stage, pad_token_id(processor))
+        batch = model_batch(model, batch, ctx.stage, pad_token_id(processor), sharded)
         nll, n = token_nll_sum(model, _to_device(batch, ctx.device), fused_linear)
         total += float(nll)
         count += n
@@ -231,7 +243,7 @@ def run_sft(
         total_tokens = all_reduce_sum(local_tokens)
         loss_sum = 0.0
         for batch in windows:
-            batch = model_batch(model, batch, stage, pad_id)
+            batch = model_batch(model, batch, stage, pad_id, engine.shards_parameters)
             with nvtx_range("sft/forward"):
                 batch = _to_device(batch, ctx.device)
                 nll, _ = token_nll_sum(model, batch, engine.uses_fused_linear)
@@ -255,7 +267,7 @@ def run_sft(
         last = step + 1 == stage.steps
         if stage.eval_every and ((step + 1) % stage.eval_every == 0 or last) and val:
             record["val_loss"] = validation_loss(
-                model, processor, val, ctx, engine.uses_fused_linear
+                model, processor, val, ctx, engine.uses_fused_linear, engine.shards_parameters
             )
         if ctx.log is not None and ctx.is_main:
             ctx.log.write(record)

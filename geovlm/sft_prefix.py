@@ -196,8 +196,12 @@ def shared_prefix_forward(
     prefix_positions = torch.arange(batch.prefix_length, device=batch.prefix_ids.device)
     with cache_through_checkpoints(model):
         cache = Cache(layer_class_to_replicate=PromptLayer)
+        # Inside a DDP / DeepSpeed wrapper the prefix runs on the wrapped module: the wrapper
+        # sees one forward per micro-batch (the rests'), whose graph reaches the prefix through
+        # the cache, so its gradient hooks fire once per parameter as usual. Sharded engines
+        # (FSDP2, ZeRO-3) do not come here (geovlm.sft.model_batch).
         forward_hidden(
-            model,
+            unwrap(model),
             {
                 "input_ids": batch.prefix_ids,
                 "attention_mask": torch.ones_like(batch.prefix_ids),

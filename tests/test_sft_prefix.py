@@ -166,3 +166,28 @@ def test_flash_attention_is_refused_with_the_reason(policy):
         assert "4-D mask" in prefix_sharing_unsupported(model)
     finally:
         model.config.get_text_config()._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize(
+    "options, sharded, shared",
+    [
+        ({}, False, True),
+        ({"prompt_sharing": False}, False, False),
+        ({"packing": "off"}, False, False),
+        ({"packing": "on"}, False, False),
+        ({}, True, False),  # FSDP2 / ZeRO-3: the prefix pass's output gets no gradient
+    ],
+    ids=["default", "sharing-off", "packing-off", "packing-on", "sharded"],
+)
+def test_model_batch_shares_the_prefix_only_where_it_may(policy, options, sharded, shared):
+    from geovlm.config import StageConfig
+    from geovlm.sft import model_batch
+    from geovlm.sft_prefix import SharedPrefixBatch
+
+    model, processor = policy
+    batch = batch_of(processor, SIZES)
+    stage = StageConfig(**options)
+    laid = model_batch(model, batch, stage, pad_token_id(processor), sharded)
+    assert isinstance(laid, SharedPrefixBatch) is shared
+    if not shared:
+        assert isinstance(laid, dict) and "labels" in laid
