@@ -730,6 +730,35 @@ def load_samples(
     )
 
 
+def blind_scores(
+    data: str,
+    samples: list[Sample],
+    convention: str,
+    run_config: dict[str, Any],
+    pixel_budget: tuple[int | None, int | None] = (None, None),
+) -> dict[str, float]:
+    """``{task: headline metric}`` of image-blind answers on ``samples`` (``--data``'s): the
+    majority answer of the label tasks and, on the embedded world, whose train split the run
+    config rebuilds, the best train box per prompt text of the box tasks
+    (``geovlm.heldout.blind_baseline``). A benchmark file has no train split here: label tasks
+    only."""
+    from geovlm.heldout import blind_baseline, majority_baseline
+
+    if data == "embedded" or data.startswith("embedded:"):
+        train = embedded_samples("train", run_config, convention, pixel_budget)
+        return blind_baseline(train, samples, convention)
+    return majority_baseline(samples, convention)
+
+
+def blind_table(report: EvalReport, blind: dict[str, float]) -> str:
+    """``| task | metric | model | blind |`` for the tasks that have a blind baseline."""
+    lines = ["| task | metric | model | blind |", "|---|---|---|---|"]
+    for task, (name, value) in report.summary().items():
+        if task in blind:
+            lines.append(f"| {task} | {name} | {value:.4f} | {blind[task]:.4f} |")
+    return "\n".join(lines)
+
+
 def select_samples(
     samples: list[Sample], tasks: list[str] | None, max_per_task: int | None
 ) -> list[Sample]:
@@ -764,8 +793,9 @@ def _default_benchmark(data: str) -> str:
     return benchmark_name(Path(data))
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
-    """Checks and data loading before any model is built: (checkpoint, convention, samples, out)."""
+def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path, dict[str, float]]:
+    """Checks and data loading before any model is built: (checkpoint, convention, samples, out,
+    the samples' image-blind baseline ``blind_scores``)."""
     from geovlm.checkpoint import holds_model
 
     checkpoint = Path(args.checkpoint)
@@ -783,10 +813,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path]:
     import_task_modules(run_config, args.task_modules)
     convention = (args.convention or _section(run_config, "model").get("box_convention")
                   or "qwen25vl")
-    samples = _benchmark_samples(args, convention, run_config, checkpoint_pixel_budget(checkpoint))
+    budget = checkpoint_pixel_budget(checkpoint)
+    samples = _benchmark_samples(args, convention, run_config, budget)
     out = Path(args.out) if args.out else checkpoint / "eval"
     stored_predictions(out / "predictions.jsonl")
-    return checkpoint, convention, samples, out
+    blind = blind_scores(args.data or "embedded", samples, convention, run_config, budget)
+    return checkpoint, convention, samples, out, blind
 
 
 def _benchmark_samples(args, convention: str, run_config: dict, budget) -> list[Sample]:
@@ -894,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        checkpoint, convention, samples, out = _prepare(args)
+        checkpoint, convention, samples, out, blind = _prepare(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -944,11 +976,20 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
     if rank == 0:
         report.save(out / "metrics.json")
+        blind_path = out / "blind.json"
+        tmp = blind_path.with_name(f".{blind_path.name}.tmp")
+        tmp.write_text(json.dumps(blind, indent=2) + "\n")
+        tmp.replace(blind_path)
         write_tables(out, results)
         print(f"\n## Evaluation of {checkpoint} on {args.data or 'embedded'}\n\n"
               f"{report.table()}\n", flush=True)
+        if blind:
+            from geovlm.report import BLIND_NOTE
+
+            print(f"Against the image-blind baseline ({BLIND_NOTE})\n\n"
+                  f"{blind_table(report, blind)}\n", flush=True)
         print(f"predictions: {out / 'predictions.jsonl'}\nmetrics: {out / 'metrics.json'}\n"
-              f"tables: {out / 'tables.md'}")
+              f"blind baseline: {out / 'blind.json'}\ntables: {out / 'tables.md'}")
     return 0
 
 

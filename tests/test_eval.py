@@ -331,6 +331,13 @@ def test_cli_end_to_end_on_embedded_test_split(tiny_checkpoint, tmp_path, capsys
     records = E.read_predictions(out / "predictions.jsonl")
     assert sorted(r["task"] for r in records.values()) == sorted(registry.names())
     assert all(isinstance(r["prediction"], str) for r in records.values())
+    # The image-blind baseline beside the model: label tasks and, on the embedded world whose
+    # train split the run config rebuilds, box tasks; none for captions.
+    blind = json.loads((out / "blind.json").read_text())
+    assert {"scene_cls", "vqa", "change_det", "referred_det", "multi_det"} <= set(blind)
+    assert "image_caption" not in blind and all(0 <= v <= 1 for v in blind.values())
+    assert "| task | metric | model | blind |" in printed
+    assert f"| scene_cls | accuracy | {saved['metrics']['scene_cls']['accuracy']:.4f} |" in printed
 
     # A rerun finds every prediction stored: the model generates nothing, the numbers repeat.
     def no_generation(*args, **kwargs):
@@ -352,6 +359,8 @@ def test_cli_on_a_benchmark_file(tiny_checkpoint, tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["metrics"]) == ["referred_det", "vqa"]
     assert set(E.read_predictions(out / "predictions.jsonl")) == {"b1", "b3"}
+    # No train split for a benchmark file: the majority answer of the label task only.
+    assert list(json.loads((out / "blind.json").read_text())) == ["vqa"]
 
 
 def test_prompts_prepared_by_background_workers_give_the_same_predictions(tiny_checkpoint,
