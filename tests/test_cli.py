@@ -68,7 +68,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
 def test_config_differences_sees_nested_and_stage_keys():
     old = load_config(None, []).to_dict()
     new = load_config(None, ["stages.sft.steps=5", "eval.batch_size=3"]).to_dict()
-    assert config_differences(old, new) == [("stages.0.steps", 400, 5)]
+    assert config_differences(old, new) == [("stages.0.steps", old["stages"][0]["steps"], 5)]
     assert flatten({"a": {"b": 1}, "s": [{"n": 2}], "l": [1, 2]}) == {
         "a.b": 1,
         "s.0.n": 2,
@@ -115,7 +115,11 @@ def test_a_task_typo_is_refused_before_any_model_is_built(tmp_path, capsys, monk
 def test_a_stage_left_without_tasks_is_refused_before_any_model_is_built(tmp_path, capsys):
     code = main([f"output_dir={tmp_path}", "data.tasks=[scene_cls]"])
     assert code == 2
-    assert "stages.grpo_labels.tasks" in capsys.readouterr().err  # the first GRPO stage
+    # The preset's SFT weighs referred detection: a weight for a task the run drops is refused.
+    assert "stages.sft.task_weights: ['referred_det']" in capsys.readouterr().err
+    code = main([f"output_dir={tmp_path}", "data.tasks=[scene_cls]", "stages.sft.task_weights={}"])
+    assert code == 2
+    assert "stages.grpo_det.tasks" in capsys.readouterr().err  # the first GRPO stage
     assert not (tmp_path / "tiny-cpu").exists()
 
 

@@ -36,6 +36,7 @@ def test_overrides_by_index_name_and_nested():
             "stages.0.lr=0.5",
             "model.tiny.hidden_size=64",
             "data.tasks=[scene_cls, vqa]",
+            "stages.sft.task_weights={}",
             "model.path=/models/x",
             "stages.sft.delta=null",
         ],
