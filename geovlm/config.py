@@ -556,14 +556,20 @@ def check(config: RunConfig) -> RunConfig:
         lists.append((key, list(weights)))
         if any(w < 1 for w in weights.values()):
             raise ConfigError(f"{key}: weights must be ints >= 1, got {weights}")
-        trained = stage.tasks or config.data.tasks
-        outside = sorted(set(weights) - set(trained)) if trained is not None else []
-        if outside:
-            raise ConfigError(f"{key}: {outside} not among the stage's tasks {trained}")
+    # Unknown names first: a typo in data.tasks is the error to report, not its consequences.
     for key, tasks in lists:
         unknown = [t for t in tasks or () if t not in known]
         if unknown:
             raise ConfigError(f"{key}: unknown task(s) {unknown}; known: {known}")
+    for stage in config.stages:
+        trained = stage.tasks or config.data.tasks
+        outside = sorted(set(stage.task_weights) - set(trained)) if trained is not None else []
+        if outside:
+            raise ConfigError(
+                f"stages.{stage.name}.task_weights: {outside} not among the stage's tasks "
+                f"{trained}; set stages.{stage.name}.task_weights={{}} (or other weights) "
+                "when narrowing the tasks"
+            )
     if config.data.train != "embedded":
         for split in ("val", "test"):
             if getattr(config.data, split) == "embedded":

@@ -18,7 +18,8 @@ from .test_train import TINY
 
 GRPO_ORDER = ["grpo/rollout", "grpo/reward", "grpo/ref_logps", "grpo/old_logps"]
 GRPO_UPDATE = ["grpo/loss", "grpo/backward", "grpo/optimizer"]
-SFT_PHASES = ["sft/forward", "sft/backward", "sft/optimizer"]
+# The default SFT step: the shared prefix split off (geovlm.sft_prefix), then the passes.
+SFT_PHASES = ["sft/share_prefix", "sft/forward", "sft/backward", "sft/optimizer"]
 
 
 def annotations(path):

@@ -284,5 +284,6 @@ def test_a_run_config_registers_its_task_modules_before_checking_task_names(rest
     with pytest.raises(ConfigError, match="data.task_modules: task module 'no_such.mod'"):
         load_config(None, ["data.task_modules=[no_such.mod]"])
     module = "tests.test_tasks.test_register_task"
-    cfg = load_config(None, [f"data.task_modules=[{module}]", "stages.sft.tasks=[largest_color]"])
+    cfg = load_config(None, [f"data.task_modules=[{module}]", "stages.sft.tasks=[largest_color]",
+                             "stages.sft.task_weights={}"])
     assert cfg.data.task_modules == [module] and registry.names()[-1] == "largest_color"
