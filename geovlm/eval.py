@@ -80,13 +80,17 @@ class EvalReport:
 
     def save(self, path: str | Path) -> Path:
         """Write ``{"metrics": ..., "summary": ...}`` as JSON (atomically); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"metrics": self.metrics, "summary": self.summary()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-        tmp.replace(path)
-        return path
+        return _write_json_atomic(path, {"metrics": self.metrics, "summary": self.summary()})
+
+
+def _write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _ordered_tasks(metrics: dict) -> list[str]:
@@ -793,9 +797,9 @@ def _default_benchmark(data: str) -> str:
     return benchmark_name(Path(data))
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path, dict[str, float]]:
+def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path, dict[str, Any]]:
     """Checks and data loading before any model is built: (checkpoint, convention, samples, out,
-    the samples' image-blind baseline ``blind_scores``)."""
+    the checkpoint's run config)."""
     from geovlm.checkpoint import holds_model
 
     checkpoint = Path(args.checkpoint)
@@ -813,12 +817,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, str, list[Sample], Path, d
     import_task_modules(run_config, args.task_modules)
     convention = (args.convention or _section(run_config, "model").get("box_convention")
                   or "qwen25vl")
-    budget = checkpoint_pixel_budget(checkpoint)
-    samples = _benchmark_samples(args, convention, run_config, budget)
+    samples = _benchmark_samples(args, convention, run_config, checkpoint_pixel_budget(checkpoint))
     out = Path(args.out) if args.out else checkpoint / "eval"
     stored_predictions(out / "predictions.jsonl")
-    blind = blind_scores(args.data or "embedded", samples, convention, run_config, budget)
-    return checkpoint, convention, samples, out, blind
+    return checkpoint, convention, samples, out, run_config
 
 
 def _benchmark_samples(args, convention: str, run_config: dict, budget) -> list[Sample]:
@@ -926,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        checkpoint, convention, samples, out, blind = _prepare(args)
+        checkpoint, convention, samples, out, run_config = _prepare(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -976,10 +978,10 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
     if rank == 0:
         report.save(out / "metrics.json")
-        blind_path = out / "blind.json"
-        tmp = blind_path.with_name(f".{blind_path.name}.tmp")
-        tmp.write_text(json.dumps(blind, indent=2) + "\n")
-        tmp.replace(blind_path)
+        # Only the process that prints it computes the baseline (it rebuilds the train split).
+        blind = blind_scores(args.data or "embedded", samples, convention, run_config,
+                             checkpoint_pixel_budget(checkpoint))
+        _write_json_atomic(out / "blind.json", blind)
         write_tables(out, results)
         print(f"\n## Evaluation of {checkpoint} on {args.data or 'embedded'}\n\n"
               f"{report.table()}\n", flush=True)
