@@ -119,7 +119,7 @@ def test_a_stage_left_without_tasks_is_refused_before_any_model_is_built(tmp_pat
     assert "stages.sft.task_weights: ['referred_det']" in capsys.readouterr().err
     code = main([f"output_dir={tmp_path}", "data.tasks=[scene_cls]", "stages.sft.task_weights={}"])
     assert code == 2
-    assert "stages.grpo_labels.tasks" in capsys.readouterr().err  # the first GRPO stage
+    assert "stages.grpo_det.tasks" in capsys.readouterr().err  # the first GRPO stage
     assert not (tmp_path / "tiny-cpu").exists()
 
 
