@@ -243,18 +243,23 @@ def sampled_reward(
     num_generations: int = 4,
     batch_size: int = 64,
     seed: int = 0,
+    desc: str | None = None,
 ) -> dict[str, float]:
     """The GRPO objective on held-out prompts: mean reward of completions sampled at the stage's
     temperature (``num_generations`` per prompt, seeded), overall and per component.
 
     Greedy metrics move only when an argmax flips; this is the quantity GRPO optimises, so it is
-    what shows whether a stage improved its tasks.
+    what shows whether a stage improved its tasks. ``desc``: a progress bar over the prompts
+    with that label (none when ``None``).
     """
+    from tqdm.auto import tqdm
+
     stage, options = ctx.stage, reward_options(ctx, processor)
     setup = EngineSetup(share_prompt=shares_prompts(ctx))
     rollout_engine = build_engine(ctx.config.rollout.engine, model, processor, setup)
     totals: dict[str, list[np.ndarray]] = {}
     per_call = max(1, batch_size // num_generations)
+    bar = tqdm(total=len(samples), desc=desc, disable=desc is None, dynamic_ncols=True)
     for start in range(0, len(samples), per_call):
         chunk = samples[start : start + per_call]
         sampling = Sampling(
@@ -268,6 +273,8 @@ def sampled_reward(
         totals.setdefault("reward", []).append(rewards.total)
         for name, values in rewards.components.items():
             totals.setdefault(f"reward/{name}", []).append(values)
+        bar.update(len(chunk))
+    bar.close()
     return {name: float(np.concatenate(parts).mean()) for name, parts in totals.items()}
 
 

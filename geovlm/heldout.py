@@ -192,10 +192,17 @@ def grpo_objective(
 
     kwargs = dict(num_generations=config.eval.sampled_generations, seed=config.seed)
     before_model, before_processor = get_before()
-    before = sampled_reward(before_model, before_processor, samples, ctx, **kwargs)
+    label = f"objective {ctx.stage.name}"
+    before = sampled_reward(
+        before_model, before_processor, samples, ctx,
+        desc=f"{label} (before)" if ctx.is_main else None, **kwargs,
+    )
     del before_model
     after_model, after_processor = get_after()
-    after = sampled_reward(after_model, after_processor, samples, ctx, **kwargs)
+    after = sampled_reward(
+        after_model, after_processor, samples, ctx,
+        desc=f"{label} (after)" if ctx.is_main else None, **kwargs,
+    )
     result = {
         "tasks": sorted({s.task for s in samples}),
         "prompts": len(samples),

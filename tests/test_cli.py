@@ -184,7 +184,7 @@ def test_the_readme_refers_to_nothing_outside_the_repository():
 # --------------------------------------------------------------------------- interruptions
 
 
-def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypatch, capsys):
     import geovlm.grpo
 
     stages = (
@@ -216,7 +216,11 @@ def test_an_interrupted_evaluation_is_completed_on_the_rerun(tmp_path, monkeypat
     for plot in ("training_curves.png", "held_out.png"):
         (run_dir / plot).unlink(missing_ok=True)
     monkeypatch.setattr(geovlm.grpo, "sampled_reward", original)
+    capsys.readouterr()
     assert main(args) == 0
+    # The sampled-reward objective shows its progress, before and after the stage.
+    err = capsys.readouterr().err
+    assert "objective grpo (before)" in err and "objective grpo (after)" in err
     summary = (run_dir / "summary.md").read_text()
     assert "| grpo | scene_cls |" in summary  # the GRPO-objective row
     saved = json.loads((run_dir / "summary.json").read_text())
