@@ -250,7 +250,7 @@ def sampled_reward(
 
     Greedy metrics move only when an argmax flips; this is the quantity GRPO optimises, so it is
     what shows whether a stage improved its tasks. ``desc``: a progress bar over the prompts
-    with that label (none when ``None``).
+    with that label, drawn by rank 0 (none when ``None``).
     """
     from tqdm.auto import tqdm
 
@@ -259,7 +259,8 @@ def sampled_reward(
     rollout_engine = build_engine(ctx.config.rollout.engine, model, processor, setup)
     totals: dict[str, list[np.ndarray]] = {}
     per_call = max(1, batch_size // num_generations)
-    bar = tqdm(total=len(samples), desc=desc, disable=desc is None, dynamic_ncols=True)
+    bar = tqdm(total=len(samples), desc=desc, disable=desc is None or not ctx.is_main,
+               dynamic_ncols=True)
     for start in range(0, len(samples), per_call):
         chunk = samples[start : start + per_call]
         sampling = Sampling(

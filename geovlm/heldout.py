@@ -190,32 +190,21 @@ def grpo_objective(
         return {}
     from geovlm.grpo import sampled_reward
 
-    kwargs = dict(num_generations=config.eval.sampled_generations, seed=config.seed)
-    before_model, before_processor = get_before()
-    label = f"objective {ctx.stage.name}"
-    before = sampled_reward(
-        before_model, before_processor, samples, ctx,
-        desc=f"{label} (before)" if ctx.is_main else None, **kwargs,
-    )
-    del before_model
-    after_model, after_processor = get_after()
-    after = sampled_reward(
-        after_model, after_processor, samples, ctx,
-        desc=f"{label} (after)" if ctx.is_main else None, **kwargs,
-    )
-    result = {
-        "tasks": sorted({s.task for s in samples}),
-        "prompts": len(samples),
-        "before": before,
-        "after": after,
-    }
+    result: dict = {"tasks": sorted({s.task for s in samples}), "prompts": len(samples)}
+    for when, get_model in (("before", get_before), ("after", get_after)):
+        model, processor = get_model()
+        result[when] = sampled_reward(
+            model, processor, samples, ctx, num_generations=config.eval.sampled_generations,
+            seed=config.seed, desc=f"objective {ctx.stage.name} ({when})",
+        )
+        del model  # one model at a time
     if ctx.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(
             f"\nGRPO objective of {ctx.stage.name} on {len(samples)} held-out prompts of "
             f"{result['tasks']} ({config.eval.sampled_generations} samples each): mean reward "
-            f"{before['reward']:.3f} -> {after['reward']:.3f}",
+            f"{result['before']['reward']:.3f} -> {result['after']['reward']:.3f}",
             flush=True,
         )
     return result
