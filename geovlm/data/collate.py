@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from qwen_vl_utils import process_vision_info
 
+from geovlm.data.encoding_cache import SHARED, EncodingCache
 from geovlm.data.schema import Sample
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -135,28 +136,60 @@ def pad_token_id(processor) -> int:
     return int(pad_id)
 
 
+def _sft_encoding(
+    sample: Sample, processor, system_prompt: str | None, budget: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """``[1, T]`` processor output of ``sample``'s prompt + response, with ``labels``."""
+    messages = build_messages(sample, system_prompt)
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    response = sample.response + IM_END
+    enc = _encode(processor, messages, prompt + response, budget)
+    length = enc["input_ids"].shape[1]
+    response_ids = torch.tensor(
+        processor.tokenizer(response, add_special_tokens=False)["input_ids"]
+    )
+    n = response_ids.numel()
+    # The response starts after "<|im_start|>assistant\n", a special-token boundary: its
+    # tokens are the same alone or in context. Checked, because the labels rely on it.
+    if n >= length or not torch.equal(enc["input_ids"][0, -n:], response_ids):
+        raise ValueError(
+            f"sample {sample.id}: the response does not tokenize the same inside the "
+            "conversation; cannot locate the assistant tokens"
+        )
+    labels = torch.full_like(enc["input_ids"], IGNORE_INDEX)
+    labels[0, -n:] = response_ids
+    enc["labels"] = labels
+    return enc
+
+
 def collate_sft(
     samples: Sequence[Sample],
     processor,
     max_length: int,
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    cache: EncodingCache | None = SHARED,
 ) -> dict[str, torch.Tensor]:
     """Right-padded SFT batch: prompt + ``sample.response`` + ``<|im_end|>``.
 
     ``labels`` are -100 everywhere except the response tokens and the closing ``<|im_end|>``
     (the token that teaches the model to stop). A sample longer than ``max_length`` tokens
-    (image tokens included) is an error naming it: nothing is silently truncated.
+    (image tokens included) is an error naming it: nothing is silently truncated. Each sample's
+    encoding is kept in ``cache`` (the process's shared one by default; None: none) for the
+    next time it is drawn.
     """
     if not samples:
         raise ValueError("collate_sft needs at least one sample")
     budget = pixel_budget(processor)
-    tokenizer = processor.tokenizer
     encodings = []
     for sample in samples:
-        messages = build_messages(sample, system_prompt)
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        response = sample.response + IM_END
-        enc = _encode(processor, messages, prompt + response, budget)
+        def encode(sample=sample):
+            return _sft_encoding(sample, processor, system_prompt, budget)
+
+        enc = (
+            encode()
+            if cache is None
+            else cache.get(processor, sample, "sft", system_prompt, sample.response, budget, encode)
+        )
         length = enc["input_ids"].shape[1]
         if length > max_length:
             raise ValueError(
@@ -164,34 +197,35 @@ def collate_sft(
                 f"{length} tokens long, over max_length={max_length}; raise max_length or "
                 "shorten the sample"
             )
-        response_ids = torch.tensor(tokenizer(response, add_special_tokens=False)["input_ids"])
-        n = response_ids.numel()
-        # The response starts after "<|im_start|>assistant\n", a special-token boundary: its
-        # tokens are the same alone or in context. Checked, because the labels rely on it.
-        if n >= length or not torch.equal(enc["input_ids"][0, -n:], response_ids):
-            raise ValueError(
-                f"sample {sample.id}: the response does not tokenize the same inside the "
-                "conversation; cannot locate the assistant tokens"
-            )
-        labels = torch.full_like(enc["input_ids"], IGNORE_INDEX)
-        labels[0, -n:] = response_ids
-        enc["labels"] = labels
         encodings.append(enc)
     return _pad_batch(encodings, pad_token_id(processor), side="right")
 
 
 def collate_prompts(
-    samples: Sequence[Sample], processor, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    samples: Sequence[Sample],
+    processor,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    cache: EncodingCache | None = SHARED,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded generation prompts (chat template with ``add_generation_prompt=True``)."""
+    """Left-padded generation prompts (chat template with ``add_generation_prompt=True``);
+    each sample's encoding is kept in ``cache`` as in ``collate_sft``."""
     if not samples:
         raise ValueError("collate_prompts needs at least one sample")
     budget = pixel_budget(processor)
     encodings = []
     for sample in samples:
-        messages = build_messages(sample, system_prompt)
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encodings.append(_encode(processor, messages, prompt, budget))
+        def encode(sample=sample):
+            messages = build_messages(sample, system_prompt)
+            prompt = processor.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            return _encode(processor, messages, prompt, budget)
+
+        encodings.append(
+            encode()
+            if cache is None
+            else cache.get(processor, sample, "prompt", system_prompt, None, budget, encode)
+        )
     return _pad_batch(encodings, pad_token_id(processor), side="left")
 
 
