@@ -492,8 +492,19 @@ def load_policy(config: RunConfig, path: str | Path, device: torch.device):
     """Model + processor of an HF checkpoint directory (a stage's ``final/`` or a real model),
     with the kernel patches the config asks for."""
     model, processor = build_policy(path=str(path), **policy_settings(config, device))
-    apply_kernel_patches(model, liger=config.model.liger_kernels)
+    patch_policy(config, model)
     return model, processor
+
+
+def patch_policy(config: RunConfig, model: PreTrainedModel) -> None:
+    """The patches a run's policy gets once its weights are final: Liger's kernels on CUDA
+    (``apply_kernel_patches``) and, with ``model.freeze_vision`` on the CPU, the frozen tower's
+    per-image output cache (``geovlm.vision_cache``)."""
+    apply_kernel_patches(model, liger=config.model.liger_kernels)
+    if config.model.freeze_vision:
+        from geovlm.vision_cache import cache_frozen_vision
+
+        cache_frozen_vision(model)
 
 
 def initial_policy(
@@ -519,7 +530,7 @@ def initial_policy(
             (init_dir / VISION_PRETRAIN_FILE).write_text(text)
     # The model is init/ from now on (LoRA adapters name it as their base).
     model.name_or_path = str(init_dir.resolve())
-    apply_kernel_patches(model, liger=config.model.liger_kernels)
+    patch_policy(config, model)
     return (model, processor), init_dir
 
 
