@@ -149,7 +149,8 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
         barrier()
 
     if runtime.is_main:
-        draw()
+        if not config.stages:
+            draw()  # otherwise drawn after the last stage, from the same records
         if summaries:
             table = report.write_summary(
                 config.run_dir,
