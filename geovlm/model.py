@@ -499,9 +499,11 @@ def load_policy(config: RunConfig, path: str | Path, device: torch.device):
 def patch_policy(config: RunConfig, model: PreTrainedModel) -> None:
     """The patches a run's policy gets once its weights are final: Liger's kernels on CUDA
     (``apply_kernel_patches``) and, with ``model.freeze_vision`` on the CPU, the frozen tower's
-    per-image output cache (``geovlm.vision_cache``)."""
+    per-image output cache (``geovlm.vision_cache``); not with LoRA adapters in the tower, whose
+    merge rewrites its weights behind the version counters the cache keys on."""
     apply_kernel_patches(model, liger=config.model.liger_kernels)
-    if config.model.freeze_vision:
+    lora = config.model.lora
+    if config.model.freeze_vision and not (lora.enabled and lora.vision):
         from geovlm.vision_cache import cache_frozen_vision
 
         cache_frozen_vision(model)

@@ -11,8 +11,9 @@ and an xxh3-128 digest of their patch bytes, images seen before take their store
 only the others run through the tower (in one call). The stored outputs are those of the tower
 as it is: the key includes every tower parameter's identity and in-place version counter, so
 loading or training the tower (the vision pretraining) makes a new key. The tower runs uncached
-when a parameter needs grad under autograd, on CUDA tensors (hashing would copy them to the
-host), and with keyword arguments the cache does not know.
+while any of its parameters is trainable (in-place writes through ``.data``, as adapter merges
+do, bump no version counter: only a tower nothing trains is cached), on CUDA tensors (hashing
+would copy them to the host), and with keyword arguments the cache does not know.
 
 Each image's output does not depend on the other images of its batch (attention is per image,
 and the tower's matmuls give the same rows whatever the batch; the tests check it bitwise), so
@@ -69,10 +70,12 @@ class FrozenVisionCache:
         return tuple((id(t), t._version) for t in tensors)
 
     def _bypass(self, pixel_values: torch.Tensor, kwargs: dict) -> bool:
+        # A tower with any trainable parameter (adapters, an unfrozen tower) is not frozen: its
+        # output may change without a new key (a merge or a toggle writes no version counter).
         return (
             bool(kwargs)
             or pixel_values.device.type != "cpu"
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.visual.parameters()))
+            or any(p.requires_grad for p in self.visual.parameters())
         )
 
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any):

@@ -97,7 +97,24 @@ def test_a_tower_that_trains_runs_uncached(policy, batches):
     batch = collate_prompts(batches[1][0], processor)
     out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
     merged = out if isinstance(out, torch.Tensor) else out.pooler_output
-    assert merged.requires_grad and visual.forward.misses == visual.forward.hits == 0
+    assert merged.requires_grad
+    with torch.no_grad():  # as a reference pass with adapters toggled off: still not cached
+        visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    assert visual.forward.misses == visual.forward.hits == 0
+
+
+@pytest.mark.parametrize(("freeze", "lora_vision", "cached"),
+                         [(True, False, True), (False, False, False), (True, True, False)])
+def test_a_run_caches_only_a_tower_nothing_trains(policy, freeze, lora_vision, cached):
+    from geovlm.config import load_config
+    from geovlm.model import patch_policy
+
+    model, _ = policy
+    config = load_config(None, [f"model.freeze_vision={str(freeze).lower()}",
+                                f"model.lora.enabled={str(lora_vision).lower()}",
+                                f"model.lora.vision={str(lora_vision).lower()}"])
+    patch_policy(config, model)
+    assert isinstance(model.model.visual.forward, FrozenVisionCache) == cached
 
 
 def test_a_copied_model_gets_its_own_cache(policy, batches):
