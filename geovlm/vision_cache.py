@@ -40,7 +40,8 @@ DEFAULT_MAX_IMAGES = 8192
 
 
 def _digest(patches: torch.Tensor) -> bytes:
-    return xxhash.xxh3_128_digest(patches.contiguous().numpy())
+    # The raw bytes (numpy has no bfloat16).
+    return xxhash.xxh3_128_digest(patches.contiguous().view(torch.uint8).numpy())
 
 
 class FrozenVisionCache:

@@ -142,6 +142,20 @@ def test_the_store_is_bounded_and_stays_exact(policy, batches):
             assert len(visual.forward._store) <= 3
 
 
+def test_a_bfloat16_tower_is_cached_exactly(batches):
+    model, processor = tiny_policy(seed=5, freeze_vision=True, dtype="bfloat16")
+    model.eval()
+    visual = model.model.visual
+    cache_frozen_vision(model)
+    with torch.no_grad():
+        for draw in batches[1][:2]:
+            batch = collate_prompts(draw, processor)
+            pixels = batch["pixel_values"].to(torch.bfloat16)
+            _assert_same(visual(pixels, grid_thw=batch["image_grid_thw"]),
+                         _uncached(visual, {**batch, "pixel_values": pixels}))
+    assert visual.forward.hits > 0
+
+
 def test_only_a_cpu_vision_tower_is_wrapped(policy):
     model, _ = policy
     assert cache_frozen_vision(model) and cache_frozen_vision(model)  # idempotent
