@@ -152,6 +152,9 @@ class DataConfig:
     # Background processes preparing batches ahead of the loop (geovlm.data.loader); null: up to
     # 4 on CUDA, 1 on CPU when 3+ cores are free for it, else 0 (inline).
     workers: int | None = None
+    # Processor encodings kept for samples drawn again (geovlm.data.encoding_cache), in MiB of
+    # tensors per process; 0: none. Background workers keep none (they are off the critical path).
+    encoding_cache_mb: int = 1024
 
 
 # The reward choices of a stage (stages.<i>.rewards.*) are the rewards' own dataclass, so that
@@ -546,6 +549,9 @@ def check(config: RunConfig) -> RunConfig:
     lists = [("data.tasks", config.data.tasks)] + [
         (f"stages.{stage.name}.tasks", stage.tasks) for stage in config.stages
     ]
+    cache_mb = config.data.encoding_cache_mb
+    if cache_mb < 0:
+        raise ConfigError(f"data.encoding_cache_mb must be >= 0 (0: no cache), got {cache_mb}")
     by_task = config.data.n_test_scenes_by_task
     lists.append(("data.n_test_scenes_by_task", list(by_task)))
     if any(n < 0 for n in by_task.values()):

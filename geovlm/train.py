@@ -60,6 +60,9 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
         raise ConfigError(str(err)) from err
     status = _claim_run_dir(config, existing, runtime)
     seed_everything(config.seed)
+    from geovlm.data.encoding_cache import SHARED
+
+    SHARED.resize(config.data.encoding_cache_mb << 20)
     trackers = open_trackers(config, runtime.is_main)
     log = MetricsLog(config.run_dir / "metrics.jsonl", enabled=runtime.is_main, trackers=trackers)
     try:

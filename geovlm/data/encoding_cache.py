@@ -92,6 +92,14 @@ class EncodingCache:
         self._pixels.clear()
         self.nbytes = 0
 
+    def resize(self, max_bytes: int) -> None:
+        """A new bound (0 disables the cache); entries over it are dropped, oldest first."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        while self.nbytes > max_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+
     def get(
         self,
         processor,
@@ -153,5 +161,6 @@ class EncodingCache:
                 self.nbytes -= _nbytes(shared[0])
 
 
-# The process's cache, used by ``geovlm.data.collate`` unless a caller passes its own.
+# The process's cache, used by ``geovlm.data.collate`` unless a caller passes its own; a run
+# sizes it from ``data.encoding_cache_mb``, and background workers switch it off.
 SHARED = EncodingCache()

@@ -42,8 +42,13 @@ class _Steps(Dataset):
         return self.build(self.steps[index])
 
 
-def _single_threaded(_: int) -> None:
+def _worker_init(_: int) -> None:
+    """One thread, and no encoding cache: a worker prepares batches off the critical path, and
+    each worker's own cache would hold another copy of the encodings."""
+    from geovlm.data.encoding_cache import SHARED
+
     torch.set_num_threads(1)
+    SHARED.resize(0)
 
 
 def auto_workers(device: torch.device, requested: int | None = None) -> int:
@@ -76,7 +81,7 @@ def prefetched(
         shuffle=False,
         num_workers=workers,
         prefetch_factor=prefetch,
-        worker_init_fn=_single_threaded,
+        worker_init_fn=_worker_init,
         multiprocessing_context=context,
     )
     yield from loader

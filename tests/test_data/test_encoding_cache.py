@@ -157,3 +157,40 @@ def test_disabled_and_invalid_bounds():
     for _ in range(2):
         cache.get(None, sample, "prompt", None, None, (1, 2), lambda: calls.append(1) or {})
     assert len(calls) == 2 and len(cache) == 0
+
+
+def test_resizing_drops_the_oldest_entries_and_zero_disables(processor):
+    rng = np.random.default_rng()
+    samples = _scene_samples(rng, 3)
+    cache = EncodingCache()
+    for sample in samples:
+        collate_prompts([sample], processor, cache=cache)
+    oldest, newest = list(cache._entries)[0], list(cache._entries)[-1]
+    cache.resize(cache.nbytes - 1)
+    assert cache.nbytes <= cache.max_bytes
+    assert newest in cache._entries and oldest not in cache._entries
+    cache.resize(0)
+    assert len(cache) == 0 and cache.nbytes == 0
+    collate_prompts(samples[:1], processor, cache=cache)
+    assert len(cache) == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        cache.resize(-1)
+
+
+def test_a_run_sizes_the_shared_cache_and_rejects_a_negative_size():
+    from geovlm.config import ConfigError, load_config
+
+    assert load_config(None, []).data.encoding_cache_mb == 1024
+    with pytest.raises(ConfigError, match="data.encoding_cache_mb"):
+        load_config(None, ["data.encoding_cache_mb=-1"])
+
+
+def test_background_workers_keep_no_encodings():
+    from geovlm.data import loader
+    from geovlm.data.encoding_cache import SHARED
+
+    def sizes(step):
+        return SHARED.max_bytes
+
+    assert list(loader.prefetched(sizes, range(3), workers=1)) == [0, 0, 0]
+    assert SHARED.max_bytes > 0  # the main process keeps its cache
