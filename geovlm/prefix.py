@@ -174,7 +174,7 @@ class GrowingLayer(DynamicLayer):
         self.keys = self.key_buffer[:, :, :length]
         self.values = self.value_buffer[:, :, :length]
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self, *args, **kwargs) -> int:  # older transformers pass a position
         return self.length if self.is_initialized else 0
 
     def reset(self) -> None:
