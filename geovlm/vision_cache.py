@@ -124,9 +124,6 @@ class FrozenVisionCache:
         for key, m, h in zip(keys, merged_parts, hidden_parts, strict=True):
             self._store[key] = (m, h)
 
-    def clear(self) -> None:
-        self._store.clear()
-
 
 def cache_frozen_vision(model: torch.nn.Module, max_images: int = DEFAULT_MAX_IMAGES) -> bool:
     """Serve ``model``'s vision tower from a ``FrozenVisionCache`` (once per tower; see the

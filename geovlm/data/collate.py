@@ -162,6 +162,24 @@ def _sft_encoding(
     return enc
 
 
+def _prompt_encoding(
+    sample: Sample, processor, system_prompt: str | None, budget: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """``[1, T]`` processor output of ``sample``'s generation prompt."""
+    messages = build_messages(sample, system_prompt)
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _encode(processor, messages, prompt, budget)
+
+
+def _cached(cache: EncodingCache | None, processor, sample: Sample, kind: str,
+            system_prompt: str | None, response: str | None, budget: tuple[int, int],
+            encode) -> dict[str, torch.Tensor]:
+    """``encode()``, through ``cache`` when there is one."""
+    if cache is None:
+        return encode()
+    return cache.get(processor, sample, kind, system_prompt, response, budget, encode)
+
+
 def collate_sft(
     samples: Sequence[Sample],
     processor,
@@ -182,13 +200,9 @@ def collate_sft(
     budget = pixel_budget(processor)
     encodings = []
     for sample in samples:
-        def encode(sample=sample):
-            return _sft_encoding(sample, processor, system_prompt, budget)
-
-        enc = (
-            encode()
-            if cache is None
-            else cache.get(processor, sample, "sft", system_prompt, sample.response, budget, encode)
+        enc = _cached(
+            cache, processor, sample, "sft", system_prompt, sample.response, budget,
+            lambda sample=sample: _sft_encoding(sample, processor, system_prompt, budget),
         )
         length = enc["input_ids"].shape[1]
         if length > max_length:
@@ -214,18 +228,10 @@ def collate_prompts(
     budget = pixel_budget(processor)
     encodings = []
     for sample in samples:
-        def encode(sample=sample):
-            messages = build_messages(sample, system_prompt)
-            prompt = processor.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            return _encode(processor, messages, prompt, budget)
-
-        encodings.append(
-            encode()
-            if cache is None
-            else cache.get(processor, sample, "prompt", system_prompt, None, budget, encode)
-        )
+        encodings.append(_cached(
+            cache, processor, sample, "prompt", system_prompt, None, budget,
+            lambda sample=sample: _prompt_encoding(sample, processor, system_prompt, budget),
+        ))
     return _pad_batch(encodings, pad_token_id(processor), side="left")
 
 

@@ -61,10 +61,6 @@ class _Entry:
     nbytes: int  # the encoding's own tensors (its pixels are counted once per pixel key)
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 class EncodingCache:
     """Least-recently-used cache of per-sample processor encodings (see the module docstring).
 
@@ -97,8 +93,7 @@ class EncodingCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        while self.nbytes > max_bytes and self._entries:
-            self._drop(next(iter(self._entries)))
+        self._evict()
 
     def get(
         self,
@@ -141,12 +136,16 @@ class EncodingCache:
             shared = self._pixels.get(entry.pixel_key)
             if shared is None:
                 shared = self._pixels[entry.pixel_key] = [encoding[PIXEL_KEY], 0]
-                self.nbytes += _nbytes(encoding[PIXEL_KEY])
+                self.nbytes += encoding[PIXEL_KEY].nbytes
             encoding[PIXEL_KEY] = shared[0]
             shared[1] += 1
-        entry.nbytes = sum(_nbytes(v) for k, v in encoding.items() if k != PIXEL_KEY)
+        entry.nbytes = sum(v.nbytes for k, v in encoding.items() if k != PIXEL_KEY)
         self.nbytes += entry.nbytes
         self._entries[key] = entry
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries until the tensors held fit ``max_bytes``."""
         while self.nbytes > self.max_bytes and self._entries:
             self._drop(next(iter(self._entries)))
 
@@ -158,7 +157,7 @@ class EncodingCache:
             shared[1] -= 1
             if shared[1] == 0:
                 del self._pixels[entry.pixel_key]
-                self.nbytes -= _nbytes(shared[0])
+                self.nbytes -= shared[0].nbytes
 
 
 # The process's cache, used by ``geovlm.data.collate`` unless a caller passes its own; a run
