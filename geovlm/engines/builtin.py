@@ -272,6 +272,25 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def sample_rows(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row ``[rows]`` drawn from ``probs`` ``[rows, V]`` (rows sum to 1).
+
+    Inverse-CDF sampling: one uniform per row against the row's cumulative sum (fp64), the
+    first token whose cumulative mass exceeds it. ``torch.multinomial`` draws the same
+    distribution but with an exponential variate per vocabulary entry: on the CPU that was
+    ~2 ms of a ~6 ms decode step at 128 rows x 1012 tokens, this ~0.1 ms. A token of
+    probability 0 (suppressed, outside top-p) is never drawn: its cumulative mass equals its
+    predecessor's, which cannot exceed the uniform unless the predecessor's already did.
+    """
+    cumulative = probs.double().cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    target = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
+    token = torch.searchsorted(cumulative, target, right=True).squeeze(1)
+    # u * total can round up to total (once in ~2^53 draws): take the last token of mass > 0.
+    last = (cumulative < total).sum(dim=-1)
+    return torch.minimum(token, last)
+
+
 def _all_done(live_rows: int, synced_ranks: bool) -> bool:
     """Whether no row is still decoding, on every rank when ranks must step together."""
     if not synced_ranks:
@@ -354,7 +373,7 @@ def _decode(
             # T = 1 divides by nothing (as HF, which then adds no temperature warper).
             scaled = logits / config.temperature if config.temperature != 1.0 else logits
             warped = top_p_filter(scaled, config.top_p)
-            token = torch.multinomial(warped.softmax(dim=-1), 1).squeeze(1)
+            token = sample_rows(warped.softmax(dim=-1))
         else:
             token = logits.argmax(dim=-1)
         # Indexed by ``active`` (no boolean mask): no host sync on a GPU.

@@ -16,7 +16,7 @@ import torch
 
 from geovlm.data.collate import collate_prompts
 from geovlm.engines.base import EngineSetup, Sampling
-from geovlm.engines.builtin import BuiltinEngine, top_p_filter
+from geovlm.engines.builtin import BuiltinEngine, sample_rows, top_p_filter
 from geovlm.model import forward_logits
 from tests.test_model import make_sample, tiny_policy
 
@@ -315,7 +315,8 @@ def test_checkpoint_generation_defaults_do_not_leak(policy, samples, share):
         model.generation_config = saved
     logps = _teacher_forced_logps(model, processor, samples[:1], rollouts, 1.0)
     expected = logps.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(rollouts.logprobs.double(), expected, rtol=0, atol=1e-4)
+    mask = rollouts.completion_mask.bool()  # a row may end early: its padding scores 0
+    torch.testing.assert_close(rollouts.logprobs.double()[mask], expected[mask], rtol=0, atol=1e-4)
     # top_k=1 would make all 4 completions identical.
     assert len({tuple(row) for row in rollouts.completion_ids.tolist()}) > 1
 
@@ -460,3 +461,45 @@ def test_prompts_prepared_ahead_in_a_worker_give_the_same_rollouts(policy, sampl
     assert ahead.texts == inline.texts
     for key, value in inline.unique_prompt.items():
         torch.testing.assert_close(ahead.unique_prompt[key], value)
+
+
+def test_sample_rows_draws_each_rows_distribution():
+    """Inverse-CDF sampling against the probabilities themselves: a chi-square test per row
+    over 40,000 draws, and tokens of probability 0 (suppressed, outside top-p) never drawn."""
+    from scipy.stats import chisquare
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 12, generator=generator) ** 3
+    probs[:, [0, 5, 11]] = 0.0  # the first, a middle and the last token may not be drawn
+    probs[2] = 0.0
+    probs[2, 7] = 1.0  # a one-hot row
+    probs /= probs.sum(dim=1, keepdim=True)
+    draws = 40_000
+    torch.manual_seed(1)
+    tokens = sample_rows(probs.repeat_interleave(draws, dim=0)).view(3, draws)
+    for row in range(3):
+        counts = torch.bincount(tokens[row], minlength=12)
+        allowed = probs[row] > 0
+        assert counts[~allowed].sum() == 0
+        if allowed.sum() > 1:
+            expected = probs[row][allowed].double()
+            expected = expected / expected.sum() * draws
+            assert chisquare(counts[allowed].double(), expected).pvalue > 1e-3
+    assert (tokens[2] == 7).all()
+
+
+def test_sample_rows_never_lands_past_the_last_token_with_mass(monkeypatch):
+    """A uniform that rounds up to the row's whole mass still gives a token of mass > 0."""
+    probs = torch.tensor([[0.2, 0.8, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    monkeypatch.setattr(
+        torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype"))
+    )
+    assert sample_rows(probs).tolist() == [1, 1]
+
+
+def test_sample_rows_is_reproducible_under_a_seed():
+    probs = torch.softmax(torch.randn(64, 30), dim=-1)
+    torch.manual_seed(3)
+    first = sample_rows(probs)
+    torch.manual_seed(3)
+    assert torch.equal(first, sample_rows(probs))
