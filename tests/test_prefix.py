@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from geovlm import prefix
 from geovlm.data.collate import collate_prompts, select_rows
 from geovlm.data.schema import Sample, Target
 from geovlm.model import forward_hidden
-from geovlm.prefix import completion_outputs, rope_positions
+from geovlm.prefix import completion_outputs, length_chunks, needed_positions, rope_positions
 from tests.test_model import make_sample, tiny_policy
 
 
@@ -80,6 +81,7 @@ def _check(model, prompts, groups, length, seed):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
             checked += 1
     assert checked > 10  # the vision tower and every decoder layer got gradients
+    return shared, mask
 
 
 @pytest.mark.parametrize(("groups", "length"), [(3, 7), (1, 5), (4, 1)])
@@ -116,6 +118,67 @@ def test_positions_are_the_models_own(policy):
     assert torch.equal(positions, expected)
     # Vision tokens make the positions differ across the three axes (it is mRoPE, not 1-D).
     assert not torch.equal(positions[1], positions[2])
+
+
+def test_rows_grouped_by_length_equal_the_full_forward(policy, monkeypatch):
+    """With no cost per pass, rows of different lengths run in several groups, each only as
+    long as its longest row: the same outputs and gradients, zeros past a group's longest."""
+    model, processor = policy
+    monkeypatch.setattr(prefix, "PASS_COST_TOKENS", 0)
+    groupings = []
+    shipped = prefix.length_chunks
+    monkeypatch.setattr(
+        prefix, "length_chunks", lambda lengths: groupings.append(shipped(lengths)) or groupings[-1]
+    )
+    rng = np.random.default_rng(11)
+    samples = [make_sample(rng, 0), make_sample(rng, 1, ((84, 140),)), make_sample(rng, 2)]
+    shared, mask = _check(model, collate_prompts(samples, processor), 4, 9, seed=3)
+    assert len(groupings[0]) > 1
+    needed = needed_positions(mask)
+    widths = [int(needed[group].max()) for group in groupings[0]]
+    assert min(widths) < mask.shape[1]
+    for group, width in zip(groupings[0], widths, strict=True):
+        assert (shared[group, width:] == 0).all()  # positions no row of the group reaches
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _partitions(rest):
+        yield [[first], *partition]
+        for k in range(len(partition)):
+            yield [*partition[:k], [first, *partition[k]], *partition[k + 1 :]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_chunks_is_the_cheapest_grouping(seed):
+    """Against every partition of 7 rows into at most 3 groups (not only contiguous ones in
+    length order): the same total of positions run plus the cost per pass."""
+    rng = np.random.default_rng(seed)
+    lengths = torch.as_tensor(rng.integers(1, 30, size=7))
+    pass_cost = int(rng.integers(0, 60))
+
+    def cost(groups):
+        return sum(len(g) * int(lengths[list(g)].max()) + pass_cost for g in groups)
+
+    groups = length_chunks(lengths, pass_cost=pass_cost, max_chunks=3)
+    assert sorted(torch.cat(groups).tolist()) == list(range(7))
+    assert all(torch.equal(g, g.sort().values) for g in groups)
+    best = min(cost(p) for p in _partitions(list(range(7))) if len(p) <= 3)
+    assert cost([g.tolist() for g in groups]) == best
+
+
+def test_length_chunks_keeps_one_pass_when_splitting_does_not_pay():
+    lengths = torch.tensor([5, 9, 7, 9])
+    assert [g.tolist() for g in length_chunks(lengths, pass_cost=100)] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in length_chunks(lengths, pass_cost=0)] == [[1, 3], [2], [0]]
+
+
+def test_needed_positions_reach_the_last_unmasked_token():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
+    assert needed_positions(mask).tolist() == [2, 4, 1, 3]
 
 
 def test_row_count_mismatch_is_a_clear_error(policy):
