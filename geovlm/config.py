@@ -210,6 +210,13 @@ class StageConfig:
     use_bias_correction_kl: bool = False
     reward_weights: dict[str, float] = field(default_factory=dict)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+    # GRPO: an SFT anchor (geovlm.anchor, InstructGPT's PPO-ptx). Each step adds anchor_weight x
+    # the next-token loss of anchor_batch_size training samples of anchor_tasks (null: every task
+    # of the run's data that the stage does not train) to the GRPO loss, so that a stage trained
+    # on one task does not overwrite what the SFT taught the others. 0: off.
+    anchor_weight: float = 0.0
+    anchor_batch_size: int = 8
+    anchor_tasks: list[str] | None = None
 
     def loss_options(self) -> GRPOLossOptions:
         """The GRPO loss options of this stage (the sampling temperature, TRL's epsilon names,
@@ -557,6 +564,8 @@ def check(config: RunConfig) -> RunConfig:
     if any(n < 0 for n in by_task.values()):
         raise ConfigError(f"data.n_test_scenes_by_task: counts must be ints >= 0, got {by_task}")
     for stage in config.stages:
+        lists.append((f"stages.{stage.name}.anchor_tasks", stage.anchor_tasks))
+        _check_anchor(stage)
         key = f"stages.{stage.name}.task_weights"
         weights = stage.task_weights
         lists.append((key, list(weights)))
@@ -589,6 +598,27 @@ def check(config: RunConfig) -> RunConfig:
     if repeated:
         raise ConfigError(f"stages: names must be unique (stage folders), repeated: {repeated}")
     return config
+
+
+def _check_anchor(stage: StageConfig) -> None:
+    key = f"stages.{stage.name}"
+    if stage.anchor_weight < 0:
+        raise ConfigError(f"{key}.anchor_weight must be >= 0 (0: off), got {stage.anchor_weight}")
+    if stage.anchor_weight == 0:
+        return
+    if stage.kind != "grpo":
+        raise ConfigError(
+            f"{key}.anchor_weight: the SFT anchor is a GRPO stage's; an SFT stage trains its "
+            f"tasks directly (set {key}.anchor_weight=0)"
+        )
+    if stage.anchor_batch_size < 1:
+        raise ConfigError(f"{key}.anchor_batch_size must be >= 1, got {stage.anchor_batch_size}")
+    overlap = sorted(set(stage.anchor_tasks or ()) & set(stage.tasks or ()))
+    if overlap:
+        raise ConfigError(
+            f"{key}.anchor_tasks: {overlap} are trained by the stage itself; the anchor keeps "
+            "the tasks the stage does not train"
+        )
 
 
 def check_stage_tasks(config: RunConfig) -> None:

@@ -306,10 +306,17 @@ def token_weights(metrics: dict, batch: PolicyBatch, stage: StageConfig) -> dict
 
 
 def run_grpo(
-    model, processor, train: list[Sample], ctx: StageContext, profile: bool = False
+    model,
+    processor,
+    train: list[Sample],
+    ctx: StageContext,
+    profile: bool = False,
+    anchor: list[Sample] | None = None,
 ) -> Engine:
     """Optimise ``model`` with GRPO for ``ctx.stage.steps`` steps (resuming if possible).
 
+    ``anchor``: the samples of the stage's SFT anchor (``geovlm.anchor.anchor_samples``), whose
+    weighted next-token loss joins every step's loss; None or empty: no anchor.
     Returns the engine holding the trained (possibly wrapped or sharded) model.
     """
     stage = ctx.stage
@@ -328,6 +335,13 @@ def run_grpo(
     engine = prepare_engine(model, ctx.config, stage, ctx.runtime)
     start, _ = resume_if_possible(ctx, engine)
     policy, model = engine.policy, engine.model
+    sft_anchor = None
+    if anchor:
+        from geovlm.anchor import SFTAnchor
+
+        sft_anchor = SFTAnchor(
+            anchor, processor, ctx, engine.uses_fused_linear, engine.shards_parameters
+        )
     # Sharded parameters need every rank in every forward of generate().
     synced = ctx.world_size > 1 and ctx.config.distributed.strategy != "ddp"
     per_rank = stage.batch_size // ctx.world_size
@@ -398,11 +412,19 @@ def run_grpo(
         for iteration in range(stage.num_iterations):
             with nvtx_range("grpo/loss"):
                 loss, metrics = policy_loss(model, batch, ctx, engine.uses_fused_linear)
+            total = loss
+            if sft_anchor is not None:
+                with nvtx_range("grpo/anchor"):
+                    anchor_loss, anchor_nll = sft_anchor.loss(model, step)
+                total = loss + anchor_loss
             with nvtx_range("grpo/backward"):
-                engine.backward(loss)
+                engine.backward(total)
             with nvtx_range("grpo/optimizer"):
                 grad_norm = engine.step(advance_schedule=iteration + 1 == stage.num_iterations)
+            # "loss" stays the GRPO loss alone (comparable with and without an anchor).
             loss_metrics = {"loss": loss.item(), "grad_norm": grad_norm}
+            if sft_anchor is not None:
+                loss_metrics["anchor_nll"] = anchor_nll
             loss_metrics.update({k: float(v) for k, v in metrics.items()})
         # The next rollout samples from the updated weights (a no-op for the built-in engine,
         # which samples with ``policy`` itself; vLLM / SGLang engines load them here).

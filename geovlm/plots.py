@@ -28,6 +28,7 @@ PANELS: dict[str, list[tuple[str, str, str, bool]]] = {
         ("reward", "GRPO reward (mean)", "reward", True),
         ("reward/accuracy", "GRPO accuracy reward (mean)", "accuracy reward", True),
         ("kl", "KL to reference", "KL (nats / token)", True),
+        ("anchor_nll", "SFT anchor loss (other tasks)", "NLL (nats / token)", True),
         ("completion_length", "completion length", "tokens", True),
         ("clip_ratio", "clip ratio", "fraction of tokens", True),
         ("zero_std_frac", "groups with zero reward std", "fraction of groups", True),

@@ -62,19 +62,30 @@ BLIND_NOTE = (
 )
 
 
+# What "SFT anchor in" of the "trained by" column means (``geovlm.anchor``).
+ANCHOR_NOTE = (
+    "SFT anchor in: GRPO stages that kept the task's SFT targets in their loss (next-token "
+    "loss on a few of its training samples a step, so that the stage does not overwrite it); "
+    "they did not reward it."
+)
+
+
 def summary_table(
     summaries: dict[str, dict[str, dict[str, float]]],
     objective: dict[str, dict],
     trained: dict[str, list[str]] | None = None,
     blind: dict[str, float] | None = None,
+    anchored: dict[str, list[str]] | None = None,
 ) -> str:
     """Markdown: ``| task | metric | blind | <label> ... | trained by |`` and the
     GRPO-objective table under it.
 
     ``trained``: ``{stage label: tasks it trained}``; ``blind``: ``{task: headline metric of an
-    answer that ignores the image}`` (``geovlm.heldout.blind_baseline``).
+    answer that ignores the image}`` (``geovlm.heldout.blind_baseline``); ``anchored``:
+    ``{GRPO stage label: tasks its SFT anchor kept in its loss}`` (``geovlm.anchor``), named in
+    the "trained by" column apart from the stages that rewarded the task.
     """
-    trained, blind = trained or {}, blind or {}
+    trained, blind, anchored = trained or {}, blind or {}, anchored or {}
     labels = list(summaries)
     tasks = [t for t in registry.names() if any(t in s for s in summaries.values())]
     bold = _marked(summaries, trained)
@@ -85,6 +96,9 @@ def summary_table(
     for task in tasks:
         metrics = list(dict.fromkeys(m for s in summaries.values() for m in s.get(task, {})))
         by = ", ".join(label for label in labels if task in trained.get(label, ()))
+        kept = [label for label in labels if task in anchored.get(label, ())]
+        if kept:
+            by += f"; SFT anchor in {', '.join(kept)}"
         for row, metric in enumerate(metrics):
             cells = []
             for label in labels:
@@ -99,6 +113,8 @@ def summary_table(
     if any(bold.values()):
         notes.append("**bold**: after a stage that trained the task (stages that trained every "
                      "task, such as SFT, are left plain).")
+    if any(anchored.values()):
+        notes.append(ANCHOR_NOTE)
     if blind:
         notes.append(BLIND_NOTE)
     if notes:
@@ -136,12 +152,13 @@ def write_summary(
     trained: dict[str, list[str]] | None = None,
     blind: dict[str, float] | None = None,
     vision_pretrain: dict[str, float] | None = None,
+    anchored: dict[str, list[str]] | None = None,
 ) -> str:
     """Write ``summary.md`` and ``summary.json``; returns the Markdown tables.
 
     ``vision_pretrain``: the scores ``geovlm.vision_pretrain.pretrain_vision_tower`` returned
     (``init_<score>`` before, ``<score>`` after), shown as a table of their own."""
-    table = summary_table(summaries, objective, trained, blind)
+    table = summary_table(summaries, objective, trained, blind, anchored)
     if vision_pretrain:
         table += "\n\n" + vision_pretrain_table(vision_pretrain)
     (run_dir / "summary.md").write_text(table + f"\n\nwall time: {seconds:.0f} s\n")
@@ -149,6 +166,7 @@ def write_summary(
         "held_out": summaries,
         "blind": blind or {},
         "trained": trained or {},
+        "anchored": anchored or {},
         "grpo_objective": objective,
         "vision_pretrain": vision_pretrain or {},
     }

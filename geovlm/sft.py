@@ -59,7 +59,10 @@ from geovlm.sft_prefix import (
 )
 
 
-def _to_device(batch: dict | SharedPrefixBatch, device: torch.device) -> dict | SharedPrefixBatch:
+def batch_to_device(
+    batch: dict | SharedPrefixBatch, device: torch.device
+) -> dict | SharedPrefixBatch:
+    """A model batch (``model_batch``'s dict or ``SharedPrefixBatch``) on ``device``."""
     if isinstance(batch, SharedPrefixBatch):
         return batch.to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -185,7 +188,7 @@ def validation_loss(
     for start in range(0, len(samples), size):
         batch = collate_sft(samples[start : start + size], processor, ctx.stage.max_length)
         batch = model_batch(model, batch, ctx.stage, pad_token_id(processor), sharded)
-        nll, n = token_nll_sum(model, _to_device(batch, ctx.device), fused_linear)
+        nll, n = token_nll_sum(model, batch_to_device(batch, ctx.device), fused_linear)
         total += float(nll)
         count += n
     model.train(was_training)
@@ -245,7 +248,7 @@ def run_sft(
         for batch in windows:
             batch = model_batch(model, batch, stage, pad_id, engine.shards_parameters)
             with nvtx_range("sft/forward"):
-                batch = _to_device(batch, ctx.device)
+                batch = batch_to_device(batch, ctx.device)
                 nll, _ = token_nll_sum(model, batch, engine.uses_fused_linear)
                 # Scale by world size: DDP averages gradients over ranks.
                 loss = nll * ctx.world_size / max(total_tokens, 1)

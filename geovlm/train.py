@@ -85,6 +85,11 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     objective: dict[str, dict] = {}
     all_tasks = config.data.tasks or sorted({s.task for s in splits["train"]})
     trained = {stage.name: list(stage.tasks or all_tasks) for stage in config.stages}
+    anchored = {
+        stage.name: [t for t in stage.anchor_tasks or all_tasks if t not in trained[stage.name]]
+        for stage in config.stages
+        if stage.kind == "grpo" and stage.anchor_weight > 0
+    }
     # Only the main process draws and writes the summary, and only when there are held-out tables.
     blind = (heldout.blind_baseline(splits["train"], test, config.model.box_convention)
              if runtime.is_main and config.eval.enabled else {})
@@ -121,9 +126,13 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
                 val = select_tasks(splits["val"], tasks)
                 engine = run_sft(model, processor, train, val, ctx, profile or config.profile)
             else:
+                from geovlm.anchor import anchor_samples
                 from geovlm.grpo import run_grpo
 
-                engine = run_grpo(model, processor, train, ctx, profile or config.profile)
+                anchor = anchor_samples(splits["train"], stage, tasks)
+                engine = run_grpo(
+                    model, processor, train, ctx, profile or config.profile, anchor=anchor
+                )
             engine.save_final(final, processor, config, stage.steps)
             # LoRA adapters merged; None when sharded: evaluate (and start the next stage) from
             # the saved checkpoint.
@@ -163,6 +172,7 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
                 trained,
                 blind,
                 vision_scores,
+                anchored,
             )
             print(f"\n## Summary (headline metric per task, by stage)\n\n{table}\n\nwall time: "
                   f"{time.time() - started:.0f} s; run directory: {config.run_dir}", flush=True)

@@ -43,6 +43,22 @@ def test_summary_table_marks_the_stages_that_trained_each_task_and_the_blind_bas
     assert "**bold**" in table and report.BLIND_NOTE in table
 
 
+def test_summary_table_names_the_stages_whose_sft_anchor_kept_a_task(tmp_path):
+    """An anchored task is named apart from the stages that rewarded it, and is not bold."""
+    table = report.write_summary(
+        tmp_path, SUMMARIES, {}, 1.0, TRAINED, anchored={"grpo_det": ["scene_cls"]}
+    )
+    rows = _rows(table)
+    assert rows[("scene_cls", "accuracy")] == [
+        "", "0.200", "0.900", "0.880", "sft; SFT anchor in grpo_det"
+    ]
+    assert rows[("referred_det", "acc@0.5")][-1] == "sft, grpo_det"
+    assert report.ANCHOR_NOTE in table
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["anchored"] == {"grpo_det": ["scene_cls"]}
+    assert report.ANCHOR_NOTE not in report.summary_table(SUMMARIES, {}, TRAINED)
+
+
 def test_summary_table_without_stage_information_has_no_bold_cells():
     table = report.summary_table(SUMMARIES, {})
     assert "**" not in table

@@ -101,10 +101,13 @@ def test_sft_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_sft_then_grpo_stages_chain_and_resume_exactly(tmp_path, monkeypatch):
+    """Two GRPO stages after SFT, the first with an SFT anchor; a crash mid-stage resumes to
+    the same metrics."""
     stages = (
         "stages=[{name: sft, kind: sft, steps: 2, batch_size: 4, save_every: 0},"
         " {name: grpo_a, kind: grpo, tasks: [scene_cls, counting], steps: 3, batch_size: 2,"
-        "  num_generations: 3, max_new_tokens: 6, save_every: 1, beta: 0.04},"
+        "  num_generations: 3, max_new_tokens: 6, save_every: 1, beta: 0.04,"
+        "  anchor_weight: 0.5, anchor_batch_size: 2},"
         " {name: grpo_b, kind: grpo, tasks: [referred_det], steps: 1, batch_size: 2,"
         "  num_generations: 2, max_new_tokens: 6, beta: 0.0, loss_type: grpo}]"
     )
@@ -126,6 +129,10 @@ def test_sft_then_grpo_stages_chain_and_resume_exactly(tmp_path, monkeypatch):
     for r in records(straight, "grpo"):
         assert 0.0 <= r["reward"] <= 2.0 and "zero_std_frac" in r and "completion_length" in r
     assert all("kl" in r for r in records(straight, "grpo") if r["stage"] == "grpo_a")
+    # grpo_a's SFT anchor (referred_det, the task it does not train) resumes with its draws.
+    assert [("anchor_nll" in r) for r in records(straight, "grpo")] == [True] * 3 + [False]
+    want_anchor = [r.get("anchor_nll") for r in records(straight, "grpo")]
+    assert [r.get("anchor_nll") for r in records(resumed, "grpo")] == want_anchor
     for name in ("0-sft", "1-grpo_a", "2-grpo_b"):
         assert (straight.run_dir / "stages" / name / "final" / "config.json").is_file()
     assert (straight.run_dir / "training_curves.png").is_file()
