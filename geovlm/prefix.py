@@ -385,7 +385,7 @@ def completion_outputs(
             of_prompt = group // num_generations
             parts.append(
                 _continue_rows(
-                    model, encoded, prompt_keys, of_prompt, first[group],
+                    model, encoded, prompt_keys, of_prompt, first.index_select(0, group),
                     completion_ids[group, : needed - 1],
                     completion_mask[group, : needed - 1],
                     positions[of_prompt, : needed - 1], output, length,
@@ -442,7 +442,15 @@ def _continue_rows(
     if completion_ids.shape[1]:
         rows_encoded = EncodedPrompts(
             first,
-            Cache(layers=[PrefixedLayer(k[of_prompt], v[of_prompt]) for k, v in prompt_keys]),
+            # index_select, not k[of_prompt]: the G rows of a prompt repeat its index, and the
+            # backward of advanced indexing (index_put_ with accumulate) sums them in an order
+            # that depends on the thread count; index_select's (index_add_) does not.
+            Cache(
+                layers=[
+                    PrefixedLayer(k.index_select(0, of_prompt), v.index_select(0, of_prompt))
+                    for k, v in prompt_keys
+                ]
+            ),
             encoded.attention_mask[of_prompt],
             encoded.positions,
         )

@@ -141,6 +141,32 @@ def test_rows_grouped_by_length_equal_the_full_forward(policy, monkeypatch):
         assert (shared[group, width:] == 0).all()  # positions no row of the group reaches
 
 
+def test_gradients_do_not_depend_on_the_thread_count():
+    """Runs resumed (or rerun) with another thread count must train the same: the rows of a
+    prompt gather its KV cache, and the backward of that gather must not sum them in a
+    thread-dependent order (advanced indexing's did, at 64 rows of 4 prompts)."""
+    model, processor = tiny_policy(seed=5)  # float32, as a run trains
+    rng = np.random.default_rng(0)
+    prompts = collate_prompts([make_sample(rng, i) for i in range(4)], processor)
+    ids, mask = _completions(rng, model, 4 * 16, 24)
+    hidden = model.config.get_text_config().hidden_size
+    weights = torch.randn(4 * 16, 24, hidden, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+
+    def gradients(count: int) -> list[torch.Tensor]:
+        torch.set_num_threads(count)
+        model.zero_grad(set_to_none=True)
+        out = completion_outputs(model, prompts, ids, mask, 16)
+        (out * weights)[mask.bool()].sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    try:
+        one, two = gradients(1), gradients(2)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
 def _partitions(items):
     if not items:
         yield []
