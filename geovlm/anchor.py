@@ -33,23 +33,25 @@ from geovlm.runtime import all_reduce_sum
 SEED_OFFSET = 7919
 
 
-def anchor_samples(train: list[Sample], stage: StageConfig, trained: list[str] | None) -> list:
-    """The training samples the anchor of ``stage`` draws from: those of ``stage.anchor_tasks``,
-    or of every task in ``train`` outside ``trained`` (the stage's tasks). Empty when off."""
+def anchored_tasks(stage: StageConfig, trained: list[str], run_tasks: list[str]) -> list[str]:
+    """The tasks the anchor of ``stage`` keeps: ``stage.anchor_tasks``, or every task of the run
+    (``run_tasks``) the stage does not train (``trained``); none when the anchor is off."""
+    if stage.kind != "grpo" or stage.anchor_weight == 0:
+        return []
+    candidates = stage.anchor_tasks if stage.anchor_tasks is not None else run_tasks
+    return [t for t in candidates if t not in set(trained)]
+
+
+def anchor_samples(train: list[Sample], stage: StageConfig, tasks: list[str]) -> list[Sample]:
+    """The training samples of ``tasks`` (``anchored_tasks``) the anchor of ``stage`` draws
+    from; empty when the anchor is off, an error when it is on and finds none."""
     if stage.anchor_weight == 0:
         return []
-    trained = set(trained or ())
-    tasks = set(stage.anchor_tasks) if stage.anchor_tasks is not None else None
-    samples = [
-        s
-        for s in train
-        if s.task not in trained and (tasks is None or s.task in tasks)
-    ]
+    samples = [s for s in train if s.task in set(tasks)]
     if not samples:
-        wanted = sorted(tasks) if tasks is not None else "the tasks it does not train"
         raise ValueError(
             f"stage {stage.name!r}: anchor_weight {stage.anchor_weight} but no training samples "
-            f"of {wanted} (the stage trains {sorted(trained) or 'every task'})"
+            f"of the tasks it should keep ({sorted(tasks) or 'none: the stage trains every task'})"
         )
     return samples
 

@@ -38,6 +38,7 @@ from geovlm.rundir import EXISTING_RUN_CHOICES, ExistingRun
 def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resume") -> dict:
     """Run every stage of ``config``; returns {stage label: held-out summary}."""
     from geovlm import heldout, report
+    from geovlm.anchor import anchor_samples, anchored_tasks
     from geovlm.checkpoint import holds_model
     from geovlm.data.sources import load_splits, model_pixel_budget, select_tasks, weigh_tasks
     from geovlm.data.synthetic import corpus
@@ -86,9 +87,9 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
     all_tasks = config.data.tasks or sorted({s.task for s in splits["train"]})
     trained = {stage.name: list(stage.tasks or all_tasks) for stage in config.stages}
     anchored = {
-        stage.name: [t for t in stage.anchor_tasks or all_tasks if t not in trained[stage.name]]
+        stage.name: kept
         for stage in config.stages
-        if stage.kind == "grpo" and stage.anchor_weight > 0
+        if (kept := anchored_tasks(stage, trained[stage.name], all_tasks))
     }
     # Only the main process draws and writes the summary, and only when there are held-out tables.
     blind = (heldout.blind_baseline(splits["train"], test, config.model.box_convention)
@@ -126,10 +127,9 @@ def run(config: RunConfig, profile: bool = False, existing: ExistingRun = "resum
                 val = select_tasks(splits["val"], tasks)
                 engine = run_sft(model, processor, train, val, ctx, profile or config.profile)
             else:
-                from geovlm.anchor import anchor_samples
                 from geovlm.grpo import run_grpo
 
-                anchor = anchor_samples(splits["train"], stage, tasks)
+                anchor = anchor_samples(splits["train"], stage, anchored.get(stage.name, []))
                 engine = run_grpo(
                     model, processor, train, ctx, profile or config.profile, anchor=anchor
                 )

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geovlm.anchor import SFTAnchor, anchor_samples
+from geovlm.anchor import SFTAnchor, anchor_samples, anchored_tasks
 from geovlm.config import ConfigError, RunConfig, StageConfig, check, load_config
 from geovlm.data.collate import collate_sft
 from geovlm.data.schema import Sample, Target
@@ -33,19 +33,25 @@ def _stage(**fields) -> StageConfig:
     return StageConfig(name="grpo_x", kind="grpo", **fields)
 
 
-def test_the_anchor_draws_the_tasks_the_stage_does_not_train():
+def test_the_anchor_keeps_the_tasks_the_stage_does_not_train():
     stage = _stage(tasks=["referred_det"], anchor_weight=0.2)
-    got = anchor_samples(TRAIN, stage, stage.tasks)
+    run_tasks = ["vqa", "change_det", "referred_det"]
+    assert anchored_tasks(stage, stage.tasks, run_tasks) == ["vqa", "change_det"]
+    got = anchor_samples(TRAIN, stage, ["vqa", "change_det"])
     assert {s.task for s in got} == {"vqa", "change_det"} and len(got) == 6
     named = _stage(tasks=["referred_det"], anchor_weight=0.2, anchor_tasks=["vqa"])
-    assert {s.task for s in anchor_samples(TRAIN, named, named.tasks)} == {"vqa"}
-    assert anchor_samples(TRAIN, _stage(tasks=["vqa"]), ["vqa"]) == []  # weight 0: off
+    assert anchored_tasks(named, named.tasks, run_tasks) == ["vqa"]
+    off = _stage(tasks=["vqa"])  # weight 0
+    assert anchored_tasks(off, off.tasks, run_tasks) == []
+    assert anchor_samples(TRAIN, off, []) == []
 
 
 def test_an_anchor_without_samples_is_a_clear_error():
     stage = _stage(tasks=None, anchor_weight=0.2)  # the stage trains every task
+    kept = anchored_tasks(stage, ["vqa", "change_det", "referred_det"], ["vqa", "referred_det"])
+    assert kept == []
     with pytest.raises(ValueError, match="anchor_weight 0.2 but no training samples"):
-        anchor_samples(TRAIN, stage, ["vqa", "change_det", "referred_det"])
+        anchor_samples(TRAIN, stage, kept)
 
 
 @pytest.mark.parametrize(
