@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -95,19 +94,3 @@ def test_cgroup_quota_v1_and_v2(tmp_path, files, want):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_cpu_quota(tmp_path) == want
-
-
-@pytest.mark.parametrize(
-    ("given", "expected"), [(None, "AUTO,STRICT"), ("COMPATIBLE", "COMPATIBLE")]
-)
-def test_importing_geovlm_asks_mkl_for_results_independent_of_the_thread_count(given, expected):
-    """A run picks its threads from the CPUs it may use, so MKL must not let the count change the
-    results (strict conditional numerical reproducibility), unless the user chose otherwise."""
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
-    if given is not None:
-        env["MKL_CBWR"] = given
-    out = subprocess.run(
-        [sys.executable, "-c", "import geovlm, os; print(os.environ['MKL_CBWR'])"],
-        env=env, capture_output=True, text=True, check=True,
-    )
-    assert out.stdout.strip() == expected
