@@ -39,7 +39,8 @@ def anchored_tasks(stage: StageConfig, trained: list[str], run_tasks: list[str])
     if stage.kind != "grpo" or stage.anchor_weight == 0:
         return []
     candidates = stage.anchor_tasks if stage.anchor_tasks is not None else run_tasks
-    return [t for t in candidates if t not in set(trained)]
+    trained = set(trained)
+    return [t for t in candidates if t not in trained]
 
 
 def anchor_samples(train: list[Sample], stage: StageConfig, tasks: list[str]) -> list[Sample]:
@@ -47,7 +48,8 @@ def anchor_samples(train: list[Sample], stage: StageConfig, tasks: list[str]) ->
     from; empty when the anchor is off, an error when it is on and finds none."""
     if stage.anchor_weight == 0:
         return []
-    samples = [s for s in train if s.task in set(tasks)]
+    kept = set(tasks)
+    samples = [s for s in train if s.task in kept]
     if not samples:
         raise ValueError(
             f"stage {stage.name!r}: anchor_weight {stage.anchor_weight} but no training samples "

@@ -55,6 +55,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from geovlm.model import forward_hidden, forward_logits, unwrap
 from geovlm.packed import mrope_positions
+from geovlm.runtime import is_distributed
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -319,8 +320,8 @@ def length_chunks(
     """
     if pass_cost is None:
         pass_cost = PASS_COST_TOKENS
-    order = torch.sort(lengths.cpu(), descending=True, stable=True).indices
-    ordered = lengths.cpu()[order].double().numpy()
+    ordered, order = torch.sort(lengths.cpu().double(), descending=True, stable=True)
+    ordered = ordered.numpy()
     rows = len(ordered)
     # cost[i, j]: sorted rows i .. j-1 as one group (row i is its longest), one pass included.
     i, j = np.arange(rows + 1)[:, None], np.arange(rows + 1)[None, :]
@@ -379,9 +380,11 @@ def completion_outputs(
             return first
         prompt_keys = [(layer.keys, layer.values) for layer in encoded.cache.layers]
         positions = completion_positions(encoded.positions, length)
-        parts, order = [], []
-        for group in _row_groups(completion_mask):
-            needed = int(needed_positions(completion_mask[group]).max())
+        needed_all = needed_positions(completion_mask)
+        groups = _row_groups(needed_all)
+        parts = []
+        for group in groups:
+            needed = int(needed_all[group].max())
             of_prompt = group // num_generations
             parts.append(
                 _continue_rows(
@@ -391,28 +394,23 @@ def completion_outputs(
                     positions[of_prompt, : needed - 1], output, length,
                 )
             )
-            order.append(group)
-    if len(parts) == 1 and bool((order[0] == torch.arange(rows, device=order[0].device)).all()):
+    if len(parts) == 1:  # one group holds every row, in order
         return parts[0]
-    inverse = torch.empty_like(torch.cat(order))
-    inverse[torch.cat(order)] = torch.arange(rows, device=inverse.device)
-    return torch.cat(parts).index_select(0, inverse)
+    return torch.cat(parts).index_select(0, torch.argsort(torch.cat(groups)))
 
 
-def _row_groups(completion_mask: torch.Tensor) -> list[torch.Tensor]:
-    """``length_chunks`` of the rows on a single CPU process, else all rows in one pass.
+def _row_groups(needed: torch.Tensor) -> list[torch.Tensor]:
+    """``length_chunks`` of the rows (``needed``: ``needed_positions``) on a single CPU
+    process, else all rows in one pass.
 
     Sharded engines (FSDP2, ZeRO-3) gather parameters in every forward, so every rank must run
     the same number of passes, and DDP expects one forward per backward: grouping stays off
     under ``torch.distributed``. On CUDA the cost per pass was not measured, so neither is it
     used there.
     """
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if completion_mask.device.type != "cpu" or (
-        distributed and torch.distributed.get_world_size() > 1
-    ):
-        return [torch.arange(completion_mask.shape[0], device=completion_mask.device)]
-    return length_chunks(needed_positions(completion_mask))
+    if needed.device.type != "cpu" or (is_distributed() and torch.distributed.get_world_size() > 1):
+        return [torch.arange(needed.shape[0], device=needed.device)]
+    return length_chunks(needed)
 
 
 def needed_positions(completion_mask: torch.Tensor) -> torch.Tensor:

@@ -285,10 +285,10 @@ def sample_rows(probs: torch.Tensor) -> torch.Tensor:
     cumulative = probs.double().cumsum(dim=-1)
     total = cumulative[:, -1:]
     target = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
-    token = torch.searchsorted(cumulative, target, right=True).squeeze(1)
-    # u * total can round up to total (once in ~2^53 draws): take the last token of mass > 0.
-    last = (cumulative < total).sum(dim=-1)
-    return torch.minimum(token, last)
+    # u * total can round up to total (once in ~2^53 draws): held just under it, the draw is
+    # the last token of mass > 0, never one past it.
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, target, right=True).squeeze(1)
 
 
 def _all_done(live_rows: int, synced_ranks: bool) -> bool:
